@@ -1,0 +1,159 @@
+r"""Where the gate logits come from, and the module that turns them into gates.
+
+Two sources of logits (``--net``):
+
+``hc`` — :class:`FreeLogits` (L0-HC, Louizos et al.)
+    One free parameter :math:`\log\alpha_c` per channel, initialised
+    :math:`\mathcal{N}(3, 0.01)`, neither clamped nor squashed.
+
+``dep`` — :class:`DependencyMLP` (Dep-L0, Li & Ji)
+    An MLP, independent of the input image, generates every layer's logits:
+
+    .. math::
+        a_0 = \mathbf{1}_{d_0}, \qquad
+        a_i = \log(100)\,\tanh(W_i a_{i-1} + b_i), \qquad
+        \log\alpha^{(i)} = a_i,
+
+    so logits lie in :math:`(-\log 100, \log 100)`. One ``nn.Linear`` per gated
+    layer maps the previous gated layer's width to this one's; weights keep
+    PyTorch's default init, biases are :math:`\mathcal{N}(3, 0.01)`. The
+    forward chain runs first layer to last with :math:`d_0` = the first
+    layer's width; the backward chain (``--back_dep``) runs last to first with
+    :math:`d_0` = the last layer's width and its outputs are reversed before
+    they are assigned to the layers.
+
+``dense`` — no gates at all (the unpruned network, for baselines and benchmarks).
+
+:class:`ChannelGates` owns the logits of *all* gated layers of a network as
+one flat vector, so a training step computes them once, draws all gate noise
+in one call and sums per-layer statistics with one ``index_add``.
+"""
+import math
+
+import torch
+from torch import nn
+
+from . import hard_concrete
+
+NETS = ("hc", "dep", "dense")
+LOGIT_INIT_MEAN = 3.0
+LOGIT_INIT_STD = 0.01
+DEP_SCALE = math.log(100.0)
+
+
+class FreeLogits(nn.Module):
+    """One free logit per channel, returned as a flat vector over all layers."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.empty(sum(widths)).normal_(LOGIT_INIT_MEAN, LOGIT_INIT_STD))
+
+    def forward(self) -> torch.Tensor:
+        return self.log_alpha
+
+
+class DependencyMLP(nn.Module):
+    """The Dep-L0 generator: a chain of Linear+tanh layers, one per gated layer.
+
+    ``input_dim`` overrides :math:`d_0` (the reference's VGG uses 64 in both
+    directions, where the backward rule would give 512).
+    """
+
+    def __init__(self, widths, backward: bool = False, input_dim: int | None = None):
+        super().__init__()
+        self.backward = backward
+        chain = list(reversed(widths)) if backward else list(widths)
+        dims = [input_dim or chain[0], *chain]
+        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:]))
+        for layer in self.layers:
+            nn.init.normal_(layer.bias, LOGIT_INIT_MEAN, LOGIT_INIT_STD)
+        self.register_buffer("a0", torch.ones(dims[0]), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        a = self.a0
+        outputs = []
+        for layer in self.layers:
+            a = DEP_SCALE * torch.tanh(layer(a))
+            outputs.append(a)
+        if self.backward:
+            outputs.reverse()
+        return torch.cat(outputs)
+
+
+class ChannelGates(nn.Module):
+    """The hard-concrete gates of every gated layer of one network.
+
+    ``forward(batch_size)`` returns one gate tensor per gated layer, shaped to
+    multiply an NCHW feature map: ``(N, C, 1, 1)`` sampled in training mode,
+    ``(1, C, 1, 1)`` deterministic in eval mode or when frozen, ``None`` for
+    ``net='dense'``.
+    """
+
+    def __init__(self, widths, net: str = "hc", back_dep: bool = False,
+                 temperature: float = hard_concrete.DEFAULT_TEMPERATURE, dep_input_dim: int | None = None):
+        super().__init__()
+        if net not in NETS:
+            raise ValueError(f"net must be one of {NETS}, got {net!r}")
+        self.widths = tuple(int(w) for w in widths)
+        self.net = net
+        self.back_dep = back_dep
+        self.temperature = temperature
+        self.frozen = False
+        if net == "hc":
+            self.logits = FreeLogits(self.widths)
+        elif net == "dep":
+            self.logits = DependencyMLP(self.widths, back_dep, dep_input_dim)
+        else:
+            self.logits = None
+        layer_of_channel = torch.repeat_interleave(torch.arange(len(self.widths)), torch.tensor(self.widths))
+        self.register_buffer("layer_of_channel", layer_of_channel, persistent=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.widths)
+
+    def log_alpha(self) -> torch.Tensor:
+        """All logits as one flat vector, layer after layer."""
+        if self.logits is None:
+            raise RuntimeError("a dense network has no gate logits")
+        return self.logits()
+
+    def freeze(self) -> None:
+        """Fix the gates at their test values and stop their gradients (fine-tuning)."""
+        self.frozen = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, batch_size: int):
+        if self.logits is None:
+            return (None,) * self.num_layers
+        if self.frozen:
+            with torch.no_grad():
+                z = hard_concrete.deterministic(self.log_alpha()).unsqueeze(0)
+        elif self.training:
+            z = hard_concrete.sample(self.log_alpha(), batch_size, self.temperature)
+        else:
+            z = hard_concrete.deterministic(self.log_alpha()).unsqueeze(0)
+        return tuple(g[..., None, None] for g in z.split(self.widths, dim=1))
+
+    def per_layer_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a per-channel vector within each layer: ``(total,) -> (num_layers,)``."""
+        return values.new_zeros(self.num_layers).index_add(0, self.layer_of_channel, values)
+
+    def expected_open(self) -> torch.Tensor:
+        """S_l = sum_c P(z_c != 0) per layer (differentiable); full widths when dense."""
+        if self.logits is None:
+            return self.layer_of_channel.new_tensor(self.widths, dtype=torch.float32)
+        return self.per_layer_sum(hard_concrete.prob_nonzero(self.log_alpha(), self.temperature))
+
+    @torch.no_grad()
+    def test_gates(self) -> torch.Tensor:
+        """Deterministic gates of all channels, ``(total,)``; ones when dense."""
+        if self.logits is None:
+            return torch.ones(sum(self.widths), device=self.layer_of_channel.device)
+        return hard_concrete.deterministic(self.log_alpha())
+
+    @torch.no_grad()
+    def kept(self) -> torch.Tensor:
+        """Channels per layer whose test gate is non-zero, ``(num_layers,)`` long."""
+        return self.per_layer_sum((self.test_gates() > 0).float()).long()

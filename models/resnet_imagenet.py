@@ -1,0 +1,99 @@
+"""Gated ResNet50 for ImageNet in torchvision's layout (stride on the 3x3 conv).
+
+Gates sit on the stem's output and on the outputs of conv1 and conv2 of every
+Bottleneck (after BN, before ReLU); conv3 and projection shortcuts are never
+gated.
+
+========  ============  ===========  ========  =========
+model     blocks        gated layers  MACs      params
+========  ============  ===========  ========  =========
+resnet50  3, 4, 6, 3    33 (7616 ch)  4.09 G    25.56 M
+========  ============  ===========  ========  =========
+
+(224x224 input, 1000 classes; ``tests/test_models.py`` checks this table.)
+
+A closed stem channel removes the stem filter, its BN entry and the input
+channel of the first block's conv1 and projection shortcut (they both read
+the max-pooled stem). A closed conv1/conv2 channel removes that filter, its BN
+entry and the next conv's input channel.
+"""
+import torch.nn.functional as F
+from torch import nn
+
+from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
+
+from .common import GatedNetwork, LayerRecorder, conv_out, gated
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, recorder: LayerRecorder, name: str, c_in: int, width: int, stride: int,
+                 gate: int, stream_gate: int | None):
+        super().__init__()
+        size_in = recorder.size
+        c_out = width * self.expansion
+        self.conv1, size = recorder.conv(f"{name}.conv1", c_in, width, 1, in_gate=stream_gate, out_gate=gate,
+                                         bn=f"{name}.bn1")
+        self.bn1 = nn.BatchNorm2d(width)
+        recorder.size = size
+        self.conv2, size = recorder.conv(f"{name}.conv2", width, width, 3, stride, 1, in_gate=gate,
+                                         out_gate=gate + 1, bn=f"{name}.bn2")
+        self.bn2 = nn.BatchNorm2d(width)
+        recorder.size = size
+        self.conv3, _ = recorder.conv(f"{name}.conv3", width, c_out, 1, in_gate=gate + 1, bn=f"{name}.bn3")
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            conv, _ = recorder.conv(f"{name}.downsample.0", c_in, c_out, 1, stride, in_gate=stream_gate,
+                                    bn=f"{name}.downsample.1", input_size=size_in)
+            self.downsample = nn.Sequential(conv, nn.BatchNorm2d(c_out))
+
+    def forward(self, x, z1, z2):
+        out = F.relu(gated(self.bn1(self.conv1(x)), z1))
+        out = F.relu(gated(self.bn2(self.conv2(out)), z2))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ImageNetResNet(GatedNetwork):
+    """Bottleneck ResNet: 7x7/2 stem, 3x3/2 max-pool, four stages, avg-pool, Linear."""
+
+    paper_penalty = "static_input"
+
+    def __init__(self, blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), num_classes: int = 1000,
+                 net: str = "hc", back_dep: bool = False, temperature: float = DEFAULT_TEMPERATURE,
+                 input_size: int = 224, stem_width: int | None = None, model: str = "resnet50"):
+        super().__init__()
+        blocks, widths = tuple(blocks), tuple(widths)
+        stem_width = stem_width or widths[0]
+        recorder = LayerRecorder(input_size)
+        self.conv1, size = recorder.conv("conv1", 3, stem_width, 7, 2, 3, out_gate=0, bn="bn1")
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        recorder.size = conv_out(size, 3, 2, 1)
+        gate_widths, layers, c_in, stream_gate = [stem_width], [], stem_width, 0
+        for stage, (n, width) in enumerate(zip(blocks, widths)):
+            for b in range(n):
+                stride = 2 if stage > 0 and b == 0 else 1
+                layers.append(Bottleneck(recorder, f"layers.{len(layers)}", c_in, width, stride,
+                                         len(gate_widths), stream_gate))
+                gate_widths += [width, width]
+                c_in, stream_gate = width * Bottleneck.expansion, None
+        self.layers = nn.ModuleList(layers)
+        self.fc = recorder.linear("fc", c_in, num_classes)
+        self._finish(dict(model=model, blocks=blocks, widths=widths, num_classes=num_classes, net=net,
+                          back_dep=back_dep, temperature=temperature, input_size=input_size,
+                          stem_width=stem_width),
+                     recorder.records, gate_widths, net, back_dep, temperature)
+
+    def forward(self, x):
+        z_stem, *z_blocks = self.gates(x.shape[0])
+        x = self.maxpool(F.relu(gated(self.bn1(self.conv1(x)), z_stem)))
+        for i, block in enumerate(self.layers):
+            x = block(x, z_blocks[2 * i], z_blocks[2 * i + 1])
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def resnet50(num_classes: int = 1000, **kwargs) -> ImageNetResNet:
+    return ImageNetResNet((3, 4, 6, 3), (64, 128, 256, 512), num_classes, **kwargs)

@@ -1,0 +1,112 @@
+"""The one description of a gated network that everything else reads.
+
+Each model records, while it builds itself, a :class:`WeightLayer` for every
+conv and linear layer (what feeds its input channels, what gates its output
+channels, its kernel and output size) and derives from those a
+:class:`GatedLayer` per gate. The penalty, MACs/params accounting, logging and
+export use only these records, never module names found by searching.
+
+Cost convention (the one papers quote): MACs count conv and linear
+multiply-accumulates only (no BN, ReLU, pooling, bias adds); params count
+every parameter of the deployable network (conv, linear, BN affine), never
+gate parameters. A gated channel with a test gate of 0 is absent from the
+layer that produces it and from every layer that reads it.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class WeightLayer:
+    """A conv or linear layer as cost accounting and export see it."""
+
+    name: str                    # module path of the conv / linear
+    in_channels: int             # dense widths
+    out_channels: int
+    kernel: int                  # square kernel side (1 for linear)
+    out_hw: int                  # output positions H*W (1 for linear)
+    in_gate: int | None = None   # gated layer whose open channels are this layer's inputs
+    out_gate: int | None = None  # gated layer that gates this layer's outputs
+    bias: bool = False
+    bn: str | None = None        # module path of the BatchNorm on its output
+
+
+@dataclass(frozen=True)
+class GatedLayer:
+    """One gated layer: the channels of ``conv``'s output, after ``bn``."""
+
+    name: str                    # the producing conv's module path; used in logs
+    width: int
+    conv: str
+    bn: str
+    kernel: int                  # the producing conv's kernel side
+    in_channels: int             # the producing conv's dense input width
+    consumers: tuple[str, ...]   # layers that lose an input channel when a gate closes
+
+
+def gated_layers_of(weight_layers) -> tuple[GatedLayer, ...]:
+    """Derive the gate records from the weight-layer records."""
+    producers = sorted((w for w in weight_layers if w.out_gate is not None), key=lambda w: w.out_gate)
+    assert [w.out_gate for w in producers] == list(range(len(producers))), "one producer per gate"
+    return tuple(
+        GatedLayer(name=w.name, width=w.out_channels, conv=w.name, bn=w.bn, kernel=w.kernel,
+                   in_channels=w.in_channels,
+                   consumers=tuple(c.name for c in weight_layers if c.in_gate == w.out_gate))
+        for w in producers)
+
+
+class CostModel(nn.Module):
+    """MACs and parameter count of the network as a function of gated widths.
+
+    ``widths`` is a ``(num_gates,)`` tensor: kept channel counts for the
+    deterministic pruned cost, expected open counts S for the expected cost
+    (the gates of different layers are independent, so E[in * out] =
+    E[in] * E[out] and the result is the exact expectation). All layers are
+    evaluated in one vectorised expression.
+    """
+
+    def __init__(self, weight_layers, num_gates: int):
+        super().__init__()
+        # An ungated side reads index num_gates, a constant 1, times its dense width.
+        def index(gate):
+            return num_gates if gate is None else gate
+
+        def constant(gate, channels):
+            return channels if gate is None else 1
+
+        as_tensor = lambda values, dtype=torch.float64: torch.tensor(values, dtype=dtype)  # noqa: E731
+        self.register_buffer("in_index", as_tensor([index(w.in_gate) for w in weight_layers], torch.long), persistent=False)
+        self.register_buffer("out_index", as_tensor([index(w.out_gate) for w in weight_layers], torch.long), persistent=False)
+        self.register_buffer("in_const", as_tensor([constant(w.in_gate, w.in_channels) for w in weight_layers]), persistent=False)
+        self.register_buffer("out_const", as_tensor([constant(w.out_gate, w.out_channels) for w in weight_layers]), persistent=False)
+        self.register_buffer("kernel_area", as_tensor([w.kernel ** 2 for w in weight_layers]), persistent=False)
+        self.register_buffer("out_hw", as_tensor([w.out_hw for w in weight_layers]), persistent=False)
+        self.register_buffer("per_out", as_tensor([int(w.bias) + 2 * int(w.bn is not None) for w in weight_layers]), persistent=False)
+        self.register_buffer("dense_widths", as_tensor([0.0] * num_gates), persistent=False)
+        for w in weight_layers:
+            if w.out_gate is not None:
+                self.dense_widths[w.out_gate] = w.out_channels
+
+    def _in_out(self, widths: torch.Tensor):
+        ext = torch.cat([widths, widths.new_ones(1)])
+        dtype = widths.dtype
+        return ext[self.in_index] * self.in_const.to(dtype), ext[self.out_index] * self.out_const.to(dtype)
+
+    def macs(self, widths: torch.Tensor) -> torch.Tensor:
+        c_in, c_out = self._in_out(widths)
+        return (self.kernel_area.to(widths.dtype) * self.out_hw.to(widths.dtype) * c_in * c_out).sum()
+
+    def params(self, widths: torch.Tensor) -> torch.Tensor:
+        c_in, c_out = self._in_out(widths)
+        return (self.kernel_area.to(widths.dtype) * c_in * c_out + self.per_out.to(widths.dtype) * c_out).sum()
+
+    def dense(self) -> tuple[int, int]:
+        """(MACs, params) of the unpruned network, exact integers."""
+        return int(self.macs(self.dense_widths)), int(self.params(self.dense_widths))
+
+    def pruned(self, kept: torch.Tensor) -> tuple[int, int]:
+        """(MACs, params) with ``kept`` channels per gated layer, exact integers."""
+        kept = kept.to(self.dense_widths)
+        return int(self.macs(kept)), int(self.params(kept))

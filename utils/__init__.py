@@ -1,0 +1,1 @@
+"""Shared training, data, cost-accounting and checkpoint code for the entry scripts."""
