@@ -1,0 +1,157 @@
+"""The command line shared by the three training scripts.
+
+Each script passes its :class:`Recipe` (the paper's defaults for that model);
+the flags are the reference's, spelled as it spells them (``--lamba``,
+``--lr_vgg``, ``--gpu_id`` ...) plus this project's additions. Aliases the
+reference uses in different scripts map to one destination: ``--epoch`` and
+``--epochs``, ``--lr_vgg`` and ``--lr``, ``--lr_gate`` and ``--lr_adam``,
+``--gpu`` and ``--gpu_id``.
+"""
+import argparse
+import sys
+from dataclasses import dataclass
+
+from l0_layers import NETS
+from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
+from l0_layers.penalty import REGS
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One model's training recipe: the defaults of its script (spec section 5)."""
+
+    model: str                   # vgg16 | resnet56 | resnet50
+    imagenet: bool               # ImageNet-style data (positional DIR) or CIFAR
+    lr: float                    # SGD lr of the weights
+    weight_decay: float
+    milestones: tuple[int, ...]  # epochs at which the weight lr is multiplied by lr_decay
+    lr_decay: float
+    gate_decay: float | None     # gate-lr factor at the same milestones; None: constant
+    epochs: int
+    fine_tune_epochs: int
+    batch_size: int
+    lamba: float
+    workers: int
+    gate_lr: float = 1e-3
+    print_freq: int = 100
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a user mistake is one line on stderr (and exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, low=None, strict=False):
+    """An argparse type: a ``kind`` number not below ``low`` (or above it, if strict)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = _number(int, 0, strict=True)
+nonneg_int = _number(int, 0)
+positive_float = _number(float, 0.0, strict=True)
+nonneg_float = _number(float, 0.0)
+
+
+def _milestones(text):
+    try:
+        return tuple(int(m) for m in text.split(",") if m)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+
+
+def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description=f"Train and prune {recipe.model} with L0-HC or Dep-L0 gates.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("method")
+    g.add_argument("--net", choices=NETS, default="dep",
+                   help="gate logits: free per channel (hc), dependency MLP (dep), or no gates (dense baseline)")
+    g.add_argument("--back_dep", action="store_true", help="backward dependency: the MLP chain runs last layer to first")
+    g.add_argument("--lamba", type=nonneg_float, default=recipe.lamba, help="L0 penalty coefficient lambda")
+    g.add_argument("--reg", choices=REGS, default="paper",
+                   help="penalty: the reference's (paper), or lambda * expected MACs / params")
+    g.add_argument("--temp", type=positive_float, default=DEFAULT_TEMPERATURE, help="hard-concrete temperature beta")
+
+    g = p.add_argument_group("data")
+    if recipe.imagenet:
+        g.add_argument("data", nargs="?", metavar="DIR", help="ImageNet-style folder with train/ and val/")
+        g.add_argument("--data-dir", dest="data_dir_flag", metavar="DIR", help="same as the positional DIR")
+        g.set_defaults(dataset="imagenet")
+    else:
+        g.add_argument("--dataset", choices=("cifar10", "cifar100", "folder"),
+                       help="dataset (default: cifar10, or cifar100 with --num_classes 100); folder reads "
+                            "DIR/train/<class>/* and DIR/val/<class>/*, resized to 32x32")
+        g.add_argument("--data-dir", default="./data", help="where the dataset lives (CIFAR is downloaded there)")
+    g.add_argument("--num_classes", type=positive_int,
+                   help="number of classes (CIFAR: 10 or 100 selects the dataset; default: from the data)")
+    g.add_argument("--dummy", action="store_true", help="synthetic data of the right shape: no download, runs anywhere")
+    g.add_argument("-j", "--workers", type=nonneg_int, default=recipe.workers, help="data-loading processes")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("-b", "--batch-size", type=positive_int, default=recipe.batch_size, help="mini-batch size")
+    g.add_argument("--lr_vgg", "--lr", dest="lr", type=positive_float, default=recipe.lr, help="SGD lr of the weights")
+    g.add_argument("--lr_gate", "--lr_adam", dest="lr_gate", type=positive_float, default=recipe.gate_lr,
+                   help="Adam lr of the gate parameters")
+    g.add_argument("--lr_decay", type=positive_float, default=recipe.lr_decay,
+                   help="factor applied to the weight lr at each milestone")
+    g.add_argument("--milestones", type=_milestones, default=recipe.milestones,
+                   help="comma-separated epochs at which the learning rates decay")
+    g.add_argument("--gen_optim", choices=("Adam", "SGD"), default="Adam",
+                   help="optimiser of the gate parameters (SGD: the weights' lr and schedule, no weight decay)")
+    g.add_argument("-wd", "--weight-decay", "--wd", dest="weight_decay", type=nonneg_float,
+                   default=recipe.weight_decay, help="weight decay of all non-gate parameters")
+    g.add_argument("--epoch", "--epochs", dest="epochs", type=nonneg_int, default=recipe.epochs,
+                   help="training epochs with the penalty")
+    g.add_argument("--fine_tune_epoch", type=nonneg_int, default=recipe.fine_tune_epochs,
+                   help="epochs after --epoch with gates frozen at their test values and no penalty")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--gpu", "--gpu_id", dest="gpu", type=nonneg_int,
+                   help="CUDA device index (default: CUDA when present, else CPU)")
+    g.add_argument("--seed", type=nonneg_int, help="random seed (default: drawn at random and recorded)")
+    g.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (or a run directory's last.pt)")
+    g.add_argument("--out-dir", metavar="DIR", help="run directory (default: runs/<model>_<data>_<net>[_back]_lam<lamba>)")
+    g.add_argument("-p", "--print-freq", type=positive_int, default=recipe.print_freq, help="iterations between progress lines")
+    g.add_argument("--limit-batches", type=positive_int, metavar="N", help="at most N train and N val batches per epoch")
+    g.add_argument("--save_epoch", type=nonneg_int, default=0, help="also keep epoch_<k>.pt every k epochs (0: never)")
+    return p
+
+
+def parse_args(recipe: Recipe, argv=None, prog=None) -> argparse.Namespace:
+    parser = build_parser(recipe, prog)
+    args = parser.parse_args(argv)
+    if recipe.imagenet:
+        if args.data and args.data_dir_flag and args.data != args.data_dir_flag:
+            parser.error(f"two data directories given: {args.data} and --data-dir {args.data_dir_flag}")
+        args.data_dir = args.data or args.data_dir_flag
+        del args.data, args.data_dir_flag
+        if args.data_dir is None and not args.dummy:
+            parser.error("the ImageNet directory DIR is required (or --dummy for synthetic data)")
+    else:
+        cifar = {10: "cifar10", 100: "cifar100"}
+        if args.dataset is None:
+            if args.num_classes not in (None, 10, 100):
+                parser.error(f"--num_classes {args.num_classes}: CIFAR has 10 or 100 (use --dataset folder for other data)")
+            args.dataset = cifar.get(args.num_classes, "cifar10")
+        elif args.dataset != "folder" and args.num_classes not in (None, int(args.dataset[5:])):
+            parser.error(f"--num_classes {args.num_classes} contradicts --dataset {args.dataset}")
+    if args.back_dep and args.net != "dep":
+        parser.error(f"--back_dep applies to --net dep, not --net {args.net}")
+    return args
+
+
+def program_name() -> str:
+    return sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "train"

@@ -1,0 +1,324 @@
+"""Datasets for the training scripts.
+
+:func:`build_datasets` is the single entry point. It turns a dataset name and a
+directory into ``(train_set, val_set, num_classes)``:
+
+* ``cifar10`` / ``cifar100``: torchvision's CIFAR readers, downloaded on demand;
+* ``folder``: any ``DIR/train/<class>/*`` + ``DIR/val/<class>/*`` image tree,
+  brought to CIFAR's 32x32 so the CIFAR models can train on it;
+* ``imagenet``: the same tree layout with the usual 224x224 ImageNet pipeline;
+* ``dummy=True``: :class:`SyntheticImages`, learnable data of the right shape
+  that touches no disk, for trying the code without any dataset.
+
+Every user mistake (missing or damaged data, a bad folder tree) raises
+:class:`~utils.errors.UsageError` with a one-line message naming the path and
+the fix.
+"""
+
+import contextlib
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets.utils import download_and_extract_archive
+
+from utils.errors import UsageError
+
+# Per-channel statistics of the training images, keyed by number of classes.
+CIFAR_STATS = MappingProxyType({
+    10: (
+        (125.3 / 255, 123.0 / 255, 113.9 / 255),
+        (63.0 / 255, 62.1 / 255, 66.7 / 255),
+    ),
+    100: (
+        (129.3 / 255, 124.1 / 255, 112.4 / 255),
+        (68.2 / 255, 65.4 / 255, 70.4 / 255),
+    ),
+})
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Where CIFAR is looked for (and downloaded to) when no directory is given.
+DEFAULT_DATA_DIR = "./data"
+
+_DUMMY_HINT = "or try the code without data with --dummy"
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What differs between the dataset names."""
+
+    image_size: int
+    # The dataset's class count; for the folder kinds only the default of the
+    # synthetic stand-in, as real trees count their class folders.
+    num_classes: int
+    # (1000 train, 100 val) would make a dummy ImageNet epoch take minutes on
+    # a CPU, so the 224x224 stand-in is kept much smaller than the CIFAR one.
+    dummy_sizes: tuple[int, int]
+    cifar_reader: type[CIFAR10] | None = None
+    title: str = ""
+
+
+# The one place that maps dataset names to everything about them.
+_KINDS = MappingProxyType({
+    "cifar10": _Kind(32, 10, (512, 256), CIFAR10, "CIFAR-10"),
+    "cifar100": _Kind(32, 100, (512, 256), CIFAR100, "CIFAR-100"),
+    "folder": _Kind(32, 10, (512, 256)),
+    "imagenet": _Kind(224, 1000, (64, 32)),
+})
+DATASETS = tuple(_KINDS)
+
+
+def build_datasets(
+    dataset: str,
+    data_dir: str | None,
+    *,
+    dummy: bool = False,
+    num_classes: int | None = None,
+    download: bool = True,
+) -> tuple[Dataset, Dataset, int]:
+    """Return ``(train_set, val_set, num_classes)`` for a dataset name.
+
+    ``dataset`` is one of :data:`DATASETS`. ``data_dir`` is the CIFAR root
+    (default ``./data``) or the root of a ``train/`` + ``val/`` image tree.
+    ``dummy=True`` returns synthetic data without touching the disk; there
+    ``num_classes`` sets the class count of the folder kinds. For real data a
+    given ``num_classes`` must match the data. ``download`` lets a missing CIFAR
+    be fetched from the internet.
+    """
+    kind = _KINDS.get(dataset)
+    if kind is None:
+        raise UsageError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if dummy:
+        return _build_dummy(dataset, kind, num_classes)
+    if kind.cifar_reader is not None:
+        train_set, val_set = _build_cifar(kind, data_dir, download)
+        where = os.path.join(_cifar_root(data_dir), kind.cifar_reader.base_folder)
+    else:
+        train_set, val_set = _build_folder(dataset, data_dir)
+        where = data_dir
+    found = len(train_set.classes)
+    if num_classes is not None and num_classes != found:
+        raise UsageError(
+            f"--num-classes {num_classes} does not match the {found} classes of {where}: "
+            "drop --num-classes or point --data-dir at the intended data"
+        )
+    return train_set, val_set, found
+
+
+# --------------------------------------------------------------------- dummy
+
+
+class SyntheticImages(Dataset):
+    """Deterministic, learnable stand-in images, already normalised.
+
+    Sample ``i`` of a split is a pure function of ``(split, i)``: its own
+    seeded generator draws the label and the noise, so items are reproducible
+    in any order and in any DataLoader worker without stored state. The image
+    is a smooth class pattern (a random 4x4 colour grid seeded by the label
+    alone, hence shared by the splits) plus Gaussian noise, so a model can
+    learn the classes and what it learns on ``train`` carries over to ``val``.
+    """
+
+    def __init__(self, split: str, length: int, num_classes: int, image_size: int, noise: float = 0.5):
+        self.split = split
+        self.length = length
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.noise = noise
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        # Without this bound, iterating the dataset directly would never stop.
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} samples")
+        gen = _generator(f"{self.split}/{index}")
+        label = int(torch.randint(self.num_classes, (), generator=gen))
+        size = self.image_size
+        noise = torch.randn(3, size, size, generator=gen)
+        return self._pattern(label) + self.noise * noise, label
+
+    def _pattern(self, label: int) -> torch.Tensor:
+        # Recomputed per item instead of cached: 1000 ImageNet-sized patterns
+        # would take 600 MB, while one is a cheap interpolation of 48 numbers.
+        grid = torch.randn(1, 3, 4, 4, generator=_generator(f"class/{label}"))
+        size = (self.image_size, self.image_size)
+        return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _generator(key: str) -> torch.Generator:
+    # crc32, unlike hash(), gives the same seed in every process.
+    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
+
+
+def _build_dummy(dataset: str, kind: _Kind, num_classes: int | None) -> tuple[Dataset, Dataset, int]:
+    if num_classes is None:
+        num_classes = kind.num_classes
+    elif kind.cifar_reader is not None and num_classes != kind.num_classes:
+        raise UsageError(
+            f"--num-classes {num_classes} does not fit {dataset}, which has {kind.num_classes} classes: "
+            "drop --num-classes or use --dataset folder"
+        )
+    elif num_classes < 1:
+        raise UsageError(f"--num-classes must be at least 1, got {num_classes}")
+    train_len, val_len = kind.dummy_sizes
+    train_set = SyntheticImages("train", train_len, num_classes, kind.image_size)
+    val_set = SyntheticImages("val", val_len, num_classes, kind.image_size)
+    return train_set, val_set, num_classes
+
+
+# --------------------------------------------------------------------- CIFAR
+
+
+def _cifar_root(data_dir: str | None) -> str:
+    return os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
+
+
+def _cifar_transforms(num_classes: int) -> tuple[transforms.Compose, transforms.Compose]:
+    normalize = transforms.Normalize(*CIFAR_STATS[num_classes])
+    train = transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize,
+    ])
+    val = transforms.Compose([transforms.ToTensor(), normalize])
+    return train, val
+
+
+def _build_cifar(kind: _Kind, data_dir: str | None, download: bool) -> tuple[CIFAR10, CIFAR10]:
+    """Read CIFAR from ``data_dir``, downloading it first if it is missing."""
+    root = _cifar_root(data_dir)
+    folder = os.path.join(root, kind.cifar_reader.base_folder)
+    try:
+        return _read_cifar(kind, root)
+    # torchvision checks every file's md5 before unpickling it, so missing and
+    # damaged data both surface as RuntimeError; OSError is an unreadable file.
+    except (RuntimeError, OSError) as err:
+        problem = _describe_cifar_problem(kind, root, err)
+    fix = f"put the dataset there, point --data-dir at it, {_DUMMY_HINT}"
+    if not download:
+        raise UsageError(f"{problem} and downloading is off: {fix}")
+    try:
+        _download_cifar(kind, root)
+    except (OSError, RuntimeError, tarfile.TarError) as err:
+        raise UsageError(f"{problem} and the download failed ({_reason(err)}): {fix}") from err
+    try:
+        return _read_cifar(kind, root)
+    except (RuntimeError, OSError) as err:
+        raise UsageError(
+            f"{kind.title} in {folder} is unreadable even after downloading it ({_reason(err)}): "
+            f"delete {folder} and run again, {_DUMMY_HINT}"
+        ) from err
+
+
+def _download_cifar(kind: _Kind, root: str) -> None:
+    reader = kind.cifar_reader
+    created = not os.path.exists(root)
+    try:
+        download_and_extract_archive(reader.url, root, filename=reader.filename, md5=reader.tgz_md5)
+    except Exception:
+        # torchvision creates root before downloading; a failed attempt should
+        # not leave an empty folder behind (a mistyped --data-dir, say).
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+        raise
+
+
+def _read_cifar(kind: _Kind, root: str) -> tuple[CIFAR10, CIFAR10]:
+    train_tf, val_tf = _cifar_transforms(kind.num_classes)
+    train_set = kind.cifar_reader(root, train=True, transform=train_tf, download=False)
+    val_set = kind.cifar_reader(root, train=False, transform=val_tf, download=False)
+    return train_set, val_set
+
+
+def _describe_cifar_problem(kind: _Kind, root: str, err: Exception) -> str:
+    """Say whether CIFAR is absent, incomplete or damaged, for the error line."""
+    reader = kind.cifar_reader
+    folder = os.path.join(root, reader.base_folder)
+    if not os.path.isdir(folder):
+        return f"{kind.title} not found in {root} (expected {folder})"
+    files = [name for name, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
+    missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        return f"{kind.title} in {folder} is incomplete (missing {', '.join(missing)})"
+    if isinstance(err, RuntimeError):
+        return f"{kind.title} in {folder} is corrupt (a file fails its md5 check)"
+    return f"{kind.title} in {folder} is unreadable ({_reason(err)})"
+
+
+def _reason(err: Exception) -> str:
+    """The gist of an exception, short enough for a one-line message."""
+    # URLError keeps the useful part ("Name or service not known") in .reason.
+    text = str(getattr(err, "reason", None) or err).strip()
+    first_line = text.splitlines()[0] if text else type(err).__name__
+    return first_line[:120]
+
+
+# ---------------------------------------------------------- image-folder trees
+
+
+def _folder_transforms(dataset: str) -> tuple[transforms.Compose, transforms.Compose]:
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if dataset == "imagenet":
+        train = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
+        val = [transforms.Resize(256), transforms.CenterCrop(224)]
+    else:
+        # Any image becomes a 32x32 square first, then gets CIFAR's augmentation.
+        to_32 = [transforms.Resize(32), transforms.CenterCrop(32)]
+        train = to_32 + [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+        val = to_32
+    tail = [transforms.ToTensor(), normalize]
+    return transforms.Compose(train + tail), transforms.Compose(val + tail)
+
+
+def _build_folder(dataset: str, data_dir: str | None) -> tuple[ImageFolder, ImageFolder]:
+    """Read ``data_dir/train`` and ``data_dir/val`` as ImageFolder trees."""
+    layout = "a folder with train/<class>/<image> and val/<class>/<image>"
+    if data_dir is None:
+        raise UsageError(f"--dataset {dataset} needs --data-dir: point it at {layout}, {_DUMMY_HINT}")
+    root = os.path.expanduser(data_dir)
+    if not os.path.isdir(root):
+        raise UsageError(f"dataset folder {root} does not exist: point --data-dir at {layout}, {_DUMMY_HINT}")
+    train_tf, val_tf = _folder_transforms(dataset)
+    train_set = _read_image_folder(os.path.join(root, "train"), train_tf)
+    val_set = _read_image_folder(os.path.join(root, "val"), val_tf)
+    if train_set.classes != val_set.classes:
+        raise UsageError(
+            f"class folders differ between {train_set.root} and {val_set.root} "
+            f"(only in train: {_names(set(train_set.classes) - set(val_set.classes))}; "
+            f"only in val: {_names(set(val_set.classes) - set(train_set.classes))}): "
+            "give both splits the same class folders"
+        )
+    return train_set, val_set
+
+
+def _read_image_folder(path: str, transform: transforms.Compose) -> ImageFolder:
+    if not os.path.isdir(path):
+        raise UsageError(f"{path} does not exist: the dataset folder needs train/<class>/ and val/<class>/ subfolders")
+    try:
+        # Default PIL loader: a broken image raises when read instead of being skipped.
+        return ImageFolder(path, transform=transform)
+    except FileNotFoundError as err:
+        # ImageFolder's own text ends in a long list of extensions; keep its first sentence.
+        reason = str(err).split(". ")[0].rstrip(".")
+        raise UsageError(
+            f"no images found in {path} ({reason}): put images (.jpg, .png, ...) in one subfolder per class"
+        ) from err
+
+
+def _names(names: set[str], limit: int = 5) -> str:
+    """A short, sorted listing of class names for an error line."""
+    ordered = sorted(names)
+    shown = ", ".join(ordered[:limit]) or "none"
+    return shown + (f" and {len(ordered) - limit} more" if len(ordered) > limit else "")

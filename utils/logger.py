@@ -1,0 +1,79 @@
+"""Console lines and TensorBoard events of a run.
+
+TensorBoard tags are the reference's (``Train/loss``, ``Test/Accuracy``,
+``Test/Average loss``, ``z/<layer>``, ``mode_z/<layer>``, ``qz_loga/<layer>``,
+text ``z``; for ImageNet also ``train/acc1``, ``train/acc5``, ``test/acc1``,
+``test/acc5``) plus ``train/l0_penalty``, ``train/lr``, ``sparsity/macs``,
+``sparsity/params`` and ``sparsity/macs_reduction``.
+"""
+import datetime
+import json
+
+import torch
+from tensorboardX import SummaryWriter
+
+
+def human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+class RunLogger:
+    def __init__(self, out_dir, model, imagenet: bool):
+        self.model = model
+        self.imagenet = imagenet
+        self.writer = SummaryWriter(str(out_dir))
+        self.global_step = 0
+        self.steps_per_epoch = 1
+
+    def start(self, args, device, out_dir, n_train, n_val):
+        print(f"run directory: {out_dir}")
+        print(f"device: {device}; {n_train} training / {n_val} validation images")
+        print("arguments: " + json.dumps(vars(args), sort_keys=True, default=str))
+        self.writer.add_text("args", json.dumps(vars(args), sort_keys=True, indent=1, default=str), 0)
+
+    def progress(self, epoch, step, steps, loss, penalty, lr, images_per_s, eta_s):
+        self.steps_per_epoch = steps
+        global_step = epoch * steps + step
+        eta = datetime.timedelta(seconds=round(eta_s))
+        print(f"Epoch [{epoch + 1}][{step:>{len(str(steps))}}/{steps}]  loss {loss:.4f}  l0 {penalty:.4f}  "
+              f"lr {lr:.4g}  {images_per_s:.0f} img/s  ETA {eta}", flush=True)
+        self.writer.add_scalar("Train/loss", loss, global_step)
+        self.writer.add_scalar("train/l0_penalty", penalty, global_step)
+        self.writer.add_scalar("train/lr", lr, global_step)
+
+    def epoch(self, epoch, train_stats, val_stats, results):
+        w, step = self.writer, epoch + 1
+        w.add_scalar("Test/Accuracy", val_stats["top1"], step)
+        w.add_scalar("Test/Average loss", val_stats["loss"], step)
+        if self.imagenet:
+            w.add_scalar("train/acc1", train_stats["top1"], step)
+            w.add_scalar("train/acc5", train_stats["top5"], step)
+            w.add_scalar("test/acc1", val_stats["top1"], step)
+            w.add_scalar("test/acc5", val_stats["top5"], step)
+        w.add_scalar("sparsity/macs", results["macs_pruned"], step)
+        w.add_scalar("sparsity/params", results["params_pruned"], step)
+        w.add_scalar("sparsity/macs_reduction", results["macs_reduction"], step)
+        gates = self.model.gates
+        kept = [c["kept"] for c in results["channels"]]
+        if gates.logits is not None:
+            with torch.no_grad():
+                log_alpha = gates.log_alpha().float().cpu().split(gates.widths)
+                test_gates = gates.test_gates().float().cpu().split(gates.widths)
+            for layer, n, la, z in zip(self.model.gated_layers, kept, log_alpha, test_gates):
+                w.add_scalar(f"z/{layer.name}", n, step)
+                w.add_histogram(f"mode_z/{layer.name}", z.numpy(), step)
+                w.add_histogram(f"qz_loga/{layer.name}", la.numpy(), step)
+        w.add_text("z", str(kept), step)
+        w.flush()
+        top5 = f" top-5 {val_stats['top5']:.2f}%" if self.imagenet else ""
+        total = sum(c["total"] for c in results["channels"])
+        print(f"Epoch {step}: top-1 {val_stats['top1']:.2f}%{top5} (best {results['best_top1']:.2f}%)  "
+              f"val loss {val_stats['loss']:.4f}  kept {sum(kept)}/{total} channels  "
+              f"MACs {human(results['macs_pruned'])} (-{results['macs_reduction']:.1f}%)  "
+              f"params {human(results['params_pruned'])} (-{results['params_reduction']:.1f}%)", flush=True)
+
+    def close(self):
+        self.writer.close()
