@@ -107,6 +107,11 @@ class CostModel(nn.Module):
         return int(self.macs(self.dense_widths)), int(self.params(self.dense_widths))
 
     def pruned(self, kept: torch.Tensor) -> tuple[int, int]:
-        """(MACs, params) with ``kept`` channels per gated layer, exact integers."""
-        kept = kept.to(self.dense_widths)
+        """(MACs, params) with ``kept`` channels per gated layer, exact integers.
+
+        A layer whose gates are all closed still counts one channel: the
+        exported network keeps one exactly-zero channel there so that it
+        remains a valid chain of layers (see ``models/export.py``).
+        """
+        kept = kept.to(self.dense_widths).clamp(min=1)
         return int(self.macs(kept)), int(self.params(kept))
