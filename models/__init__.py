@@ -22,5 +22,7 @@ def build_model(arch: dict) -> GatedNetwork:
     return cls(**arch)
 
 
+from .export import export_pruned, load_pruned, save_pruned  # noqa: E402  (export uses build_model)
+
 __all__ = ["GatedNetwork", "CifarResNet", "ImageNetResNet", "VGG", "CostModel", "GatedLayer", "WeightLayer",
-           "build_model", "resnet56", "resnet50", "vgg16"]
+           "build_model", "resnet56", "resnet50", "vgg16", "export_pruned", "load_pruned", "save_pruned"]

@@ -8,8 +8,12 @@ from .structure import CostModel, WeightLayer, gated_layers_of
 
 
 def gated(x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-    """Multiply a feature map by its channel gates (``None``: a dense network)."""
-    return x if z is None else x * z
+    """Multiply a feature map by its channel gates (``None``: a dense network).
+
+    The gates are cast to the feature map's dtype so that under autocast a
+    bf16/fp16 activation stays in its dtype instead of being promoted.
+    """
+    return x if z is None else x * z.to(x.dtype)
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:

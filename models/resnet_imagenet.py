@@ -16,6 +16,10 @@ A closed stem channel removes the stem filter, its BN entry and the input
 channel of the first block's conv1 and projection shortcut (they both read
 the max-pooled stem). A closed conv1/conv2 channel removes that filter, its BN
 entry and the next conv's input channel.
+
+Compact (exported) networks are the same class with ``net='dense'``,
+``stem_width`` and ``inner_widths`` (one ``(conv1, conv2)`` output-width pair
+per block); see ``models/export.py``.
 """
 import torch.nn.functional as F
 from torch import nn
@@ -29,19 +33,21 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, recorder: LayerRecorder, name: str, c_in: int, width: int, stride: int,
-                 gate: int, stream_gate: int | None):
+                 gate: int, stream_gate: int | None, inner: tuple[int, int] | None = None):
+        # inner: the (conv1, conv2) output widths, default (width, width).
         super().__init__()
         size_in = recorder.size
         c_out = width * self.expansion
-        self.conv1, size = recorder.conv(f"{name}.conv1", c_in, width, 1, in_gate=stream_gate, out_gate=gate,
+        w1, w2 = (width, width) if inner is None else inner
+        self.conv1, size = recorder.conv(f"{name}.conv1", c_in, w1, 1, in_gate=stream_gate, out_gate=gate,
                                          bn=f"{name}.bn1")
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = nn.BatchNorm2d(w1)
         recorder.size = size
-        self.conv2, size = recorder.conv(f"{name}.conv2", width, width, 3, stride, 1, in_gate=gate,
+        self.conv2, size = recorder.conv(f"{name}.conv2", w1, w2, 3, stride, 1, in_gate=gate,
                                          out_gate=gate + 1, bn=f"{name}.bn2")
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = nn.BatchNorm2d(w2)
         recorder.size = size
-        self.conv3, _ = recorder.conv(f"{name}.conv3", width, c_out, 1, in_gate=gate + 1, bn=f"{name}.bn3")
+        self.conv3, _ = recorder.conv(f"{name}.conv3", w2, c_out, 1, in_gate=gate + 1, bn=f"{name}.bn3")
         self.bn3 = nn.BatchNorm2d(c_out)
         self.downsample = None
         if stride != 1 or c_in != c_out:
@@ -63,9 +69,15 @@ class ImageNetResNet(GatedNetwork):
 
     def __init__(self, blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), num_classes: int = 1000,
                  net: str = "hc", back_dep: bool = False, temperature: float = DEFAULT_TEMPERATURE,
-                 input_size: int = 224, stem_width: int | None = None, model: str = "resnet50"):
+                 input_size: int = 224, stem_width: int | None = None, model: str = "resnet50",
+                 inner_widths=None):
         super().__init__()
         blocks, widths = tuple(blocks), tuple(widths)
+        inner = None
+        if inner_widths is not None:
+            inner = tuple((int(a), int(b)) for a, b in inner_widths)
+            if len(inner) != sum(blocks):
+                raise ValueError(f"inner_widths needs {sum(blocks)} (conv1, conv2) pairs, got {len(inner)}")
         stem_width = stem_width or widths[0]
         recorder = LayerRecorder(input_size)
         self.conv1, size = recorder.conv("conv1", 3, stem_width, 7, 2, 3, out_gate=0, bn="bn1")
@@ -76,16 +88,18 @@ class ImageNetResNet(GatedNetwork):
         for stage, (n, width) in enumerate(zip(blocks, widths)):
             for b in range(n):
                 stride = 2 if stage > 0 and b == 0 else 1
+                pair = None if inner is None else inner[len(layers)]
                 layers.append(Bottleneck(recorder, f"layers.{len(layers)}", c_in, width, stride,
-                                         len(gate_widths), stream_gate))
-                gate_widths += [width, width]
+                                         len(gate_widths), stream_gate, pair))
+                gate_widths += [width, width] if pair is None else list(pair)
                 c_in, stream_gate = width * Bottleneck.expansion, None
         self.layers = nn.ModuleList(layers)
         self.fc = recorder.linear("fc", c_in, num_classes)
-        self._finish(dict(model=model, blocks=blocks, widths=widths, num_classes=num_classes, net=net,
-                          back_dep=back_dep, temperature=temperature, input_size=input_size,
-                          stem_width=stem_width),
-                     recorder.records, gate_widths, net, back_dep, temperature)
+        arch = dict(model=model, blocks=blocks, widths=widths, num_classes=num_classes, net=net,
+                    back_dep=back_dep, temperature=temperature, input_size=input_size, stem_width=stem_width)
+        if inner is not None:  # a compact model's key only, so a standard model's arch is unchanged
+            arch["inner_widths"] = inner
+        self._finish(arch, recorder.records, gate_widths, net, back_dep, temperature)
 
     def forward(self, x):
         z_stem, *z_blocks = self.gates(x.shape[0])

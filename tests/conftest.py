@@ -77,3 +77,70 @@ def set_logits():
 @pytest.fixture
 def random_logits():
     return _random_logits
+
+
+# ------------------------------------------------ end-to-end script helpers
+# Used by tests/test_scripts.py and tests/test_resume.py, which run the real
+# training scripts in subprocesses (CPU only, no network, no PYTHONPATH).
+import os as _os
+import struct as _struct
+import subprocess as _subprocess
+import sys as _sys
+from pathlib import Path as _Path
+
+REPO_ROOT = _Path(__file__).resolve().parent.parent
+
+
+def script_env():
+    """Environment of a script run: no CUDA, no PYTHONPATH, and any download fails at once."""
+    env = dict(_os.environ)
+    env.pop("PYTHONPATH", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    # A dead local proxy: torchvision's urllib download is refused immediately,
+    # even on a machine that has a network.
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env[var] = "http://127.0.0.1:9"
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
+    return env
+
+
+def script_command(script, *args):
+    return [_sys.executable, str(REPO_ROOT / script), *map(str, args)]
+
+
+def run_script(script, *args, cwd, timeout=600):
+    """Run ``python REPO/script args...`` in ``cwd``; returns the CompletedProcess (text)."""
+    return _subprocess.run(script_command(script, *args), cwd=cwd, env=script_env(),
+                           capture_output=True, text=True, timeout=timeout)
+
+
+def read_tb_events(path):
+    """Every summary value of a TensorBoard event file, without TensorBoard.
+
+    Parses the TFRecord framing (u64 length, u32 crc, payload, u32 crc) and
+    decodes each payload with tensorboardX's Event proto. Returns a list of
+    ``(step, tag, kind, value)`` with ``kind`` the proto's oneof name
+    (``simple_value``, ``histo``, ``tensor`` ...) and ``plugin`` folded into
+    ``value`` for tensors as ``(plugin_name, tensor_proto)``.
+    """
+    from tensorboardX.proto import event_pb2
+
+    data = _Path(path).read_bytes()
+    out, i = [], 0
+    while i < len(data):
+        (n,) = _struct.unpack("<Q", data[i:i + 8])
+        payload = data[i + 12:i + 12 + n]
+        assert len(payload) == n, f"truncated event record in {path}"
+        i += 12 + n + 4
+        event = event_pb2.Event.FromString(payload)
+        for v in event.summary.value:
+            kind = v.WhichOneof("value")
+            if kind == "simple_value":
+                value = v.simple_value
+            elif kind == "histo":
+                value = v.histo
+            else:
+                value = (v.metadata.plugin_data.plugin_name, getattr(v, kind) if kind else None)
+            out.append((event.step, v.tag, kind, value))
+    return out

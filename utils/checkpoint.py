@@ -1,14 +1,19 @@
 """Atomic, code-free checkpoints.
 
-Files are written to a temporary name in the same directory and renamed over
-the old one, so a crash or a full disk never leaves a half-written
-checkpoint. Everything saved is tensors and plain Python values, and every
-load uses ``torch.load(..., weights_only=True)``, which refuses pickled
-objects: a tampered file cannot run code.
+Files are written to a temporary name in the same directory, flushed to
+disk, and renamed over the old one, so a crash or a full disk never leaves a
+half-written file: the previous one stays intact. ``last.pt`` keeps its
+predecessor as ``last.prev.pt``, so even a file corrupted later (a bad disk,
+a truncated copy) leaves a good one to resume from.
+
+Everything saved is tensors and plain Python values, and every load uses
+``torch.load(..., weights_only=True)``, which refuses pickled objects: a
+tampered file cannot run code.
 """
 import json
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -19,29 +24,56 @@ from .errors import UsageError
 FORMAT = "dep-l0-checkpoint/1"
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _write_then_rename(path: Path, write, keep_previous: bool = False) -> None:
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_of(path))
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UsageError(f"could not write {path} ({e.strerror or e}); the previous file is intact") from e
 
 
-def save_checkpoint(state: dict, path) -> None:
-    _replace_atomically(Path(path), lambda f: torch.save(state, f))
+def previous_of(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(state: dict, path, keep_previous: bool = False) -> None:
+    """Write ``state`` atomically; with ``keep_previous`` the replaced file becomes ``<stem>.prev.pt``."""
+    _write_then_rename(Path(path), lambda f: torch.save(state, f), keep_previous)
 
 
 def write_json(data: dict, path) -> None:
-    _replace_atomically(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode() + b"\n"))
+    _write_then_rename(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode() + b"\n"))
+
+
+def link_or_copy(src, dst) -> None:
+    """Make ``dst`` a copy of ``src`` atomically: a hard link where possible, no second write."""
+    src, dst = Path(src), Path(dst)
+    tmp = _temporary(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"could not write {dst} ({e.strerror or e})") from e
 
 
 def load_checkpoint(path, expected_format: str = FORMAT) -> dict:
-    """Load a checkpoint of this project safely, or raise a one-line UsageError."""
+    """Load a file of this project safely, or raise a one-line UsageError."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"

@@ -101,7 +101,8 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("-j", "--workers", type=nonneg_int, default=recipe.workers, help="data-loading processes")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("-b", "--batch-size", type=positive_int, default=recipe.batch_size, help="mini-batch size")
+    g.add_argument("-b", "--batch-size", type=positive_int, default=recipe.batch_size,
+                   help="global mini-batch size, split evenly over torchrun processes")
     g.add_argument("--lr_vgg", "--lr", dest="lr", type=positive_float, default=recipe.lr, help="SGD lr of the weights")
     g.add_argument("--lr_gate", "--lr_adam", dest="lr_gate", type=positive_float, default=recipe.gate_lr,
                    help="Adam lr of the gate parameters")
@@ -122,11 +123,23 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--gpu", "--gpu_id", dest="gpu", type=nonneg_int,
                    help="CUDA device index (default: CUDA when present, else CPU)")
     g.add_argument("--seed", type=nonneg_int, help="random seed (default: drawn at random and recorded)")
-    g.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (or a run directory's last.pt)")
+    g.add_argument("--resume", metavar="PATH", help="continue from a checkpoint, a run directory, or 'auto': the "
+                                                    "newest good checkpoint in --out-dir (a fresh start if none)")
     g.add_argument("--out-dir", metavar="DIR", help="run directory (default: runs/<model>_<data>_<net>[_back]_lam<lamba>)")
     g.add_argument("-p", "--print-freq", type=positive_int, default=recipe.print_freq, help="iterations between progress lines")
     g.add_argument("--limit-batches", type=positive_int, metavar="N", help="at most N train and N val batches per epoch")
     g.add_argument("--save_epoch", type=nonneg_int, default=0, help="also keep epoch_<k>.pt every k epochs (0: never)")
+    g.add_argument("--max-grad-norm", type=positive_float, help="clip the gradient norm of all trainable parameters")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16 "
+                                                       "with a gradient scaler")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for activations and weights")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across torchrun processes")
+    g.add_argument("--loader", choices=("auto", "device", "workers"), default="auto",
+                   help="CIFAR on CUDA: keep the training set on the GPU and augment there (auto/device) "
+                        "or use DataLoader worker processes")
     return p
 
 

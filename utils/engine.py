@@ -1,58 +1,76 @@
 """The training engine behind train_vgg.py, train_resnet56.py and train_resnet50.py.
 
-One loop for every model: ``--epoch`` epochs of cross-entropy + L0 penalty
-(SGD with weight decay for the weights, Adam without weight decay for the
-gate parameters, schedulers stepped once per epoch after it), then
-``--fine_tune_epoch`` epochs with the gates frozen at their test values and no
-penalty. After every epoch: evaluation with deterministic gates, TensorBoard
-scalars and histograms, ``last.pt`` (and ``best.pt`` on a new best top-1),
-and ``results.json``.
+One loop for every model and every number of processes: ``--epoch`` epochs of
+cross-entropy + L0 penalty (SGD with weight decay for the weights, Adam
+without weight decay for the gate parameters, schedulers stepped once per
+epoch after it), then ``--fine_tune_epoch`` epochs with the gates frozen at
+their test values and no penalty. After every epoch: evaluation with
+deterministic gates, TensorBoard scalars and histograms, ``last.pt`` (and
+``best.pt`` on a new best top-1) and ``results.json``, all written by rank 0.
 
-Reproducibility: every epoch reseeds the RNGs from ``(seed, epoch)``, so data
-order, augmentation and gate noise of epoch k do not depend on whether the
-run was interrupted before it; resuming from the checkpoint of epoch k gives
-the same weights as never stopping.
+Reproducibility and resume: each epoch reseeds the RNGs from ``(seed, epoch)``
+and draws data order and augmentation per dataset index (utils/sampling.py),
+so a run resumed from any checkpoint, mid-epoch included, continues exactly
+as if it had never stopped.
+
+Faults: SIGTERM/SIGINT/SIGUSR1 finish the current step, save ``last.pt`` with
+the position inside the epoch and exit with status 75 (``--resume auto``
+continues); a non-finite loss or gate logit stops the run (status 3) naming
+the step and the last good checkpoint; user mistakes stop it with one line
+(status 2).
 """
 import math
-import os
+import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 from torch.utils.data import DataLoader
 
 from l0_layers.penalty import L0Penalty
 from models import build_model
 
-from .checkpoint import FORMAT, load_checkpoint, save_checkpoint, write_json
+from . import distributed
+from .checkpoint import FORMAT, link_or_copy, load_checkpoint, previous_of, save_checkpoint, write_json
 from .cli import Recipe, parse_args, program_name
-from .data import build_datasets
-from .errors import UsageError
+from .data import CIFAR_STATS, build_datasets
+from .errors import TrainingDiverged, UsageError
 from .logger import RunLogger
+from .sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
 
+EXIT_PREEMPTED = 75   # stopped by a signal after saving; resubmit with --resume auto
+EXIT_DIVERGED = 3
 # Arguments that define what a run is: a checkpoint only resumes a run that agrees on these.
-IDENTITY = ("net", "back_dep", "dataset", "num_classes", "reg", "temp")
+IDENTITY = ("net", "back_dep", "dataset", "num_classes", "reg", "temp", "lamba")
 
 
 def main(recipe: Recipe, argv=None) -> None:
-    """Entry point of the training scripts: user mistakes become one line and exit 2."""
+    """Entry point of the training scripts."""
     prog = program_name()
     try:
-        train(recipe, parse_args(recipe, argv, prog))
+        code = Trainer(recipe, parse_args(recipe, argv, prog)).fit()
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
+    sys.exit(code)
 
 
-def select_device(gpu: int | None) -> torch.device:
+def select_device(gpu: int | None, ctx: distributed.Context) -> torch.device:
     if not torch.cuda.is_available():
         if gpu is not None:
             print(f"warning: --gpu {gpu} given but CUDA is not available; running on the CPU", file=sys.stderr)
         return torch.device("cpu")
+    if ctx.distributed:
+        return torch.device("cuda", ctx.local_rank)  # torchrun decides the device of each rank
     if gpu is None:
         return torch.device("cuda")
     if gpu >= torch.cuda.device_count():
@@ -61,18 +79,21 @@ def select_device(gpu: int | None) -> torch.device:
     return torch.device("cuda", gpu)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (2 ** 63)
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2 ** 63)
 
 
-def default_out_dir(recipe: Recipe, args) -> Path:
+def run_name(recipe: Recipe, args) -> str:
     name = f"{recipe.model}_{'dummy-' if args.dummy else ''}{args.dataset}_{args.net}"
     name += "_back" if args.back_dep else ""
-    name += f"_lam{args.lamba:g}" if args.net != "dense" else ""
-    path, n = Path("runs") / name, 1
+    return name + (f"_lam{args.lamba:g}" if args.net != "dense" else "")
+
+
+def fresh_out_dir(base: Path) -> Path:
+    path, n = base, 1
     while path.exists():  # never write into another run's directory
         n += 1
-        path = Path("runs") / f"{name}-{n}"
+        path = base.with_name(f"{base.name}-{n}")
     return path
 
 
@@ -80,16 +101,28 @@ def prepare_out_dir(path: Path, resuming: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out-dir {path} exists and is not a directory")
     if not resuming and (path / "last.pt").exists():
-        raise UsageError(f"{path} already holds a run; continue it with --resume {path / 'last.pt'} "
-                         f"or choose another --out-dir")
+        raise UsageError(f"{path} already holds a run; continue it with --resume {path} or choose another --out-dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test{os.getpid()}"
+        probe = path / f".write-test{id(path)}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to the run directory {path} ({e.strerror or e})") from e
     return path
+
+
+def find_resumable(directory: Path) -> dict | None:
+    """The newest readable checkpoint of a run directory (last.pt, else last.prev.pt)."""
+    for path in (directory / "last.pt", previous_of(directory / "last.pt")):
+        if path.exists():
+            try:
+                state = load_checkpoint(path)
+                state["path"] = str(path)
+                return state
+            except UsageError as e:
+                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+    return None
 
 
 def git_commit() -> str | None:
@@ -103,8 +136,7 @@ def git_commit() -> str | None:
 
 def make_optimizers(model, args, recipe: Recipe):
     """SGD (weight decay) for weights; Adam (no decay) or SGD (no decay) for the gates."""
-    weights = torch.optim.SGD(model.weight_parameters(), lr=args.lr, momentum=0.9,
-                              weight_decay=args.weight_decay)
+    weights = torch.optim.SGD(model.weight_parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     weight_schedule = MultiStepLR(weights, list(args.milestones), args.lr_decay)
     gate_params = model.gate_parameters()
     if not gate_params:
@@ -123,175 +155,377 @@ def make_optimizers(model, args, recipe: Recipe):
     return weights, weight_schedule, gates, gate_schedule
 
 
-def train(recipe: Recipe, args) -> dict:
-    started = time.time()
-    device = select_device(args.gpu)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:
-        saved = checkpoint["args"]
-        if checkpoint["arch"]["model"] != recipe.model:
-            raise UsageError(f"{args.resume} is a {checkpoint['arch']['model']} checkpoint; this script trains "
-                             f"{recipe.model}")
-        for key in IDENTITY:
-            if saved.get(key) != getattr(args, key) and not (key == "num_classes" and getattr(args, key) is None):
-                raise UsageError(f"{args.resume} was trained with --{key} {saved.get(key)}, this command "
-                                 f"asks for {getattr(args, key)}; resume it with matching flags")
-        args.seed = saved["seed"]
-        resume_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        out_dir = prepare_out_dir(Path(args.out_dir) if args.out_dir else resume_dir, resuming=True)
-    else:
-        if args.seed is None:
-            args.seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
-        out_dir = prepare_out_dir(Path(args.out_dir) if args.out_dir else default_out_dir(recipe, args), False)
-
-    train_set, val_set, num_classes = build_datasets(args.dataset, args.data_dir, dummy=args.dummy,
-                                                     num_classes=args.num_classes)
-    args.num_classes = num_classes
-    torch.manual_seed(args.seed)
-    arch = dict(model=recipe.model, num_classes=num_classes, net=args.net, back_dep=args.back_dep,
-                temperature=args.temp)
-    model = build_model(checkpoint["arch"] if checkpoint else arch).to(device)
-    penalty = L0Penalty(model, args.reg).to(device)
-    weights, weight_schedule, gates, gate_schedule = make_optimizers(model, args, recipe)
-
-    start_epoch, best_top1, wall_before = 0, 0.0, 0.0
-    if checkpoint is not None:
-        if checkpoint["gates_frozen"]:
-            model.gates.freeze()
-        model.load_state_dict(checkpoint["model"])
-        weights.load_state_dict(checkpoint["weight_optimizer"])
-        weight_schedule.load_state_dict(checkpoint["weight_scheduler"])
-        if gates is not None:
-            gates.load_state_dict(checkpoint["gate_optimizer"])
-            gate_schedule.load_state_dict(checkpoint["gate_scheduler"])
-        start_epoch, best_top1 = checkpoint["epoch"], checkpoint["best_top1"]
-        wall_before = checkpoint["wall_time_s"]
-
-    loader_args = dict(batch_size=args.batch_size, num_workers=args.workers,
-                       pin_memory=device.type == "cuda", persistent_workers=False)
-    shuffle = torch.Generator()
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=shuffle, **loader_args)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_args)
-    total_epochs = args.epochs + args.fine_tune_epoch
-    log = RunLogger(out_dir, model, imagenet=recipe.imagenet)
-    log.start(args, device, out_dir, len(train_set), len(val_set))
-
-    results = {}
-    for epoch in range(start_epoch, total_epochs):
-        fine_tune = epoch >= args.epochs
-        if fine_tune and not model.gates.frozen:
-            model.gates.freeze()
-        torch.manual_seed(epoch_seed(args.seed, epoch))
-        shuffle.manual_seed(epoch_seed(args.seed, epoch))
-        train_stats = train_one_epoch(model, penalty, train_loader, weights, None if fine_tune else gates,
-                                      0.0 if fine_tune else args.lamba, device, epoch, args, log)
-        weight_schedule.step()
-        if gate_schedule is not None:
-            gate_schedule.step()
-        val_stats = evaluate(model, val_loader, device, args.limit_batches)
-        best_top1 = max(best_top1, val_stats["top1"])
-        results = build_results(recipe, args, model, epoch + 1, val_stats, best_top1,
-                                wall_before + time.time() - started, device)
-        log.epoch(epoch, train_stats, val_stats, results)
-        state = dict(format=FORMAT, arch=model.arch, args=vars(args).copy(), epoch=epoch + 1,
-                     model=model.state_dict(), weight_optimizer=weights.state_dict(),
-                     weight_scheduler=weight_schedule.state_dict(),
-                     gate_optimizer=gates.state_dict() if gates else None,
-                     gate_scheduler=gate_schedule.state_dict() if gate_schedule else None,
-                     gates_frozen=model.gates.frozen, best_top1=best_top1,
-                     wall_time_s=results["wall_time_s"], results=results)
-        save_checkpoint(state, out_dir / "last.pt")
-        if val_stats["top1"] >= best_top1:
-            save_checkpoint(state, out_dir / "best.pt")
-        if args.save_epoch and (epoch + 1) % args.save_epoch == 0:
-            save_checkpoint(state, out_dir / f"epoch_{epoch + 1}.pt")
-        write_json(results, out_dir / "results.json")
-    log.close()
-    return results
-
-
-def train_one_epoch(model, penalty, loader, weights, gates, lamba, device, epoch, args, log) -> dict:
-    """One pass over the training set. Statistics stay on the device between print intervals."""
-    model.train()
-    steps = len(loader) if args.limit_batches is None else min(len(loader), args.limit_batches)
-    totals = torch.zeros(4, device=device)  # loss, penalty, top-1 hits, top-5 hits (sums over examples)
-    interval = torch.zeros(3, device=device)  # loss, penalty, examples since the last progress line
-    seen, tick = 0, time.time()
-    for step, (images, targets) in enumerate(loader):
-        if step >= steps:
-            break
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        output = model(images)
-        ce = F.cross_entropy(output, targets)
-        reg = penalty(lamba) if lamba > 0 else ce.new_zeros(())
-        loss = ce + reg
-        weights.zero_grad(set_to_none=True)
-        if gates is not None:
-            gates.zero_grad(set_to_none=True)
-        loss.backward()
-        weights.step()
-        if gates is not None:
-            gates.step()
-        n = images.shape[0]
-        with torch.no_grad():
-            hits = topk_hits(output, targets)
-            totals += torch.stack([loss.detach() * n, reg.detach() * n, hits[0], hits[1]])
-            interval += torch.stack([loss.detach() * n, reg.detach() * n, loss.new_tensor(float(n))])
-        seen += n
-        if (step + 1) % args.print_freq == 0 or step + 1 == steps:
-            loss_avg, reg_avg, count = (interval[:2] / interval[2]).tolist() + [interval[2].item()]
-            now = time.time()
-            log.progress(epoch, step + 1, steps, loss_avg, reg_avg, weights.param_groups[0]["lr"],
-                         count / max(now - tick, 1e-9), (now - tick) / count * (steps - step - 1) * n)
-            interval.zero_()
-            tick = now
-    loss_sum, reg_sum, top1, top5 = (totals / max(seen, 1)).tolist()
-    return dict(loss=loss_sum, penalty=reg_sum, top1=100 * top1, top5=100 * top5)
-
-
 def topk_hits(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Number of examples whose target is in the top-1 and in the top-5 predictions."""
-    k = min(5, output.shape[1])
-    top = output.topk(k, dim=1).indices == targets[:, None]
+    top = output.topk(min(5, output.shape[1]), dim=1).indices == targets[:, None]
     return torch.stack([top[:, 0].sum(), top.any(dim=1).sum()]).float()
 
 
-@torch.no_grad()
-def evaluate(model, loader, device, limit_batches=None) -> dict:
-    """Cross-entropy and top-1/top-5 with deterministic gates, averaged per example."""
-    model.eval()
-    totals = torch.zeros(3, device=device)  # summed loss, top-1 hits, top-5 hits
-    seen = 0
-    for step, (images, targets) in enumerate(loader):
-        if limit_batches is not None and step >= limit_batches:
-            break
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        output = model(images)
-        totals += torch.cat([F.cross_entropy(output, targets, reduction="sum")[None], topk_hits(output, targets)])
-        seen += images.shape[0]
-    loss, top1, top5 = (totals / max(seen, 1)).tolist()
-    return dict(loss=loss, top1=100 * top1, top5=100 * top5, examples=seen)
+class StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 (SLURM's preemption signals) ask the loop to stop
+    after the current step; a second SIGINT interrupts at once."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
-def build_results(recipe, args, model, epochs_done, val_stats, best_top1, wall_time, device) -> dict:
-    kept = model.gates.kept()
-    macs_dense, params_dense = model.cost.dense()
-    macs, params = model.cost.pruned(kept)
-    results = dict(
-        model=recipe.model, dataset=args.dataset, net=args.net, back_dep=args.back_dep, lamba=args.lamba,
-        reg=args.reg, seed=args.seed, epochs_done=epochs_done, epochs_total=args.epochs + args.fine_tune_epoch,
-        top1=val_stats["top1"], best_top1=best_top1, val_loss=val_stats["loss"],
-        macs_dense=macs_dense, macs_pruned=macs, macs_reduction=100 * (1 - macs / macs_dense),
-        params_dense=params_dense, params_pruned=params, params_reduction=100 * (1 - params / params_dense),
-        channels=[dict(name=g.name, kept=int(k), total=g.width) for g, k in zip(model.gated_layers, kept.tolist())],
-        wall_time_s=round(wall_time, 3), device=str(device), torch_version=torch.__version__,
-        git_commit=git_commit())
-    if recipe.imagenet:
-        results["top5"] = val_stats["top5"]
-    return results
+class Trainer:
+    """A training run: built from a recipe and parsed arguments, run with :meth:`fit`."""
 
+    def __init__(self, recipe: Recipe, args):
+        self.started = time.time()
+        self.recipe, self.args = recipe, args
+        self.ctx = ctx = distributed.init()
+        self.device = device = select_device(args.gpu, ctx)
+        if args.batch_size % ctx.world_size:
+            raise UsageError(f"-b {args.batch_size} (the global batch) is not divisible by {ctx.world_size} processes")
+        self.batch_size = args.batch_size // ctx.world_size
+        checkpoint = self._resolve_resume()
+        self.checkpoint = checkpoint
 
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
+        train_set, val_set, num_classes = build_datasets(args.dataset, args.data_dir, dummy=args.dummy,
+                                                         num_classes=args.num_classes)
+        args.num_classes = num_classes
+        torch.manual_seed(args.seed)
+        arch = dict(model=recipe.model, num_classes=num_classes, net=args.net, back_dep=args.back_dep,
+                    temperature=args.temp)
+        self.model = model = build_model(checkpoint["arch"] if checkpoint else arch).to(device)
+        self.penalty = L0Penalty(model, args.reg).to(device)
+        self.weights, self.weight_schedule, self.gates, self.gate_schedule = make_optimizers(model, args, recipe)
+        self.amp_dtype = None
+        if args.amp:
+            bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+        self.epoch, self.step, self.best_top1, self.wall_before = 0, 0, 0.0, 0.0
+        # Summed over this rank's examples of the epoch: loss, penalty, top-1 hits, top-5 hits, examples.
+        self.train_totals = torch.zeros(5, device=device)
+        self.resume_rank_state = None
+        if checkpoint is not None:
+            self._load_state(checkpoint)
+        model.to(memory_format=self.memory_format)
+        if args.sync_bn and ctx.distributed:
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BN modules in place
+        self._wrap()
+
+        self.sampler = ResumableSampler(train_set, ctx, args.seed, self.batch_size)
+        self.train_loader = self._train_loader(train_set)
+        self.val_loader = DataLoader(val_set, batch_size=self.batch_size, sampler=ShardSampler(len(val_set), ctx),
+                                     **self._loader_options())
+        self.log = RunLogger(self.out_dir, model, imagenet=recipe.imagenet, enabled=ctx.is_main)
+        self.log.start(args, device, self.out_dir, len(train_set), len(val_set), ctx.world_size)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _resolve_resume(self) -> dict | None:
+        args, ctx = self.args, self.ctx
+        checkpoint = None
+        if args.resume == "auto" or (args.resume and Path(args.resume).is_dir()):
+            directory = Path(args.out_dir) if args.resume == "auto" and args.out_dir else (
+                Path(args.resume) if args.resume != "auto" else Path("runs") / run_name(self.recipe, args))
+            checkpoint = find_resumable(directory)
+            if checkpoint is None and args.resume != "auto":
+                raise UsageError(f"{directory} holds no readable checkpoint (last.pt or last.prev.pt)")
+            out_dir = Path(args.out_dir) if args.out_dir else directory
+        elif args.resume:
+            checkpoint = load_checkpoint(args.resume)
+            checkpoint["path"] = args.resume
+            out_dir = Path(args.out_dir) if args.out_dir else Path(args.resume).parent
+        else:
+            out_dir = Path(args.out_dir) if args.out_dir else fresh_out_dir(Path("runs") / run_name(self.recipe, args))
+            out_dir = Path(ctx.gather(str(out_dir))[0])  # rank 0's choice, for every rank
+        if checkpoint is not None:
+            self._check_identity(checkpoint)
+            args.seed = checkpoint["args"]["seed"]
+        elif args.seed is None:
+            args.seed = ctx.gather(int(torch.randint(0, 2 ** 31 - 1, ()).item()))[0]
+        self.out_dir = prepare_out_dir(out_dir, resuming=checkpoint is not None or args.resume == "auto")
+        return checkpoint
+
+    def _check_identity(self, checkpoint: dict) -> None:
+        args, path = self.args, checkpoint["path"]
+        if checkpoint["arch"]["model"] != self.recipe.model:
+            raise UsageError(f"{path} is a {checkpoint['arch']['model']} checkpoint; this script trains {self.recipe.model}")
+        saved = checkpoint["args"]
+        for key in IDENTITY:
+            ours = getattr(args, key)
+            if saved.get(key) != ours and not (key == "num_classes" and ours is None):
+                raise UsageError(f"{path} was trained with --{key} {saved.get(key)}, this command asks for "
+                                 f"{ours}; resume it with matching flags")
+
+    def _load_state(self, state: dict) -> None:
+        model = self.model
+        if state["gates_frozen"]:
+            model.gates.freeze()
+        model.load_state_dict(state["model"])
+        self.weights.load_state_dict(state["weight_optimizer"])
+        self.weight_schedule.load_state_dict(state["weight_scheduler"])
+        if self.gates is not None:
+            self.gates.load_state_dict(state["gate_optimizer"])
+            self.gate_schedule.load_state_dict(state["gate_scheduler"])
+        self.scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_top1, self.wall_before = state["best_top1"], state["wall_time_s"]
+        if self.step:
+            mine = state["rank_states"][self.ctx.rank] if len(state["rank_states"]) == self.ctx.world_size else None
+            if mine is None:
+                print("warning: resuming mid-epoch with a different number of processes; "
+                      "the rest of this epoch will not match the interrupted run exactly", file=sys.stderr)
+            self.resume_rank_state = mine
+
+    def _loader_options(self) -> dict:
+        workers = self.args.workers
+        return dict(num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                    prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+
+    def _train_loader(self, train_set):
+        # CIFAR on a GPU: the whole training set lives on the device and is
+        # augmented there, so no loader process can become the bottleneck.
+        loader = self.args.loader
+        on_device = (self.args.dataset in ("cifar10", "cifar100") and not self.args.dummy
+                     and (loader == "device" or (loader == "auto" and self.device.type == "cuda")))
+        if on_device:
+            mean, std = CIFAR_STATS[self.args.num_classes]
+            return DeviceCifarLoader(train_set.data, train_set.targets, mean, std, self.sampler, self.device)
+        return DataLoader(SeededDataset(train_set), batch_size=self.batch_size, sampler=self.sampler,
+                          **self._loader_options())
+
+    def _wrap(self) -> None:
+        """The module the training step calls: DDP across processes, compiled on request."""
+        module = self.model
+        if self.ctx.distributed:
+            module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.train_module = torch.compile(module) if self.args.compile else module
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        args = self.args
+        total = args.epochs + args.fine_tune_epoch
+        try:
+            with StopSignals() as stop:
+                while self.epoch < total:
+                    if self.epoch >= args.epochs and not self.model.gates.frozen:
+                        self.model.gates.freeze()
+                        self._wrap()  # DDP must learn that the gate parameters no longer get gradients
+                    stopped = self.train_epoch(stop)
+                    if stopped:
+                        self.save(results=None)
+                        self.log.message(f"stopped by signal {stop.received} at epoch {self.epoch + 1} step "
+                                         f"{self.step}; saved {self.out_dir / 'last.pt'}; continue with --resume auto "
+                                         f"--out-dir {self.out_dir}")
+                        return EXIT_PREEMPTED
+                    self.end_epoch()
+                    if self.ctx.any(stop.received is not None, self.device):
+                        self.log.message(f"stopped by signal after epoch {self.epoch}; saved {self.out_dir / 'last.pt'}")
+                        return EXIT_PREEMPTED
+            self.finish()
+            return 0
+        finally:
+            self.log.close()
+            distributed.shutdown(self.ctx)
+
+    def train_epoch(self, stop: StopSignals) -> bool:
+        """Train from ``self.step`` to the end of the epoch; True if stopped by a signal."""
+        args, device, epoch = self.args, self.device, self.epoch
+        fine_tune = epoch >= args.epochs
+        lamba = 0.0 if fine_tune else args.lamba
+        gates = None if fine_tune else self.gates
+        resume_state, self.resume_rank_state = self.resume_rank_state, None
+        if self.step == 0:
+            torch.manual_seed(epoch_seed(args.seed, epoch, self.ctx.rank))
+            self.train_totals.zero_()
+        elif resume_state is not None:
+            self._set_rng(resume_state)
+            self.train_totals.copy_(resume_state["train_totals"].to(device))
+        self.sampler.start_at(epoch, self.step)
+        steps = self.sampler.steps() if args.limit_batches is None else min(self.sampler.steps(), args.limit_batches)
+        model = self.train_module
+        model.train()
+        interval = torch.zeros(3, device=device)  # loss, penalty, examples since the last progress line
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        tick = time.time()
+        autocast = torch.autocast(device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+        for images, targets in self.train_loader:
+            if self.step >= steps:
+                break
+            images = images.to(device, non_blocking=True, memory_format=self.memory_format)
+            targets = targets.to(device, non_blocking=True)
+            with autocast:
+                output = model(images)
+            ce = F.cross_entropy(output.float(), targets)
+            reg = self.penalty(lamba) if lamba > 0 else ce.new_zeros(())
+            loss = ce + reg
+            self.weights.zero_grad(set_to_none=True)
+            if gates is not None:
+                gates.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if args.max_grad_norm:
+                for optimizer in (self.weights, gates):
+                    if optimizer is not None:
+                        self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               args.max_grad_norm)
+            self.scaler.step(self.weights)
+            if gates is not None:
+                self.scaler.step(gates)
+            self.scaler.update()
+            n = images.shape[0]
+            with torch.no_grad():
+                sums = torch.stack([loss.detach() * n, reg.detach() * n, loss.new_tensor(float(n))])
+                self.train_totals += torch.cat([sums[:2], topk_hits(output, targets), sums[2:]])
+                interval += sums
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.step, first_bad)
+            self.step += 1
+            if self.step % args.print_freq == 0 or self.step == steps:
+                self._check_finite(first_bad)
+                loss_avg, reg_avg = (interval[:2] / interval[2]).tolist()
+                now = time.time()
+                count = interval[2].item()
+                rate = count * self.ctx.world_size / max(now - tick, 1e-9)
+                self.log.progress(epoch, self.step, steps, loss_avg, reg_avg, self.weights.param_groups[0]["lr"],
+                                  rate, (now - tick) / count * n * (steps - self.step))
+                interval.zero_()
+                tick = now
+            if self.ctx.any(stop.received is not None, device) and self.step < steps:
+                self._check_finite(first_bad)
+                return True
+        self._check_finite(first_bad)
+        return False
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        bad_step = int(first_bad.item())
+        logits_ok = self.model.gates.logits is None or bool(torch.isfinite(self.model.gates.log_alpha()).all())
+        if self.ctx.any(bad_step >= 0 or not logits_ok, self.device):
+            where = f"step {bad_step + 1}" if bad_step >= 0 else f"by step {self.step}"
+            what = "loss" if bad_step >= 0 else "gate logit"
+            last = self.out_dir / "last.pt"
+            good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
+            hint = "lower the learning rate or set --max-grad-norm"
+            raise TrainingDiverged(f"non-finite {what} at epoch {self.epoch + 1} {where}; {good}; {hint}")
+
+    def end_epoch(self) -> None:
+        args = self.args
+        self.weight_schedule.step()
+        if self.gate_schedule is not None:
+            self.gate_schedule.step()
+        loss, reg, top1, top5, seen = self.ctx.sum_(self.train_totals.clone()).tolist()
+        loss, reg, top1, top5 = (value / max(seen, 1.0) for value in (loss, reg, top1, top5))
+        train_stats = dict(loss=loss, penalty=reg, top1=100 * top1, top5=100 * top5)
+        self.ctx.broadcast_buffers(self.model)
+        val_stats = self.evaluate()
+        self.epoch, self.step = self.epoch + 1, 0
+        new_best = val_stats["top1"] >= self.best_top1
+        self.best_top1 = max(self.best_top1, val_stats["top1"])
+        results = self.results(val_stats)
+        self.log.epoch(self.epoch - 1, train_stats, val_stats, results)
+        self.save(results, new_best)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Cross-entropy and top-1/top-5 with deterministic gates, averaged per example over all ranks."""
+        model, device = self.model, self.device
+        model.eval()
+        totals = torch.zeros(4, device=device)  # summed loss, top-1 hits, top-5 hits, examples
+        autocast = torch.autocast(device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+        for step, (images, targets) in enumerate(self.val_loader):
+            if self.args.limit_batches is not None and step >= self.args.limit_batches:
+                break
+            images = images.to(device, non_blocking=True, memory_format=self.memory_format)
+            targets = targets.to(device, non_blocking=True)
+            with autocast:
+                output = model(images).float()
+            totals += torch.cat([F.cross_entropy(output, targets, reduction="sum")[None], topk_hits(output, targets),
+                                 output.new_tensor([float(images.shape[0])])])
+        loss, top1, top5, seen = self.ctx.sum_(totals).tolist()
+        seen = max(seen, 1.0)
+        return dict(loss=loss / seen, top1=100 * top1 / seen, top5=100 * top5 / seen, examples=int(seen))
+
+    def results(self, val_stats: dict) -> dict:
+        recipe, args, model = self.recipe, self.args, self.model
+        kept = model.gates.kept()
+        macs_dense, params_dense = model.cost.dense()
+        macs, params = model.cost.pruned(kept)
+        results = dict(
+            model=recipe.model, dataset=args.dataset, net=args.net, back_dep=args.back_dep, lamba=args.lamba,
+            reg=args.reg, seed=args.seed, epochs_done=self.epoch, epochs_total=args.epochs + args.fine_tune_epoch,
+            top1=val_stats["top1"], best_top1=self.best_top1, val_loss=val_stats["loss"],
+            macs_dense=macs_dense, macs_pruned=macs, macs_reduction=100 * (1 - macs / macs_dense),
+            params_dense=params_dense, params_pruned=params, params_reduction=100 * (1 - params / params_dense),
+            channels=[dict(name=g.name, kept=int(k), total=g.width) for g, k in zip(model.gated_layers, kept.tolist())],
+            wall_time_s=round(self.wall_time(), 3), device=str(self.device), world_size=self.ctx.world_size,
+            torch_version=str(torch.__version__), git_commit=git_commit())
+        if recipe.imagenet:
+            results["top5"] = val_stats["top5"]
+        return results
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _rank_state(self) -> dict:
+        state = dict(cpu_rng=torch.get_rng_state(), train_totals=self.train_totals.cpu())
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def save(self, results: dict | None, new_best: bool = False) -> None:
+        """Checkpoint the run (a collective call; rank 0 writes)."""
+        rank_states = self.ctx.gather(self._rank_state()) if self.step else []
+        if not self.ctx.is_main:
+            return
+        args = self.args
+        state = dict(format=FORMAT, arch=self.model.arch, args=vars(args).copy(), epoch=self.epoch, step=self.step,
+                     model=self.model.state_dict(), weight_optimizer=self.weights.state_dict(),
+                     weight_scheduler=self.weight_schedule.state_dict(),
+                     gate_optimizer=self.gates.state_dict() if self.gates else None,
+                     gate_scheduler=self.gate_schedule.state_dict() if self.gate_schedule else None,
+                     scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                     gates_frozen=self.model.gates.frozen, best_top1=self.best_top1,
+                     wall_time_s=self.wall_time(), rank_states=rank_states, results=results)
+        last = self.out_dir / "last.pt"
+        save_checkpoint(state, last, keep_previous=True)
+        if results is None:
+            return
+        if new_best:
+            link_or_copy(last, self.out_dir / "best.pt")
+        if args.save_epoch and self.epoch % args.save_epoch == 0:
+            link_or_copy(last, self.out_dir / f"epoch_{self.epoch}.pt")
+        write_json(results, self.out_dir / "results.json")
+
+    def finish(self) -> None:
+        """After the last epoch: export the compact model to ``pruned.pt`` (models/export.py)."""
+        if self.ctx.is_main:
+            from models import save_pruned
+
+            from .logger import human
+            path = self.out_dir / "pruned.pt"
+            _, pruned = save_pruned(self.model, path, dict(dataset=self.args.dataset, data_dir=self.args.data_dir,
+                                                           epoch=self.epoch))
+            self.log.message(f"pruned model: {path} (MACs {human(pruned['macs'])}, params {human(pruned['params'])})")
+        self.log.message(f"done: {self.out_dir}")

@@ -10,3 +10,7 @@ traceback.
 
 class UsageError(Exception):
     """A user mistake, reported as one line and exit status 2."""
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gate logit: the run stops instead of training on."""

@@ -4,13 +4,16 @@ TensorBoard tags are the reference's (``Train/loss``, ``Test/Accuracy``,
 ``Test/Average loss``, ``z/<layer>``, ``mode_z/<layer>``, ``qz_loga/<layer>``,
 text ``z``; for ImageNet also ``train/acc1``, ``train/acc5``, ``test/acc1``,
 ``test/acc5``) plus ``train/l0_penalty``, ``train/lr``, ``sparsity/macs``,
-``sparsity/params`` and ``sparsity/macs_reduction``.
+``sparsity/params`` and ``sparsity/macs_reduction``, and each epoch the image
+``channels``: kept vs original channels per gated layer (utils/plots.py).
 """
 import datetime
 import json
 
 import torch
 from tensorboardX import SummaryWriter
+
+from .plots import channels_image, run_title
 
 
 def human(n: float) -> str:
@@ -21,21 +24,31 @@ def human(n: float) -> str:
 
 
 class RunLogger:
-    def __init__(self, out_dir, model, imagenet: bool):
+    """Writes the console lines and TensorBoard events of rank 0; silent on other ranks."""
+
+    def __init__(self, out_dir, model, imagenet: bool, enabled: bool = True):
         self.model = model
         self.imagenet = imagenet
-        self.writer = SummaryWriter(str(out_dir))
-        self.global_step = 0
-        self.steps_per_epoch = 1
+        self.enabled = enabled
+        self.writer = SummaryWriter(str(out_dir)) if enabled else None
 
-    def start(self, args, device, out_dir, n_train, n_val):
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        print(text, flush=True)
+
+    def start(self, args, device, out_dir, n_train, n_val, world_size=1):
+        if not self.enabled:
+            return
         print(f"run directory: {out_dir}")
-        print(f"device: {device}; {n_train} training / {n_val} validation images")
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        print(f"device: {device}{processes}; {n_train} training / {n_val} validation images")
         print("arguments: " + json.dumps(vars(args), sort_keys=True, default=str))
         self.writer.add_text("args", json.dumps(vars(args), sort_keys=True, indent=1, default=str), 0)
 
     def progress(self, epoch, step, steps, loss, penalty, lr, images_per_s, eta_s):
-        self.steps_per_epoch = steps
+        if not self.enabled:
+            return
         global_step = epoch * steps + step
         eta = datetime.timedelta(seconds=round(eta_s))
         print(f"Epoch [{epoch + 1}][{step:>{len(str(steps))}}/{steps}]  loss {loss:.4f}  l0 {penalty:.4f}  "
@@ -45,6 +58,8 @@ class RunLogger:
         self.writer.add_scalar("train/lr", lr, global_step)
 
     def epoch(self, epoch, train_stats, val_stats, results):
+        if not self.enabled:
+            return
         w, step = self.writer, epoch + 1
         w.add_scalar("Test/Accuracy", val_stats["top1"], step)
         w.add_scalar("Test/Average loss", val_stats["loss"], step)
@@ -59,14 +74,14 @@ class RunLogger:
         gates = self.model.gates
         kept = [c["kept"] for c in results["channels"]]
         if gates.logits is not None:
-            with torch.no_grad():
-                log_alpha = gates.log_alpha().float().cpu().split(gates.widths)
-                test_gates = gates.test_gates().float().cpu().split(gates.widths)
+            log_alpha = gates.log_alpha().detach().float().cpu().split(gates.widths)
+            test_gates = gates.test_gates().float().cpu().split(gates.widths)
             for layer, n, la, z in zip(self.model.gated_layers, kept, log_alpha, test_gates):
                 w.add_scalar(f"z/{layer.name}", n, step)
                 w.add_histogram(f"mode_z/{layer.name}", z.numpy(), step)
                 w.add_histogram(f"qz_loga/{layer.name}", la.numpy(), step)
         w.add_text("z", str(kept), step)
+        w.add_image("channels", channels_image(results["channels"], run_title(results)), step, dataformats="HWC")
         w.flush()
         top5 = f" top-5 {val_stats['top5']:.2f}%" if self.imagenet else ""
         total = sum(c["total"] for c in results["channels"])
@@ -76,4 +91,6 @@ class RunLogger:
               f"params {human(results['params_pruned'])} (-{results['params_reduction']:.1f}%)", flush=True)
 
     def close(self):
+        if not self.enabled:
+            return
         self.writer.close()

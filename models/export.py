@@ -1,0 +1,206 @@
+"""The pruned network as a real, smaller model: ``pruned.pt``.
+
+:func:`export_pruned` turns a gated model into a *compact* one: the same model
+class built with ``net='dense'`` and the kept widths, so there is no second
+copy of any architecture. For every conv and linear layer (the structure
+records of ``models/structure.py``, never module names found by searching)
+it keeps the output channels whose test gate is non-zero and the input
+channels the producing gated layer kept. Its eval-mode output equals the
+gated model's eval-mode output up to float rounding:
+
+- **Gates are folded into BatchNorm.** A gate multiplies BN's output, so a
+  test gate ``z_c`` (also one strictly between 0 and 1) becomes
+  ``weight_c *= z_c, bias_c *= z_c``. Since ``z >= 0`` it commutes with the
+  ReLU and max-pool that follow, and because BN's affine comes after the
+  normalisation the fold holds in train mode as well.
+- **A fully closed layer keeps one exactly-zero channel.** If every gate of a
+  layer is 0 the compact model keeps one channel (channel 0) with its
+  filter, conv bias, BN weight and bias and running mean set to 0 (running
+  variance 1), so its output is exactly 0 (as in the gated model) and the
+  network stays a valid chain of layers. ``CostModel.pruned`` counts that
+  channel, so the reported MACs/params, this model's and a FLOP counter's
+  agree exactly.
+- **ResNet56 stem.** The stem feeds the first block's *identity* shortcut.
+  A closed stem channel removes the stem filter, its BN entry and the first
+  block's conv1 input channel, but not the residual stream's channel: the
+  stream keeps its full width (16), because the first block's conv2 and
+  every later block still write and read all of it. In the compact model the
+  first block adds its ``k`` kept stem channels into their positions of the
+  full-width block output (``out.index_add(1, stem_index, x)``; the index is
+  a buffer rebuilt from ``arch['stem_index']``), which costs no MACs. The
+  closed positions receive nothing, exactly the zeros the gated model adds.
+- **ResNet50 stem** feeds a projection shortcut, so both ``layers.0.conv1``
+  and ``layers.0.downsample.0`` simply lose the closed input channels.
+
+``pruned.pt`` holds only tensors and plain Python values, so it loads with
+``torch.load(path, weights_only=True)`` anywhere::
+
+    {'format': 'dep-l0-pruned/1',
+     'arch': {...compact model's arch..., 'source': {...the gated model...}},
+     'state_dict': {...}, 'macs': int, 'params': int}
+
+and :func:`load_pruned` rebuilds the compact model (in eval mode) with
+:func:`models.build_model`. It is built from standard layers only, so
+``torch.export.export`` works on it.
+"""
+from pathlib import Path
+
+import torch
+
+from . import build_model
+from .common import GatedNetwork
+
+FORMAT = "dep-l0-pruned/1"
+
+
+@torch.no_grad()
+def kept_indices(model: GatedNetwork) -> list[torch.Tensor]:
+    """Per gated layer, the indices of the channels the compact model keeps
+    (the open ones, or ``[0]`` where every gate is closed)."""
+    z = model.gates.test_gates().detach().float().cpu()
+    out = []
+    for gates in z.split(model.gates.widths):
+        index = gates.nonzero().flatten()
+        out.append(index if index.numel() else torch.zeros(1, dtype=torch.long))
+    return out
+
+
+def compact_arch(model: GatedNetwork, keep: list[torch.Tensor]) -> dict:
+    """The arch dict of the compact model: same family, ``net='dense'``, kept widths."""
+    from .resnet_cifar import CifarResNet
+    from .resnet_imagenet import ImageNetResNet
+    from .vgg import VGG
+
+    widths = [len(k) for k in keep]
+    arch = dict(model.arch, net="dense", back_dep=False)
+    if isinstance(model, VGG):
+        it = iter(widths)
+        arch["cfg"] = tuple(v if v == "M" else next(it) for v in model.arch["cfg"])
+    elif isinstance(model, CifarResNet):
+        arch["stem_width"] = widths[0]
+        arch["inner_widths"] = tuple(widths[1:])
+        # The stem feeds the stream through the first block's identity shortcut:
+        # the stream keeps its width and the kept stem channels go to their positions.
+        identity = len(model.layers) > 0 and model.layers[0].shortcut is None
+        positions = model.arch.get("stem_index")  # set when the model is compact already
+        if identity and (positions is not None or widths[0] < model.gated_layers[0].width):
+            kept = keep[0].tolist()
+            arch["stem_index"] = tuple(kept if positions is None else [positions[i] for i in kept])
+        else:
+            arch.pop("stem_index", None)
+    elif isinstance(model, ImageNetResNet):
+        arch["stem_width"] = widths[0]
+        arch["inner_widths"] = tuple(zip(widths[1::2], widths[2::2]))
+    else:
+        raise TypeError(f"no export rule for {type(model).__name__}")
+    return arch
+
+
+@torch.no_grad()
+def compact_state_dict(model: GatedNetwork, keep: list[torch.Tensor]) -> dict:
+    """The compact model's state dict: kept slices, gates folded into BN."""
+    source = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    z = model.gates.test_gates().detach().cpu().split(model.gates.widths)
+    closed = [bool((zl == 0).all()) for zl in z]
+    out = {}
+    for w in model.weight_layers:
+        rows = keep[w.out_gate] if w.out_gate is not None else None
+        cols = keep[w.in_gate] if w.in_gate is not None else None
+        weight = source[f"{w.name}.weight"]
+        weight = weight if rows is None else weight[rows]
+        weight = weight if cols is None else weight[:, cols]
+        dead = w.out_gate is not None and closed[w.out_gate]
+        out[f"{w.name}.weight"] = torch.zeros_like(weight) if dead else weight.clone()
+        if w.bias:
+            bias = source[f"{w.name}.bias"]
+            bias = bias if rows is None else bias[rows]
+            out[f"{w.name}.bias"] = torch.zeros_like(bias) if dead else bias.clone()
+        if w.bn is None:
+            continue
+        bn = {key: source[f"{w.bn}.{key}"] for key in ("weight", "bias", "running_mean", "running_var")}
+        if rows is not None:
+            bn = {key: value[rows] for key, value in bn.items()}
+            gate = z[w.out_gate][rows].to(bn["weight"].dtype)
+            bn["weight"] = bn["weight"] * gate
+            bn["bias"] = bn["bias"] * gate
+        if dead:
+            bn = dict(weight=torch.zeros_like(bn["weight"]), bias=torch.zeros_like(bn["bias"]),
+                      running_mean=torch.zeros_like(bn["running_mean"]),
+                      running_var=torch.ones_like(bn["running_var"]))
+        for key, value in bn.items():
+            out[f"{w.bn}.{key}"] = value.clone()
+        tracked = f"{w.bn}.num_batches_tracked"
+        if tracked in source:
+            out[tracked] = source[tracked].clone()
+    return out
+
+
+def _count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def export_pruned(model: GatedNetwork, source_info: dict | None = None):
+    """Return ``(compact_model, payload)``: the compact model (CPU, eval mode)
+    and the dict that :func:`save_pruned` writes.
+
+    ``source_info`` adds plain values (dataset, epoch, checkpoint path, ...)
+    to ``arch['source']``.
+    """
+    keep = kept_indices(model)
+    arch = compact_arch(model, keep)
+    compact = build_model(arch)
+    compact.load_state_dict(compact_state_dict(model, keep), strict=True)
+    compact.eval()
+    kept_counts = model.gates.kept().cpu()
+    macs, params = model.cost.pruned(kept_counts)
+    # The compact model's own structure must price exactly as the gated model's
+    # pruned cost, and its real parameters must number the same (a cheap guard;
+    # tests also check against torch's FLOP counter).
+    counted = _count_params(compact)
+    if compact.cost.dense() != (macs, params) or counted != params:
+        raise AssertionError(f"export cost mismatch: model says {(macs, params)}, compact structure says "
+                             f"{compact.cost.dense()}, parameter count {counted}")
+    macs_dense, params_dense = model.cost.dense()
+    source = dict(arch=dict(model.arch), model=model.arch["model"], net=model.gates.net,
+                  back_dep=bool(model.gates.back_dep), layers=[g.name for g in model.gated_layers],
+                  dense_widths=list(model.gates.widths), kept=[int(k) for k in kept_counts.tolist()],
+                  macs_dense=macs_dense, params_dense=params_dense)
+    source.update(source_info or {})
+    payload = dict(format=FORMAT, arch=dict(compact.arch, source=source),
+                   state_dict={k: v.clone() for k, v in compact.state_dict().items()},
+                   macs=int(macs), params=int(params))
+    return compact, payload
+
+
+def save_pruned(model: GatedNetwork, path, source_info: dict | None = None):
+    """Export ``model`` and write ``pruned.pt`` atomically; returns ``(compact, payload)``."""
+    from utils.checkpoint import save_checkpoint
+
+    compact, payload = export_pruned(model, source_info)
+    save_checkpoint(payload, Path(path))
+    return compact, payload
+
+
+def build_pruned(payload: dict) -> GatedNetwork:
+    """Rebuild the compact model from a loaded ``pruned.pt`` payload (eval mode)."""
+    arch = {k: v for k, v in payload["arch"].items() if k != "source"}
+    model = build_model(arch)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval()
+
+
+def read_pruned(path) -> dict:
+    """Load a ``pruned.pt`` payload safely (``weights_only``); a run directory
+    means its ``pruned.pt``. Other files raise a one-line ``UsageError``."""
+    from utils.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pruned.pt"
+    return load_checkpoint(path, expected_format=FORMAT)
+
+
+def load_pruned(path) -> GatedNetwork:
+    """``pruned.pt`` -> the compact model, on the CPU, in eval mode."""
+    return build_pruned(read_pruned(path))

@@ -1,0 +1,104 @@
+"""Collect finished runs into a paper-style table and channel plots.
+
+    python summarize.py runs/                       # every run directory under runs/
+    python summarize.py runs/vgg16_* runs/resnet56_cifar10_dep_lam5e-07
+
+Each argument is a run directory (it holds ``results.json``) or a folder of
+run directories. Prints one Markdown table (model, dataset, method, direction,
+lambda, top-1, MACs and reduction, params and reduction; top-5 too when an
+ImageNet run is present) sorted by model, dataset and method, and writes
+``<run>/channels.png``: kept vs original channels per gated layer
+(utils/plots.py, the same figure TensorBoard shows each epoch). Directories
+without ``results.json`` are skipped with a warning.
+"""
+import json
+import sys
+from pathlib import Path
+
+from utils.cli import OneLineParser
+from utils.errors import UsageError
+from utils.logger import human
+from utils.plots import run_title, save_channels_png
+
+METHOD = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}
+DATASET = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet", "folder": "folder"}
+
+
+def find_runs(paths) -> list[Path]:
+    runs = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise UsageError(f"{path} does not exist")
+        if (path / "results.json").is_file():
+            runs.append(path)
+        elif path.is_dir():
+            children = sorted(p for p in path.iterdir() if p.is_dir())
+            found = [p for p in children if (p / "results.json").is_file()]
+            for p in children:
+                if p not in found:
+                    print(f"warning: skipping {p}: no results.json", file=sys.stderr)
+            if not children:
+                print(f"warning: skipping {path}: no results.json", file=sys.stderr)
+            runs += found
+        else:
+            print(f"warning: skipping {path}: not a run directory", file=sys.stderr)
+    return list(dict.fromkeys(runs))
+
+
+def read_results(run: Path) -> dict | None:
+    try:
+        results = json.loads((run / "results.json").read_text())
+        results["macs_pruned"], results["channels"]  # noqa: B018  (required keys)
+        return results
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"warning: skipping {run}: unreadable results.json ({e})", file=sys.stderr)
+        return None
+
+
+def table(rows) -> str:
+    imagenet = any("top5" in r for _, r in rows)
+    head = ["model", "dataset", "method", "direction", "lambda", "epochs", "top-1 (%)"]
+    head += ["top-5 (%)"] if imagenet else []
+    head += ["MACs", "MACs ↓", "params", "params ↓", "run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for run, r in rows:
+        net = r.get("net", "?")
+        cells = [r.get("model", "?"), DATASET.get(r.get("dataset"), str(r.get("dataset"))), METHOD.get(net, net),
+                 ("backward" if r.get("back_dep") else "forward") if net == "dep" else "–",
+                 f"{r['lamba']:g}" if net != "dense" and "lamba" in r else "–",
+                 f"{r.get('epochs_done', '?')}/{r.get('epochs_total', '?')}", f"{r.get('top1', float('nan')):.2f}"]
+        cells += [f"{r['top5']:.2f}" if "top5" in r else "–"] if imagenet else []
+        cells += [human(r["macs_pruned"]), f"{r.get('macs_reduction', 0.0):.1f}%",
+                  human(r["params_pruned"]), f"{r.get('params_reduction', 0.0):.1f}%", run.name]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summarize(paths) -> str:
+    rows = [(run, r) for run in find_runs(paths) if (r := read_results(run)) is not None]
+    if not rows:
+        raise UsageError(f"no runs with a results.json under {' '.join(map(str, paths))}")
+    rows.sort(key=lambda x: (x[1].get("model", ""), x[1].get("dataset", ""), x[1].get("net", ""),
+                             bool(x[1].get("back_dep")), x[1].get("lamba", 0.0), x[0].name))
+    for run, r in rows:
+        try:
+            save_channels_png(r["channels"], run / "channels.png", run_title(r))
+        except OSError as e:
+            print(f"warning: could not write {run / 'channels.png'} ({e.strerror or e})", file=sys.stderr)
+    return table(rows)
+
+
+def main(argv=None) -> int:
+    p = OneLineParser(prog="summarize.py", description="Markdown results table and channel plots of finished runs.")
+    p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="run directories, or folders of run directories")
+    args = p.parse_args(argv)
+    try:
+        print(summarize(args.runs))
+    except UsageError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""One code path for 1..N processes (``torchrun --nproc_per_node=N script.py ...``).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run is a
+single process and no process group is created. NCCL is used between GPUs,
+gloo between CPU processes (which is how the tests run two ranks).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def any(self, flag: bool, device) -> bool:
+        """True on every rank if ``flag`` is true on any rank (a collective call)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor(float(flag), device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks in place (a collective call)."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` in rank order (a collective call)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BN running statistics drift apart per rank)."""
+        if self.distributed:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, 0)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init() -> Context:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Context()
+    ctx = Context(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ctx.local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", ctx.local_rank))
+    else:
+        dist.init_process_group("gloo")
+    return ctx
+
+
+def shutdown(ctx: Context) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,76 @@
+"""The kept-vs-original channels figure, for TensorBoard and for ``summarize.py``.
+
+One bar pair per gated layer, in network order: the layer's original width
+(light) and the channels whose test gate is non-zero (dark), the figure
+pruning papers show to say *where* a method removes channels. It is drawn
+from the ``channels`` list of ``results.json`` (``[{name, kept, total}]``) so
+a finished run can be plotted without its checkpoint.
+
+Matplotlib is used through its object API with the Agg canvas only (no
+``pyplot``): nothing global changes for a program that imports this module,
+no GUI backend is ever touched, and a figure is freed as soon as it goes out
+of scope, which keeps the per-epoch TensorBoard image cheap.
+"""
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+ORIGINAL_COLOUR = "#c8d3e0"
+KEPT_COLOUR = "#1f5fa8"
+
+
+def channels_figure(channels, title: str = "") -> Figure:
+    """A matplotlib Figure of kept vs original channels per gated layer."""
+    names = [c["name"] for c in channels]
+    total = np.array([c["total"] for c in channels], dtype=float)
+    kept = np.array([c["kept"] for c in channels], dtype=float)
+    n = len(names)
+    fig = Figure(figsize=(max(6.0, 0.28 * n + 2.0), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(n)
+    ax.bar(x, total, width=0.8, color=ORIGINAL_COLOUR, label="original")
+    ax.bar(x, kept, width=0.55, color=KEPT_COLOUR, label="kept")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylabel("channels")
+    ax.set_xlabel("gated layer")
+    share = 100.0 * kept.sum() / max(total.sum(), 1.0)
+    ax.set_title(f"{title}  ({int(kept.sum())}/{int(total.sum())} channels kept, {share:.1f}%)".strip(),
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """Render a figure to an ``(H, W, 3)`` uint8 RGB array."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def channels_image(channels, title: str = "") -> np.ndarray:
+    """The channels figure as an ``(H, W, 3)`` uint8 array (TensorBoard's ``add_image``, HWC)."""
+    return figure_to_array(channels_figure(channels, title))
+
+
+def save_channels_png(channels, path, title: str = "") -> Path:
+    """Write the channels figure as a PNG; returns the path."""
+    path = Path(path)
+    channels_figure(channels, title).savefig(path, format="png")
+    return path
+
+
+def run_title(results: dict) -> str:
+    """A short figure title from a results dict: model, dataset, method, lambda."""
+    net = results.get("net", "")
+    method = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}.get(net, net)
+    if net == "dep":
+        method += " (backward)" if results.get("back_dep") else " (forward)"
+    lamba = f", lambda {results['lamba']:g}" if net != "dense" and "lamba" in results else ""
+    return f"{results.get('model', '')} {results.get('dataset', '')} {method}{lamba}"
