@@ -24,8 +24,9 @@ METHOD = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}
 DATASET = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet", "folder": "folder"}
 
 
-def find_runs(paths) -> list[Path]:
-    runs = []
+def find_runs(paths) -> tuple[list[Path], list[str]]:
+    """Run directories among ``paths`` and their subdirectories, and warnings about the rest."""
+    runs, warnings = [], []
     for path in map(Path, paths):
         if not path.exists():
             raise UsageError(f"{path} does not exist")
@@ -34,24 +35,22 @@ def find_runs(paths) -> list[Path]:
         elif path.is_dir():
             children = sorted(p for p in path.iterdir() if p.is_dir())
             found = [p for p in children if (p / "results.json").is_file()]
-            for p in children:
-                if p not in found:
-                    print(f"warning: skipping {p}: no results.json", file=sys.stderr)
+            warnings += [f"skipping {p}: no results.json" for p in children if p not in found]
             if not children:
-                print(f"warning: skipping {path}: no results.json", file=sys.stderr)
+                warnings.append(f"skipping {path}: no results.json and no run directories in it")
             runs += found
         else:
-            print(f"warning: skipping {path}: not a run directory", file=sys.stderr)
-    return list(dict.fromkeys(runs))
+            warnings.append(f"skipping {path}: not a run directory")
+    return list(dict.fromkeys(runs)), warnings
 
 
-def read_results(run: Path) -> dict | None:
+def read_results(run: Path, warnings: list) -> dict | None:
     try:
         results = json.loads((run / "results.json").read_text())
-        results["macs_pruned"], results["channels"]  # noqa: B018  (required keys)
+        results["macs_pruned"], results["params_pruned"], results["channels"]  # noqa: B018  (required keys)
         return results
     except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"warning: skipping {run}: unreadable results.json ({e})", file=sys.stderr)
+        warnings.append(f"skipping {run}: unreadable results.json ({str(e)[:100]})")
         return None
 
 
@@ -75,9 +74,12 @@ def table(rows) -> str:
 
 
 def summarize(paths) -> str:
-    rows = [(run, r) for run in find_runs(paths) if (r := read_results(run)) is not None]
+    runs, warnings = find_runs(paths)
+    rows = [(run, r) for run in runs if (r := read_results(run, warnings)) is not None]
     if not rows:
-        raise UsageError(f"no runs with a results.json under {' '.join(map(str, paths))}")
+        raise UsageError(f"no run with a readable results.json in {' '.join(map(str, paths))}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     rows.sort(key=lambda x: (x[1].get("model", ""), x[1].get("dataset", ""), x[1].get("net", ""),
                              bool(x[1].get("back_dep")), x[1].get("lamba", 0.0), x[0].name))
     for run, r in rows:

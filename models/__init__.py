@@ -7,7 +7,7 @@ from .common import GatedNetwork
 from .resnet_cifar import CifarResNet, resnet56
 from .resnet_imagenet import ImageNetResNet, resnet50
 from .structure import CostModel, GatedLayer, WeightLayer
-from .vgg import VGG, vgg16
+from .vgg import VGG, VGG16_CFG, vgg16
 
 MODEL_CLASSES = {"vgg16": VGG, "resnet56": CifarResNet, "resnet50": ImageNetResNet}
 
@@ -22,7 +22,24 @@ def build_model(arch: dict) -> GatedNetwork:
     return cls(**arch)
 
 
+def default_arch(model: str, num_classes: int, width_mult: float = 1.0, **gate_args) -> dict:
+    """The ``arch`` of the paper's VGG16 / ResNet56 / ResNet50, every width times ``width_mult``."""
+    def scale(widths):
+        return tuple(w if w == "M" else max(1, round(w * width_mult)) for w in widths)
+
+    if model == "vgg16":
+        structure = dict(cfg=scale(VGG16_CFG))
+    elif model == "resnet56":
+        structure = dict(blocks_per_stage=9, widths=scale((16, 32, 64)))
+    elif model == "resnet50":
+        widths = scale((64, 128, 256, 512))
+        structure = dict(blocks=(3, 4, 6, 3), widths=widths, stem_width=widths[0])
+    else:
+        raise ValueError(f"unknown model {model!r}; expected one of {sorted(MODEL_CLASSES)}")
+    return dict(model=model, num_classes=num_classes, **structure, **gate_args)
+
+
 from .export import export_pruned, load_pruned, save_pruned  # noqa: E402  (export uses build_model)
 
 __all__ = ["GatedNetwork", "CifarResNet", "ImageNetResNet", "VGG", "CostModel", "GatedLayer", "WeightLayer",
-           "build_model", "resnet56", "resnet50", "vgg16", "export_pruned", "load_pruned", "save_pruned"]
+           "build_model", "default_arch", "resnet56", "resnet50", "vgg16", "export_pruned", "load_pruned", "save_pruned"]

@@ -2,7 +2,7 @@
 
 A run resumed from a checkpoint must end bit for bit where the uninterrupted
 run ends: same weights, optimiser and scheduler states, same results. Each
-variant trains a reference run A (3 tiny epochs, keeping epoch_1.pt), then
+variant trains a reference run A (3 tiny epochs of 2 batches of 4, keeping epoch_1.pt), then
 
 * C: A's epoch_1.pt copied into a fresh directory as last.pt and resumed;
 * B (ResNet56 and VGG16): the same command started from scratch and killed
@@ -27,7 +27,7 @@ import torch
 
 from conftest import run_script, script_command, script_env
 
-FLAGS = ("--dummy", "--seed", "3", "-b", "8", "--limit-batches", "3", "--epoch", "3", "-j", "0", "-p", "1")
+FLAGS = ("--dummy", "--seed", "3", "-b", "4", "--limit-batches", "2", "--epoch", "3", "-j", "0", "-p", "1")
 VARIANTS = {
     "resnet56-dep": ("train_resnet56.py", ()),
     "vgg16-dep": ("train_vgg.py", ()),

@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import zipfile
 from pathlib import Path
 
@@ -83,10 +84,10 @@ def load_checkpoint(path, expected_format: str = FORMAT) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UsageError(f"refusing to load {path}: it holds Python objects that could run code "
-                         f"({str(e).splitlines()[0][:120]})") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+                         f"({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error, KeyError, IndexError) as e:
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: "
-                         f"{str(e).splitlines()[0][:120]})") from e
+                         f"{(str(e).splitlines() or [type(e).__name__])[0][:120]})") from e
     if not isinstance(state, dict) or state.get("format") != expected_format:
         raise UsageError(f"{path} is not a {expected_format} file")
     return state

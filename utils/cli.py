@@ -65,6 +65,13 @@ positive_float = _number(float, 0.0, strict=True)
 nonneg_float = _number(float, 0.0)
 
 
+def _fraction(text):
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the dense cost in (0, 1], got {text}")
+    return value
+
+
 def _milestones(text):
     try:
         return tuple(int(m) for m in text.split(",") if m)
@@ -84,6 +91,18 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--reg", choices=REGS, default="paper",
                    help="penalty: the reference's (paper), or lambda * expected MACs / params")
     g.add_argument("--temp", type=positive_float, default=DEFAULT_TEMPERATURE, help="hard-concrete temperature beta")
+    g.add_argument("--width-mult", type=positive_float, default=1.0,
+                   help="scale every channel width of the model (1.0: the paper's model)")
+
+    g = p.add_argument_group("budget (instead of --lamba)")
+    target = g.add_mutually_exclusive_group()
+    target.add_argument("--target-macs", type=_fraction, metavar="F",
+                        help="prune to F times the dense MACs (a Lagrangian constraint replaces the L0 penalty)")
+    target.add_argument("--target-params", type=_fraction, metavar="F", help="prune to F times the dense parameters")
+    g.add_argument("--target-warmup", type=nonneg_float, metavar="EPOCHS",
+                   help="epochs over which the target falls linearly from 1.0 to F (default: a quarter of --epoch)")
+    g.add_argument("--lr-lagrangian", type=positive_float, default=0.01,
+                   help="SGD lr of the multipliers (gradient ascent)")
 
     g = p.add_argument_group("data")
     if recipe.imagenet:
@@ -161,6 +180,10 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> argparse.Namespace:
             args.dataset = cifar.get(args.num_classes, "cifar10")
         elif args.dataset != "folder" and args.num_classes not in (None, int(args.dataset[5:])):
             parser.error(f"--num_classes {args.num_classes} contradicts --dataset {args.dataset}")
+    if (args.target_macs or args.target_params) and args.net == "dense":
+        parser.error("a budget (--target-macs/--target-params) needs gates: use --net hc or --net dep")
+    if args.target_warmup is None:
+        args.target_warmup = args.epochs / 4
     if args.back_dep and args.net != "dep":
         parser.error(f"--back_dep applies to --net dep, not --net {args.net}")
     return args

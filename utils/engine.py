@@ -33,8 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 from torch.utils.data import DataLoader
 
+from l0_layers.budget import BudgetConstraint
 from l0_layers.penalty import L0Penalty
-from models import build_model
+from models import build_model, default_arch
 
 from . import distributed
 from .checkpoint import FORMAT, link_or_copy, load_checkpoint, previous_of, save_checkpoint, write_json
@@ -47,7 +48,9 @@ from .sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardS
 EXIT_PREEMPTED = 75   # stopped by a signal after saving; resubmit with --resume auto
 EXIT_DIVERGED = 3
 # Arguments that define what a run is: a checkpoint only resumes a run that agrees on these.
-IDENTITY = ("net", "back_dep", "dataset", "num_classes", "reg", "temp", "lamba")
+IDENTITY = ("net", "back_dep", "dataset", "num_classes", "reg", "temp", "lamba", "width_mult", "target_macs",
+            "target_params")
+BUDGET_TOLERANCE = 0.02  # |deterministic - target| as a fraction of the dense cost
 
 
 def main(recipe: Recipe, argv=None) -> None:
@@ -204,11 +207,16 @@ class Trainer:
                                                          num_classes=args.num_classes)
         args.num_classes = num_classes
         torch.manual_seed(args.seed)
-        arch = dict(model=recipe.model, num_classes=num_classes, net=args.net, back_dep=args.back_dep,
-                    temperature=args.temp)
+        arch = default_arch(recipe.model, num_classes, args.width_mult, net=args.net, back_dep=args.back_dep,
+                            temperature=args.temp)
         self.model = model = build_model(checkpoint["arch"] if checkpoint else arch).to(device)
         self.penalty = L0Penalty(model, args.reg).to(device)
         self.weights, self.weight_schedule, self.gates, self.gate_schedule = make_optimizers(model, args, recipe)
+        self.budget = self.lagrangian = None
+        if args.target_macs or args.target_params:
+            kind, target = ("macs", args.target_macs) if args.target_macs else ("params", args.target_params)
+            self.budget = BudgetConstraint(model, kind, target, args.target_warmup).to(device)
+            self.lagrangian = torch.optim.SGD(self.budget.parameters(), lr=args.lr_lagrangian, maximize=True)
         self.amp_dtype = None
         if args.amp:
             bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
@@ -282,7 +290,11 @@ class Trainer:
         if self.gates is not None:
             self.gates.load_state_dict(state["gate_optimizer"])
             self.gate_schedule.load_state_dict(state["gate_scheduler"])
-        self.scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.budget is not None:
+            self.budget.load_state_dict(state["budget"])
+            self.lagrangian.load_state_dict(state["lagrangian"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_top1, self.wall_before = state["best_top1"], state["wall_time_s"]
         if self.step:
@@ -373,11 +385,15 @@ class Trainer:
             with autocast:
                 output = model(images)
             ce = F.cross_entropy(output.float(), targets)
-            reg = self.penalty(lamba) if lamba > 0 else ce.new_zeros(())
+            budget = self.budget if not fine_tune else None
+            if budget is not None:
+                reg, expected = budget(epoch + self.step / steps)
+            else:
+                reg = self.penalty(lamba) if lamba > 0 else ce.new_zeros(())
             loss = ce + reg
-            self.weights.zero_grad(set_to_none=True)
-            if gates is not None:
-                gates.zero_grad(set_to_none=True)
+            for optimizer in (self.weights, gates, budget and self.lagrangian):
+                if optimizer is not None:
+                    optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if args.max_grad_norm:
                 for optimizer in (self.weights, gates):
@@ -388,6 +404,8 @@ class Trainer:
             self.scaler.step(self.weights)
             if gates is not None:
                 self.scaler.step(gates)
+            if budget is not None:
+                self.scaler.step(self.lagrangian)
             self.scaler.update()
             n = images.shape[0]
             with torch.no_grad():
@@ -404,6 +422,10 @@ class Trainer:
                 rate = count * self.ctx.world_size / max(now - tick, 1e-9)
                 self.log.progress(epoch, self.step, steps, loss_avg, reg_avg, self.weights.param_groups[0]["lr"],
                                   rate, (now - tick) / count * n * (steps - self.step))
+                if budget is not None:
+                    self.log.budget(epoch * steps + self.step, budget.target_at(epoch + self.step / steps),
+                                    expected.item(), budget.deterministic(), budget.lambda1.item(),
+                                    budget.lambda2.item())
                 interval.zero_()
                 tick = now
             if self.ctx.any(stop.received is not None, device) and self.step < steps:
@@ -438,6 +460,8 @@ class Trainer:
         self.best_top1 = max(self.best_top1, val_stats["top1"])
         results = self.results(val_stats)
         self.log.epoch(self.epoch - 1, train_stats, val_stats, results)
+        if self.budget is not None and self.epoch == args.epochs:
+            self.log.message(f"budget: {results['budget']['message']}")
         self.save(results, new_best)
 
     @torch.no_grad()
@@ -476,7 +500,36 @@ class Trainer:
             torch_version=str(torch.__version__), git_commit=git_commit())
         if recipe.imagenet:
             results["top5"] = val_stats["top5"]
+        if self.budget is not None:
+            results["budget"] = self.budget_report()
         return results
+
+    def budget_report(self) -> dict:
+        """Where the pruned cost stands against the target, and if it missed, by how much and why."""
+        budget, args = self.budget, self.args
+        with torch.no_grad():
+            expected = float(budget.fraction(self.model.gates.expected_open()))
+        achieved = budget.deterministic()
+        report = dict(kind=budget.kind, target=budget.target, achieved=achieved, expected=expected,
+                      lambda1=budget.lambda1.item(), lambda2=budget.lambda2.item(),
+                      within_tolerance=abs(achieved - budget.target) <= BUDGET_TOLERANCE)
+        if self.epoch < args.epochs:
+            report["message"] = "training in progress"
+        elif report["within_tolerance"]:
+            report["message"] = (f"{budget.kind} at {achieved:.3f} of dense, target {budget.target:.3f} "
+                                 f"(within {BUDGET_TOLERANCE:.0%})")
+        else:
+            if abs(expected - budget.target) <= BUDGET_TOLERANCE:
+                why = (f"the expected cost ({expected:.3f}) met it but the gates are not yet polarised, so the "
+                       f"deterministic network differs; train longer after the warm-up")
+            elif args.target_warmup >= args.epochs:
+                why = f"the target was still being annealed (--target-warmup {args.target_warmup:g} >= --epoch)"
+            else:
+                why = (f"the constraint has not converged (expected {expected:.3f}, lambda1 {report['lambda1']:.3g}); "
+                       f"train longer or raise --lr-lagrangian")
+            report["message"] = (f"missed the {budget.kind} target by {achieved - budget.target:+.3f} of dense "
+                                 f"(achieved {achieved:.3f}, target {budget.target:.3f}): {why}")
+        return report
 
     def wall_time(self) -> float:
         return self.wall_before + time.time() - self.started
@@ -506,6 +559,8 @@ class Trainer:
                      gate_optimizer=self.gates.state_dict() if self.gates else None,
                      gate_scheduler=self.gate_schedule.state_dict() if self.gate_schedule else None,
                      scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                     budget=self.budget.state_dict() if self.budget else None,
+                     lagrangian=self.lagrangian.state_dict() if self.lagrangian else None,
                      gates_frozen=self.model.gates.frozen, best_top1=self.best_top1,
                      wall_time_s=self.wall_time(), rank_states=rank_states, results=results)
         last = self.out_dir / "last.pt"

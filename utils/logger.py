@@ -57,6 +57,13 @@ class RunLogger:
         self.writer.add_scalar("train/l0_penalty", penalty, global_step)
         self.writer.add_scalar("train/lr", lr, global_step)
 
+    def budget(self, global_step, target, expected, deterministic, lambda1, lambda2):
+        if not self.enabled:
+            return
+        for tag, value in (("target", target), ("expected", expected), ("deterministic", deterministic),
+                           ("lambda1", lambda1), ("lambda2", lambda2)):
+            self.writer.add_scalar(f"budget/{tag}", value, global_step)
+
     def epoch(self, epoch, train_stats, val_stats, results):
         if not self.enabled:
             return

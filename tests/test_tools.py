@@ -1,0 +1,226 @@
+"""The command-line tools around a finished run: export.py, evaluate.py,
+summarize.py, and what training itself leaves behind (pruned.pt, the
+TensorBoard ``channels`` image).
+
+One real training run (a subprocess, ``--dummy`` data, one batch) makes the
+checkpoint the tools work on. export.py also runs as a subprocess; the other
+tools are called through their ``main(argv)`` in-process, which is the same
+code path minus a second interpreter start-up.
+"""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate as evaluate_tool
+import export as export_tool
+import summarize as summarize_tool
+from models import load_pruned
+from models.export import FORMAT
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "resnet56_dep"
+    proc = run(ROOT / "train_resnet56.py", "--dummy", "--epoch", "1", "--limit-batches", "1", "-b", "2", "-j", "0",
+               "--seed", "0", "--out-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_line_error(capsys, code, prog):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    return err[0]
+
+
+# ------------------------------------------------------------------ training leaves
+
+def test_training_writes_pruned_model_with_the_reported_cost(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    payload = torch.load(run_dir / "pruned.pt", weights_only=True)
+    assert payload["format"] == FORMAT
+    assert (payload["macs"], payload["params"]) == (results["macs_pruned"], results["params_pruned"])
+    assert payload["arch"]["source"]["dataset"] == "cifar10"
+    model = load_pruned(run_dir / "pruned.pt")
+    assert sum(p.numel() for p in model.parameters()) == results["params_pruned"]
+
+
+def read_events(path):
+    """(tag, kind) of every summary value in a TensorBoard event file (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    data, i, found = path.read_bytes(), 0, []
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[i + 12:i + 12 + n])
+        i += 12 + n + 4
+        found += [(v.tag, v.WhichOneof("value"), v) for v in event.summary.value]
+    return found
+
+
+def test_tensorboard_has_the_channels_image(run_dir):
+    (events,) = run_dir.glob("events.out.tfevents.*")
+    images = [v for tag, kind, v in read_events(events) if tag == "channels" and kind == "image"]
+    assert len(images) == 1
+    assert images[0].image.encoded_image_string.startswith(b"\x89PNG") and images[0].image.width > 300
+
+
+# ------------------------------------------------------------------ export.py
+
+def test_export_cli_writes_next_to_the_checkpoint(run_dir, tmp_path):
+    checkpoint = tmp_path / "best.pt"
+    shutil.copy(run_dir / "best.pt", checkpoint)
+    proc = run(ROOT / "export.py", checkpoint)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and (tmp_path / "pruned.pt").is_file()
+    expected = torch.load(run_dir / "pruned.pt", weights_only=True)
+    got = torch.load(tmp_path / "pruned.pt", weights_only=True)
+    assert (got["macs"], got["params"]) == (expected["macs"], expected["params"])
+    assert got["arch"]["source"]["checkpoint"] == str(checkpoint)
+
+
+def test_export_cli_out_option(run_dir, tmp_path, capsys):
+    assert export_tool.main([str(run_dir), "-o", str(tmp_path / "small.pt")]) == 0  # a run dir means last.pt
+    assert load_pruned(tmp_path / "small.pt").arch["net"] == "dense"
+    assert export_tool.main([str(run_dir / "last.pt"), "-o", str(tmp_path)]) == 0  # a directory: OUT/pruned.pt
+    assert (tmp_path / "pruned.pt").is_file()
+
+
+def test_export_cli_mistakes_are_one_line(run_dir, tmp_path, capsys):
+    capsys.readouterr()
+    one_line_error(capsys, export_tool.main([str(tmp_path / "missing.pt")]), "export.py")
+    line = one_line_error(capsys, export_tool.main([str(run_dir / "pruned.pt")]), "export.py")
+    assert "dep-l0-checkpoint" in line
+    for junk in ("junk", ""):
+        (tmp_path / "junk.pt").write_text(junk)
+        one_line_error(capsys, export_tool.main([str(tmp_path / "junk.pt")]), "export.py")
+    one_line_error(capsys, export_tool.main([str(run_dir / "last.pt"), "-o", str(tmp_path / "no" / "such" / "x.pt")]),
+                   "export.py")
+    with pytest.raises(SystemExit) as e:
+        export_tool.main([])
+    one_line_error(capsys, e.value.code, "export.py")
+
+
+# ------------------------------------------------------------------ evaluate.py
+
+def evaluation(capsys, path, *flags):
+    capsys.readouterr()
+    assert evaluate_tool.main([str(path), "--dummy", "-b", "32", "-j", "0", "--limit-batches", "2", *flags]) == 0
+    out = capsys.readouterr().out
+    top1 = float(out.split("top-1 ")[1].split("%")[0])
+    assert "64 images" in out and "MACs" in out and "params" in out
+    return top1, out
+
+
+def test_evaluate_checkpoint_and_pruned_model_agree(run_dir, capsys):
+    results = json.loads((run_dir / "results.json").read_text())
+    top1_ckpt, out_ckpt = evaluation(capsys, run_dir / "last.pt")
+    top1_pruned, out_pruned = evaluation(capsys, run_dir / "pruned.pt")
+    assert top1_ckpt == top1_pruned
+    for out in (out_ckpt, out_pruned):
+        assert f"-{results['macs_reduction']:.1f}%" in out and f"-{results['params_reduction']:.1f}%" in out
+        assert "cifar10" in out  # inferred from the run
+    assert "top-5" not in out_ckpt
+
+
+def test_evaluate_imagenet_pruned_model_prints_top5(tmp_path, capsys):
+    from models import ImageNetResNet, save_pruned
+
+    model = ImageNetResNet(blocks=(1, 1, 1, 1), widths=(4, 4, 8, 8), num_classes=1000, input_size=224).eval()
+    with torch.no_grad():
+        model.gates.logits.log_alpha[::3] = -4.0
+    save_pruned(model, tmp_path / "pruned.pt")  # no dataset recorded: inferred from the model
+    capsys.readouterr()
+    assert evaluate_tool.main([str(tmp_path / "pruned.pt"), "--dummy", "-b", "8", "-j", "0", "--limit-batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "dummy imagenet val, 8 images" in out and "top-5 " in out
+
+
+def test_evaluate_mistakes_are_one_line(run_dir, tmp_path, capsys):
+    capsys.readouterr()
+    for argv in ([str(tmp_path / "missing.pt")],
+                 [str(run_dir / "results.json")],
+                 [str(run_dir / "pruned.pt"), "--dummy", "--num_classes", "100"],
+                 [str(run_dir / "pruned.pt"), "--dummy", "--dataset", "imagenet"],
+                 [str(run_dir / "last.pt"), "--dataset", "folder", "--data-dir", str(tmp_path / "nothing")]):
+        one_line_error(capsys, evaluate_tool.main(argv), "evaluate.py")
+    torch.save({"format": "something/else"}, tmp_path / "other.pt")
+    line = one_line_error(capsys, evaluate_tool.main([str(tmp_path / "other.pt")]), "evaluate.py")
+    assert "neither" in line
+
+
+# ------------------------------------------------------------------ summarize.py
+
+def fake_run(parent: Path, source: Path, name: str, **changes) -> Path:
+    run_path = parent / name
+    run_path.mkdir()
+    results = json.loads((source / "results.json").read_text())
+    results.update(changes)
+    (run_path / "results.json").write_text(json.dumps(results))
+    return run_path
+
+
+def test_summarize_table_and_plots(run_dir, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    fake_run(runs, run_dir, "b_vgg", model="vgg16", net="hc", back_dep=False)
+    fake_run(runs, run_dir, "c_back", net="dep", back_dep=True)
+    fake_run(runs, run_dir, "a_fwd")
+    (runs / "empty").mkdir()
+    (runs / "broken").mkdir()
+    (runs / "broken" / "results.json").write_text("{not json")
+    capsys.readouterr()
+    assert summarize_tool.main([str(runs)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[0].startswith("| model | dataset | method | direction | lambda |") and "MACs ↓" in lines[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [r[-1] for r in rows] == ["a_fwd", "c_back", "b_vgg"]  # model, dataset, method, direction
+    assert rows[0][:5] == ["resnet56", "CIFAR-10", "Dep-L0", "forward", "5e-07"]
+    assert rows[1][3] == "backward" and rows[2][2:4] == ["L0-HC", "–"]
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: skipping") for w in warnings)
+    assert "empty: no results.json" in warnings[0] and "broken: unreadable results.json" in warnings[1]
+    for name in ("a_fwd", "b_vgg", "c_back"):
+        assert (runs / name / "channels.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_summarize_accepts_run_directories_directly(run_dir, capsys):
+    capsys.readouterr()
+    assert summarize_tool.main([str(run_dir)]) == 0
+    assert run_dir.name in capsys.readouterr().out and (run_dir / "channels.png").is_file()
+
+
+def test_summarize_without_runs_is_one_line(tmp_path, capsys):
+    capsys.readouterr()
+    (tmp_path / "nothing").mkdir()
+    one_line_error(capsys, summarize_tool.main([str(tmp_path / "nothing")]), "summarize.py")
+    one_line_error(capsys, summarize_tool.main([str(tmp_path / "missing")]), "summarize.py")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text("{not json")
+    one_line_error(capsys, summarize_tool.main([str(broken)]), "summarize.py")
