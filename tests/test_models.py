@@ -443,3 +443,15 @@ def test_build_model_full_size_arch():
         assert clone.arch == model.arch
         assert clone.cost.dense() == model.cost.dense()
         clone.load_state_dict(model.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fully_closed_layer_counts_one_zero_channel(family, tiny):
+    """structure.CostModel.pruned: a layer with every gate closed still counts
+    the one zero channel the exported network keeps."""
+    model, x = tiny(family, net="hc")
+    kept = torch.tensor(model.gates.widths)
+    kept[1] = 0
+    one = kept.clone()
+    one[1] = 1
+    assert model.cost.pruned(kept) == model.cost.pruned(one) == independent_cost(model, x, one)

@@ -150,6 +150,34 @@ def test_resume_after_sigkill_is_exact(reference):
     assert_same_final_state(reference["dir"], b)
 
 
+@pytest.mark.parametrize("reference", ["resnet56-dep"], indirect=True)
+def test_resume_after_sigterm_is_exact(reference):
+    """SIGTERM (a scheduler's preemption) during epoch 2: the run saves and exits with 75
+    (the engine's EXIT_PREEMPTED), and ``--resume auto`` ends exactly where A ends."""
+    cwd, script, extra = reference["cwd"], reference["script"], reference["extra"]
+    args = (*extra, *FLAGS, "--out-dir", "D")
+    proc = subprocess.Popen(script_command(script, *args), cwd=cwd, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, signalled = [], False
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Epoch [2][") and not signalled:
+            os.kill(proc.pid, signal.SIGTERM)
+            signalled = True
+    proc.stdout.close()
+    rc = proc.wait(timeout=300)
+    out = "".join(lines)
+    assert signalled and rc == 75, f"rc {rc}\n{out[-4000:]}"
+    assert "Traceback" not in out
+    stopped = _load(cwd / "D" / "last.pt")
+    # Stopped inside epoch 2 (after its first step) or, if the signal came late, at its end.
+    assert (stopped["epoch"], stopped["step"]) in {(1, 1), (2, 0)}, (stopped["epoch"], stopped["step"])
+
+    proc = run_script(script, *args, "--resume", "auto", cwd=cwd)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, _diagnostics(proc)
+    assert_same_final_state(reference["dir"], cwd / "D")
+
+
 def test_no_temporary_files_left(reference):
     names = sorted(p.name for p in reference["dir"].iterdir())
     assert not [n for n in names if n.startswith(".")], names

@@ -15,17 +15,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import importlib.util
+
 import pytest
 import torch
 
-import evaluate as evaluate_tool
-import export as export_tool
-import summarize as summarize_tool
 from models import load_pruned
 from models.export import FORMAT
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def load_script(relative: str, name: str):
+    """Import a top-level script by its path (names like ``evaluate`` are also PyPI packages)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export_tool = load_script("export.py", "dep_l0_export_script")
+evaluate_tool = load_script("evaluate.py", "dep_l0_evaluate_script")
+summarize_tool = load_script("summarize.py", "dep_l0_summarize_script")
 
 
 def run(*args, cwd=ROOT):
@@ -224,3 +236,20 @@ def test_summarize_without_runs_is_one_line(tmp_path, capsys):
     broken.mkdir()
     (broken / "results.json").write_text("{not json")
     one_line_error(capsys, summarize_tool.main([str(broken)]), "summarize.py")
+
+
+# ------------------------------------------------------------------ bench/inference.py
+
+def test_bench_prints_speed_and_macs_ratio(run_dir, capsys):
+    bench = load_script("bench/inference.py", "dep_l0_bench_inference")
+    quick = ["--batches", "1,2", "--reps", "1", "--warmup", "0", "--min-time", "0", "--device", "cpu", "--threads", "1"]
+    capsys.readouterr()
+    assert bench.main(["--model", "resnet56", "--keep", "0.5", *quick]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| fp32 |")]
+    assert len(rows) == 2 and all(row.endswith("| 2.01x |") for row in rows)  # 125.75 M / 62.42 M
+    assert bench.main(["--checkpoint", str(run_dir / "pruned.pt"), *quick]) == 0
+    out = capsys.readouterr().out
+    payload = torch.load(run_dir / "pruned.pt", weights_only=True)
+    ratio = payload["arch"]["source"]["macs_dense"] / payload["macs"]
+    assert f"| {ratio:.2f}x |" in out and str(run_dir / "pruned.pt") in out

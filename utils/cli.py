@@ -36,6 +36,15 @@ class Recipe:
     print_freq: int = 100
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default in --help where there is one to show."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a user mistake is one line on stderr (and exit status 2)."""
 
@@ -81,7 +90,7 @@ def _milestones(text):
 
 def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description=f"Train and prune {recipe.model} with L0-HC or Dep-L0 gates.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=DefaultsFormatter)
 
     g = p.add_argument_group("method")
     g.add_argument("--net", choices=NETS, default="dep",

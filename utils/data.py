@@ -24,6 +24,7 @@ from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
@@ -307,14 +308,24 @@ def _read_image_folder(path: str, transform: transforms.Compose) -> ImageFolder:
     if not os.path.isdir(path):
         raise UsageError(f"{path} does not exist: the dataset folder needs train/<class>/ and val/<class>/ subfolders")
     try:
-        # Default PIL loader: a broken image raises when read instead of being skipped.
-        return ImageFolder(path, transform=transform)
+        return ImageFolder(path, transform=transform, loader=_load_image)
     except FileNotFoundError as err:
         # ImageFolder's own text ends in a long list of extensions; keep its first sentence.
         reason = str(err).split(". ")[0].rstrip(".")
         raise UsageError(
             f"no images found in {path} ({reason}): put images (.jpg, .png, ...) in one subfolder per class"
         ) from err
+
+
+def _load_image(path: str):
+    """PIL's loader, but an image that fails to decode stops the run with its
+    file name (a dataset with broken files should be fixed, not trained on
+    with silently fewer images)."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UsageError(f"cannot decode image {path} ({err}); remove or replace the file") from err
 
 
 def _names(names: set[str], limit: int = 5) -> str:

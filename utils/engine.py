@@ -59,12 +59,19 @@ def main(recipe: Recipe, argv=None) -> None:
     try:
         code = Trainer(recipe, parse_args(recipe, argv, prog)).fit()
     except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
     sys.exit(code)
+
+
+def one_line(error: Exception) -> str:
+    """The message of a user mistake; an error re-raised from a DataLoader worker
+    carries the worker's traceback, of which only the last line is the message."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[-1].removeprefix(f"{type(error).__module__}.{type(error).__name__}: ")
 
 
 def select_device(gpu: int | None, ctx: distributed.Context) -> torch.device:
@@ -89,7 +96,11 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 def run_name(recipe: Recipe, args) -> str:
     name = f"{recipe.model}_{'dummy-' if args.dummy else ''}{args.dataset}_{args.net}"
     name += "_back" if args.back_dep else ""
-    return name + (f"_lam{args.lamba:g}" if args.net != "dense" else "")
+    if args.net == "dense":
+        return name
+    if args.target_macs or args.target_params:
+        return name + (f"_macs{args.target_macs:g}" if args.target_macs else f"_params{args.target_params:g}")
+    return name + f"_lam{args.lamba:g}"
 
 
 def fresh_out_dir(base: Path) -> Path:
