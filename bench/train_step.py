@@ -1,0 +1,131 @@
+"""Training throughput of the same architecture dense and gated, side by side.
+
+    python bench/train_step.py --model resnet56 --device cpu -b 128
+    python bench/train_step.py --model resnet50 --device cuda -b 256 --amp --channels-last
+
+Builds the model four times (``dense``: no gates; ``hc``; ``dep``; ``dep``
+with ``--back_dep``), and times full training steps (forward, cross-entropy +
+L0 penalty, backward, SGD step for weights and Adam step for gates) on
+synthetic data. Variants are interleaved repetition by repetition after a
+warm-up, so drifts of the machine hit all of them alike; each variant's
+figure is the median over repetitions, and the ratio to dense is printed next
+to it. On CUDA it also reports peak memory. A benchmark, not a test.
+"""
+import argparse
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from l0_layers.penalty import L0Penalty  # noqa: E402
+from models import build_model, default_arch  # noqa: E402
+
+VARIANTS = {"dense": dict(net="dense"), "hc": dict(net="hc"), "dep": dict(net="dep"),
+            "dep-back": dict(net="dep", back_dep=True)}
+INPUT = {"vgg16": (32, 10), "resnet56": (32, 10), "resnet50": (224, 1000)}
+
+
+def make_step(model, args, device):
+    """One training step of the engine's shape, returned as a closure."""
+    penalty = L0Penalty(model, "paper").to(device)
+    weights = torch.optim.SGD(model.weight_parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    gates = torch.optim.Adam(model.gate_parameters(), lr=1e-3) if model.gate_parameters() else None
+    run = torch.compile(model) if args.compile else model
+    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    autocast = torch.autocast(device.type, dtype) if args.amp else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and dtype == torch.float16)
+    gated = model.gates.logits is not None
+
+    def step(images, targets):
+        with autocast:
+            output = run(images)
+        loss = F.cross_entropy(output.float(), targets)
+        if gated:
+            loss = loss + penalty(1e-7)
+        weights.zero_grad(set_to_none=True)
+        if gates:
+            gates.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(weights)
+        if gates:
+            scaler.step(gates)
+        scaler.update()
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(INPUT), default="resnet56")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("-b", "--batch-size", type=int, default=128)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--width-mult", type=float, default=1.0)
+    p.add_argument("--variants", default="dense,hc,dep,dep-back")
+    p.add_argument("--steps", type=int, default=5, help="training steps per repetition")
+    p.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    device = torch.device(args.device)
+    size, classes = INPUT[args.model]
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = torch.randn(args.batch_size, 3, size, size, device=device).to(memory_format=fmt)
+    targets = torch.randint(0, classes, (args.batch_size,), device=device)
+
+    names = args.variants.split(",")
+    steps = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model(default_arch(args.model, classes, args.width_mult, **VARIANTS[name]))
+        model = model.to(device, memory_format=fmt).train()
+        steps[name] = make_step(model, args, device)
+
+    def timed(name):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            steps[name](images, targets)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return args.batch_size * args.steps / (time.perf_counter() - start)
+
+    peak = {}
+    for name in names:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup):
+            steps[name](images, targets)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak[name] = torch.cuda.max_memory_allocated() / 2 ** 30
+    rates = {name: [] for name in names}
+    for _ in range(args.reps):
+        for name in names:
+            rates[name].append(timed(name))
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    flags = " ".join(f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last),
+                                     ("--compile", args.compile)) if on)
+    print(f"{args.model} x{args.width_mult:g}, batch {args.batch_size}, {where} {flags}, torch {torch.__version__}; "
+          f"{args.reps} reps x {args.steps} steps, median")
+    dense = statistics.median(rates["dense"]) if "dense" in rates else None
+    print(f"{'variant':10} {'img/s':>10} {'step ms':>9} {'/ dense':>8} {'time ratio':>11}" +
+          (f" {'peak GiB':>9}" if peak else ""))
+    for name in names:
+        rate = statistics.median(rates[name])
+        ratio = f"{rate / dense:8.3f} {dense / rate:11.3f}" if dense else f"{'':8} {'':11}"
+        mem = f" {peak[name]:9.2f}" if peak else ""
+        print(f"{name:10} {rate:10.1f} {1000 * args.batch_size / rate:9.1f} {ratio}{mem}")
+
+
+if __name__ == "__main__":
+    main()
