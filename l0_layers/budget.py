@@ -55,9 +55,9 @@ class BudgetConstraint(nn.Module):
         cost = self.cost.macs(widths) if self.kind == "macs" else self.cost.params(widths)
         return cost / self.dense
 
-    def forward(self, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, progress: float, expected_open: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Lagrangian term, expected cost fraction C) at ``progress`` epochs."""
-        expected = self.fraction(self.gates.expected_open())
+        expected = self.fraction(self.gates.expected_open() if expected_open is None else expected_open)
         gap = expected - self.target_at(progress)
         return self.lambda1 * gap + self.lambda2 * gap * gap, expected
 

@@ -87,6 +87,10 @@ class ChannelGates(nn.Module):
     multiply an NCHW feature map: ``(N, C, 1, 1)`` sampled in training mode,
     ``(1, C, 1, 1)`` deterministic in eval mode or when frozen, ``None`` for
     ``net='dense'``.
+
+    ``forward`` and :meth:`expected_open` accept the logits computed by
+    :meth:`log_alpha`, so a training step runs the dependency MLP once and
+    shares its output between the gates and the penalty.
     """
 
     def __init__(self, widths, net: str = "hc", back_dep: bool = False,
@@ -124,27 +128,30 @@ class ChannelGates(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def forward(self, batch_size: int):
+    def forward(self, batch_size: int, log_alpha: torch.Tensor | None = None):
         if self.logits is None:
             return (None,) * self.num_layers
         if self.frozen:
             with torch.no_grad():
                 z = hard_concrete.deterministic(self.log_alpha()).unsqueeze(0)
-        elif self.training:
-            z = hard_concrete.sample(self.log_alpha(), batch_size, self.temperature)
         else:
-            z = hard_concrete.deterministic(self.log_alpha()).unsqueeze(0)
+            log_alpha = self.log_alpha() if log_alpha is None else log_alpha
+            if self.training:
+                z = hard_concrete.sample(log_alpha, batch_size, self.temperature)
+            else:
+                z = hard_concrete.deterministic(log_alpha).unsqueeze(0)
         return tuple(g[..., None, None] for g in z.split(self.widths, dim=1))
 
     def per_layer_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a per-channel vector within each layer: ``(total,) -> (num_layers,)``."""
         return values.new_zeros(self.num_layers).index_add(0, self.layer_of_channel, values)
 
-    def expected_open(self) -> torch.Tensor:
+    def expected_open(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
         """S_l = sum_c P(z_c != 0) per layer (differentiable); full widths when dense."""
         if self.logits is None:
             return self.layer_of_channel.new_tensor(self.widths, dtype=torch.float32)
-        return self.per_layer_sum(hard_concrete.prob_nonzero(self.log_alpha(), self.temperature))
+        log_alpha = self.log_alpha() if log_alpha is None else log_alpha
+        return self.per_layer_sum(hard_concrete.prob_nonzero(log_alpha, self.temperature))
 
     @torch.no_grad()
     def test_gates(self) -> torch.Tensor:

@@ -52,6 +52,10 @@ class GatedNetwork(nn.Module):
     - ``arch``: the keyword arguments that rebuild it (:func:`models.build_model`);
     - ``paper_penalty``: which form of the reference's penalty applies
       (``"chain"`` for the CIFAR models, ``"static_input"`` for ResNet50).
+
+    ``forward(x, log_alpha=None)`` takes optional precomputed gate logits
+    (``gates.log_alpha()``), so that a training step that also needs them for
+    the penalty computes them once.
     """
 
     paper_penalty = "chain"

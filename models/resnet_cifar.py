@@ -110,8 +110,8 @@ class CifarResNet(GatedNetwork):
                 arch[key] = value
         self._finish(arch, recorder.records, gate_widths, net, back_dep, temperature)
 
-    def forward(self, x):
-        z_stem, *z_blocks = self.gates(x.shape[0])
+    def forward(self, x, log_alpha=None):
+        z_stem, *z_blocks = self.gates(x.shape[0], log_alpha)
         x = F.relu(gated(self.bn1(self.conv1(x)), z_stem))
         for block, z in zip(self.layers, z_blocks):
             x = block(x, z)

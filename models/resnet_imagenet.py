@@ -101,8 +101,8 @@ class ImageNetResNet(GatedNetwork):
             arch["inner_widths"] = inner
         self._finish(arch, recorder.records, gate_widths, net, back_dep, temperature)
 
-    def forward(self, x):
-        z_stem, *z_blocks = self.gates(x.shape[0])
+    def forward(self, x, log_alpha=None):
+        z_stem, *z_blocks = self.gates(x.shape[0], log_alpha)
         x = self.maxpool(F.relu(gated(self.bn1(self.conv1(x)), z_stem)))
         for i, block in enumerate(self.layers):
             x = block(x, z_blocks[2 * i], z_blocks[2 * i + 1])

@@ -66,8 +66,8 @@ class VGG(GatedNetwork):
                           temperature=temperature, input_size=input_size),
                      recorder.records, widths, net, back_dep, temperature)
 
-    def forward(self, x):
-        for stage, z in zip(self.features, self.gates(x.shape[0])):
+    def forward(self, x, log_alpha=None):
+        for stage, z in zip(self.features, self.gates(x.shape[0], log_alpha)):
             x = stage(x, z)
         return self.classifier(x.flatten(1))
 

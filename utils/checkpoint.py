@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -81,10 +82,15 @@ def load_checkpoint(path, expected_format: str = FORMAT) -> dict:
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UsageError(f"refusing to load {path}: it holds Python objects that could run code "
-                         f"({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from e
+        refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if refused:
+            raise UsageError(f"refusing to load {path}: it holds Python objects that could run code "
+                             f"({refused[0][:120]})") from e
+        raise UsageError(f"{path} is not a readable checkpoint (not a torch file of plain tensors and values)") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error, KeyError, IndexError) as e:
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: "
                          f"{(str(e).splitlines() or [type(e).__name__])[0][:120]})") from e

@@ -388,19 +388,25 @@ class Trainer:
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
         tick = time.time()
         autocast = torch.autocast(device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+        gated = self.model.gates.logits is not None
         for images, targets in self.train_loader:
             if self.step >= steps:
                 break
             images = images.to(device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(device, non_blocking=True)
+            # The gate logits (for Dep-L0 a chain of small matmuls) are computed
+            # once and shared by the gates and the penalty.
+            log_alpha = self.model.gates.log_alpha() if gated and not fine_tune else None
             with autocast:
-                output = model(images)
+                output = model(images, log_alpha)
             ce = F.cross_entropy(output.float(), targets)
             budget = self.budget if not fine_tune else None
             if budget is not None:
-                reg, expected = budget(epoch + self.step / steps)
+                reg, expected = budget(epoch + self.step / steps, self.model.gates.expected_open(log_alpha))
+            elif lamba > 0 and gated:
+                reg = self.penalty(lamba, self.model.gates.expected_open(log_alpha))
             else:
-                reg = self.penalty(lamba) if lamba > 0 else ce.new_zeros(())
+                reg = ce.new_zeros(())
             loss = ce + reg
             for optimizer in (self.weights, gates, budget and self.lagrangian):
                 if optimizer is not None:
