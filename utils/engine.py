@@ -35,14 +35,14 @@ from torch.utils.data import DataLoader
 
 from l0_layers.budget import BudgetConstraint
 from l0_layers.penalty import L0Penalty
-from models import build_model, default_arch
+from models import build_model, default_arch, save_pruned
 
 from . import distributed
 from .checkpoint import FORMAT, link_or_copy, load_checkpoint, previous_of, save_checkpoint, write_json
 from .cli import Recipe, parse_args, program_name
 from .data import CIFAR_STATS, build_datasets
 from .errors import TrainingDiverged, UsageError
-from .logger import RunLogger
+from .logger import RunLogger, human
 from .sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
 
 EXIT_PREEMPTED = 75   # stopped by a signal after saving; resubmit with --resume auto
@@ -593,9 +593,6 @@ class Trainer:
     def finish(self) -> None:
         """After the last epoch: export the compact model to ``pruned.pt`` (models/export.py)."""
         if self.ctx.is_main:
-            from models import save_pruned
-
-            from .logger import human
             path = self.out_dir / "pruned.pt"
             _, pruned = save_pruned(self.model, path, dict(dataset=self.args.dataset, data_dir=self.args.data_dir,
                                                            epoch=self.epoch))
