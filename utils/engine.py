@@ -169,6 +169,14 @@ def make_optimizers(model, args, recipe: Recipe):
     return weights, weight_schedule, gates, gate_schedule
 
 
+def loader_options(workers: int, device: torch.device) -> dict:
+    """DataLoader settings that keep GPUs fed: worker processes that live across
+    epochs, 4 batches prefetched per worker, pinned memory for non-blocking
+    copies; the loader's own generator leaves the global RNG (gate noise) alone."""
+    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+
+
 def topk_hits(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Number of examples whose target is in the top-1 and in the top-5 predictions."""
     top = output.topk(min(5, output.shape[1]), dim=1).indices == targets[:, None]
@@ -249,7 +257,7 @@ class Trainer:
         self.sampler = ResumableSampler(train_set, ctx, args.seed, self.batch_size)
         self.train_loader = self._train_loader(train_set)
         self.val_loader = DataLoader(val_set, batch_size=self.batch_size, sampler=ShardSampler(len(val_set), ctx),
-                                     **self._loader_options())
+                                     **loader_options(self.args.workers, self.device))
         self.log = RunLogger(self.out_dir, model, imagenet=recipe.imagenet, enabled=ctx.is_main)
         self.log.start(args, device, self.out_dir, len(train_set), len(val_set), ctx.world_size)
 
@@ -315,11 +323,6 @@ class Trainer:
                       "the rest of this epoch will not match the interrupted run exactly", file=sys.stderr)
             self.resume_rank_state = mine
 
-    def _loader_options(self) -> dict:
-        workers = self.args.workers
-        return dict(num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                    prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
-
     def _train_loader(self, train_set):
         # CIFAR on a GPU: the whole training set lives on the device and is
         # augmented there, so no loader process can become the bottleneck.
@@ -330,7 +333,7 @@ class Trainer:
             mean, std = CIFAR_STATS[self.args.num_classes]
             return DeviceCifarLoader(train_set.data, train_set.targets, mean, std, self.sampler, self.device)
         return DataLoader(SeededDataset(train_set), batch_size=self.batch_size, sampler=self.sampler,
-                          **self._loader_options())
+                          **loader_options(self.args.workers, self.device))
 
     def _wrap(self) -> None:
         """The module the training step calls: DDP across processes, compiled on request."""
