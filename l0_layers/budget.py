@@ -22,6 +22,8 @@ which lets the weights adapt while channels are removed, then held at F.
 import torch
 from torch import nn
 
+from models.structure import CostModel
+
 KINDS = ("macs", "params")
 
 
@@ -42,8 +44,12 @@ class BudgetConstraint(nn.Module):
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target must be in (0, 1], got {target}")
         self.kind, self.target, self.warmup = kind, target, warmup
-        self.gates, self.cost = model.gates, model.cost
-        self.dense = float(model.cost.dense()[0 if kind == "macs" else 1])
+        # The multipliers are this module's only parameters (its optimiser
+        # ascends them): the gates are read through bound methods, not
+        # submodules, and widths are priced with its own cost records.
+        self.expected_open, self.kept = model.gates.expected_open, model.gates.kept
+        self.cost = CostModel(model.weight_layers, model.gates.num_layers)
+        self.dense = float(self.cost.dense()[0 if kind == "macs" else 1])
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
 
@@ -57,11 +63,11 @@ class BudgetConstraint(nn.Module):
 
     def forward(self, progress: float, expected_open: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(Lagrangian term, expected cost fraction C) at ``progress`` epochs."""
-        expected = self.fraction(self.gates.expected_open() if expected_open is None else expected_open)
+        expected = self.fraction(self.expected_open() if expected_open is None else expected_open)
         gap = expected - self.target_at(progress)
         return self.lambda1 * gap + self.lambda2 * gap * gap, expected
 
     def deterministic(self) -> float:
         """Cost fraction of the pruned network (channels with test gate > 0)."""
-        macs, params = self.cost.pruned(self.gates.kept())
+        macs, params = self.cost.pruned(self.kept())
         return (macs if self.kind == "macs" else params) / self.dense

@@ -21,6 +21,8 @@ No 1/N scaling and no L2 term: weight decay belongs to the optimiser.
 import torch
 from torch import nn
 
+from models.structure import CostModel
+
 REGS = ("paper", "macs", "params")
 
 
@@ -38,11 +40,14 @@ class L0Penalty(nn.Module):
         in_channels = torch.tensor([float(g.in_channels) for g in layers])
         coeff = kernel ** 2 if self.form == "chain" else in_channels * kernel ** 4
         self.register_buffer("coeff", coeff, persistent=False)
-        self.gates = model.gates
-        self.cost = model.cost
+        # The penalty owns no parameters: it reads the gates through a bound
+        # method (not a submodule) and prices widths with its own copy of the
+        # cost records (buffers only).
+        self.expected_open = model.gates.expected_open
+        self.cost = CostModel(model.weight_layers, model.gates.num_layers)
 
     def forward(self, lamba: float, expected_open: torch.Tensor | None = None) -> torch.Tensor:
-        s = self.gates.expected_open() if expected_open is None else expected_open
+        s = self.expected_open() if expected_open is None else expected_open
         if self.reg == "macs":
             return lamba * self.cost.macs(s)
         if self.reg == "params":

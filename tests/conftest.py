@@ -102,6 +102,11 @@ def script_env():
         env[var] = "http://127.0.0.1:9"
     env.pop("no_proxy", None)
     env.pop("NO_PROXY", None)
+    # One intra-op thread: these runs are tiny, OpenMP threads that spin-wait
+    # on a busy 2-core machine make them 5x slower, and the results must not
+    # depend on how many threads the machine's load leaves (resume equality).
+    env["OMP_NUM_THREADS"] = "1"
+    env["MKL_NUM_THREADS"] = "1"
     return env
 
 
@@ -144,3 +149,25 @@ def read_tb_events(path):
                 value = (v.metadata.plugin_data.plugin_name, getattr(v, kind) if kind else None)
             out.append((event.step, v.tag, kind, value))
     return out
+
+
+def run_parallel(jobs, workers=2):
+    """Run ``{name: callable}`` in a thread pool (each job mostly waits on a subprocess).
+
+    Returns ``{name: Outcome}``; ``Outcome.get()`` returns the job's value or
+    re-raises its exception, so a failed job fails only the tests that use it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Outcome:
+        def __init__(self, future):
+            self.future = future
+
+        def get(self):
+            return self.future.result()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        for future in futures.values():
+            future.exception()  # wait for all
+    return {name: Outcome(f) for name, f in futures.items()}

@@ -7,7 +7,14 @@ variant trains a reference run A (3 tiny epochs of 2 batches of 4, keeping epoch
 * C: A's epoch_1.pt copied into a fresh directory as last.pt and resumed;
 * B (ResNet56 and VGG16): the same command started from scratch and killed
   with SIGKILL during epoch 2 (on its first progress line of epoch 2, so its
-  last.pt is the one of epoch 1), then resumed with --resume B/last.pt.
+  last.pt is the one of epoch 1), then resumed with --resume B/last.pt;
+* D (ResNet56): stopped with SIGTERM during epoch 2 (the engine saves the
+  position inside the epoch and exits with 75), then resumed with
+  --resume auto --out-dir D.
+
+Every run uses one intra-op thread (conftest.script_env), so the bit-exact
+comparison does not depend on how many threads the machine's load leaves.
+All runs start from one module fixture, two at a time.
 
 It also checks what is in a checkpoint (tensors and plain values only, all
 loadable with ``weights_only=True``), that a checkpoint which would run code
@@ -19,13 +26,12 @@ import pickle
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_script, script_command, script_env
+from conftest import run_parallel, run_script, script_command, script_env
 
 FLAGS = ("--dummy", "--seed", "3", "-b", "4", "--limit-batches", "2", "--epoch", "3", "-j", "0", "-p", "1")
 VARIANTS = {
@@ -82,100 +88,172 @@ def assert_same_final_state(dir_a: Path, dir_b: Path):
     ra = json.loads((dir_a / "results.json").read_text())
     rb = json.loads((dir_b / "results.json").read_text())
     assert ra["epochs_done"] == rb["epochs_done"] == 3
-    assert _without(ra, {"wall_time_s"}) == _without(rb, {"wall_time_s"})
-    assert _without(a["results"], {"wall_time_s"}) == _without(ra, {"wall_time_s"})
+    # wall_time_s and git_commit describe the process that wrote the file, not the training state.
+    volatile = {"wall_time_s", "git_commit"}
+    assert _without(ra, volatile) == _without(rb, volatile)
+    assert _without(a["results"], volatile) == _without(ra, volatile)
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
-def reference(request, tmp_path_factory):
+def _reference_run(base, name):
     """Run A: three uninterrupted epochs, keeping epoch_1.pt."""
-    name = request.param
     script, extra = VARIANTS[name]
-    cwd = tmp_path_factory.mktemp(f"resume-{name}")
+    cwd = base / name
+    cwd.mkdir()
     proc = run_script(script, *extra, *FLAGS, "--save_epoch", "1", "--out-dir", "A", cwd=cwd)
+    return dict(name=name, script=script, extra=extra, cwd=cwd, dir=cwd / "A", proc=proc)
+
+
+def _assert_completed(proc):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, _diagnostics(proc)
-    yield dict(name=name, script=script, extra=extra, cwd=cwd, dir=cwd / "A", proc=proc)
-    shutil.rmtree(cwd, ignore_errors=True)
 
 
-def test_resume_from_epoch_1_checkpoint_is_exact(reference):
-    cwd, script, extra = reference["cwd"], reference["script"], reference["extra"]
-    c = cwd / "C"
+def _resume_from_copy(ref):
+    """C: A's epoch_1.pt copied into a fresh directory as last.pt, then resumed."""
+    _assert_completed(ref["proc"])
+    cwd, c = ref["cwd"], ref["cwd"] / "C"
     c.mkdir()
-    shutil.copyfile(reference["dir"] / "epoch_1.pt", c / "last.pt")
-    assert _load(c / "last.pt")["epoch"] == 1
-    proc = run_script(script, *extra, *FLAGS, "--out-dir", "C", "--resume", c / "last.pt", cwd=cwd)
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, _diagnostics(proc)
-    # Only epochs 2 and 3 were trained.
-    assert "Epoch [1][" not in proc.stdout and "Epoch [2][" in proc.stdout and "Epoch [3][" in proc.stdout
-    assert_same_final_state(reference["dir"], c)
+    shutil.copyfile(ref["dir"] / "epoch_1.pt", c / "last.pt")
+    copied_epoch = _load(c / "last.pt")["epoch"]
+    proc = run_script(ref["script"], *ref["extra"], *FLAGS, "--out-dir", "C", "--resume", c / "last.pt", cwd=cwd)
+    return dict(copied_epoch=copied_epoch, proc=proc, dir=c)
 
 
-def _start_and_kill_in_epoch_2(script, args, cwd):
-    """Start a run and SIGKILL it on its first progress line of epoch 2 (epoch 1 is saved by then)."""
-    stderr_path = cwd / "B.stderr"
-    with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen(script_command(script, *args), cwd=cwd, env=script_env(), stdout=subprocess.PIPE,
-                                stderr=stderr, text=True)
-        lines, killed = [], False
-        try:
-            for line in proc.stdout:
-                lines.append(line)
-                if line.startswith("Epoch [2]["):
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed = True
-                    break
-        finally:
-            if not killed and proc.poll() is None:
-                proc.kill()
-            proc.stdout.close()
-            proc.wait(timeout=60)
-    return killed, proc.returncode, "".join(lines), stderr_path.read_text()
-
-
-@pytest.mark.parametrize("reference", KILLED_VARIANTS, indirect=True)
-def test_resume_after_sigkill_is_exact(reference):
-    cwd, script, extra = reference["cwd"], reference["script"], reference["extra"]
-    args = (*extra, *FLAGS, "--out-dir", "B")
-    killed, rc, out, err = _start_and_kill_in_epoch_2(script, args, cwd)
-    assert killed, f"the run never reached epoch 2 (rc {rc})\n{out[-3000:]}\n{err[-3000:]}"
-    assert rc == -signal.SIGKILL
-    b = cwd / "B"
-    interrupted = _load(b / "last.pt")
-    assert interrupted["epoch"] == 1, "the kill landed after epoch 2 was saved; the run is too fast to interrupt"
-    assert json.loads((b / "results.json").read_text())["epochs_done"] == 1
-
-    proc = run_script(script, *args, "--resume", b / "last.pt", cwd=cwd)
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, _diagnostics(proc)
-    assert_same_final_state(reference["dir"], b)
-
-
-@pytest.mark.parametrize("reference", ["resnet56-dep"], indirect=True)
-def test_resume_after_sigterm_is_exact(reference):
-    """SIGTERM (a scheduler's preemption) during epoch 2: the run saves and exits with 75
-    (the engine's EXIT_PREEMPTED), and ``--resume auto`` ends exactly where A ends."""
-    cwd, script, extra = reference["cwd"], reference["script"], reference["extra"]
-    args = (*extra, *FLAGS, "--out-dir", "D")
+def _stream_until(script, args, cwd, signum, prefix="Epoch [2]["):
+    """Start a run; send ``signum`` on its first stdout line starting with ``prefix``.
+    Returns (signalled, returncode, stdout+stderr)."""
     proc = subprocess.Popen(script_command(script, *args), cwd=cwd, env=script_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines, signalled = [], False
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("Epoch [2][") and not signalled:
-            os.kill(proc.pid, signal.SIGTERM)
-            signalled = True
-    proc.stdout.close()
-    rc = proc.wait(timeout=300)
-    out = "".join(lines)
-    assert signalled and rc == 75, f"rc {rc}\n{out[-4000:]}"
-    assert "Traceback" not in out
-    stopped = _load(cwd / "D" / "last.pt")
-    # Stopped inside epoch 2 (after its first step) or, if the signal came late, at its end.
-    assert (stopped["epoch"], stopped["step"]) in {(1, 1), (2, 0)}, (stopped["epoch"], stopped["step"])
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(prefix) and not signalled:
+                os.kill(proc.pid, signum)
+                signalled = True
+                if signum == signal.SIGKILL:
+                    break
+    finally:
+        if not signalled and proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        rc = proc.wait(timeout=300)
+    return signalled, rc, "".join(lines)
 
-    proc = run_script(script, *args, "--resume", "auto", cwd=cwd)
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, _diagnostics(proc)
-    assert_same_final_state(reference["dir"], cwd / "D")
+
+def _kill_and_resume(ref):
+    """B: the same command from scratch, SIGKILLed on its first progress line of epoch 2
+    (epoch 1 is saved by then, epoch 2 is not), then resumed with --resume B/last.pt."""
+    _assert_completed(ref["proc"])
+    args = (*ref["extra"], *FLAGS, "--out-dir", "B")
+    b = ref["cwd"] / "B"
+    killed, rc, out = _stream_until(ref["script"], args, ref["cwd"], signal.SIGKILL)
+    state = dict(killed=killed, rc=rc, out=out, dir=b)
+    if not killed:
+        return state
+    state["saved_epoch"] = _load(b / "last.pt")["epoch"]
+    state["results_epochs"] = json.loads((b / "results.json").read_text())["epochs_done"]
+    state["proc"] = run_script(ref["script"], *args, "--resume", b / "last.pt", cwd=ref["cwd"])
+    return state
+
+
+def _term_and_resume(ref):
+    """D: SIGTERM (a scheduler's preemption) during epoch 2, then --resume auto --out-dir D."""
+    _assert_completed(ref["proc"])
+    args = (*ref["extra"], *FLAGS, "--out-dir", "D")
+    d = ref["cwd"] / "D"
+    signalled, rc, out = _stream_until(ref["script"], args, ref["cwd"], signal.SIGTERM)
+    state = dict(signalled=signalled, rc=rc, out=out, dir=d)
+    if rc != 75:
+        return state
+    stopped = _load(d / "last.pt")
+    state["position"] = (stopped["epoch"], stopped["step"])
+    state["proc"] = run_script(ref["script"], *args, "--resume", "auto", cwd=ref["cwd"])
+    return state
+
+
+class _RunsCode:
+    """Unpickling this calls os.system(command)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _evil_checkpoint(base, writer):
+    """A checkpoint that would create MARKER if unpickled, given to --resume."""
+    cwd = base / f"evil-{writer}"
+    cwd.mkdir()
+    marker, evil = cwd / "MARKER", cwd / "evil.pt"
+    payload = {"format": "dep-l0-checkpoint/1", "model": _RunsCode(f"touch {marker}")}
+    if writer == "torch.save":
+        torch.save(payload, evil)
+    else:
+        with open(evil, "wb") as f:
+            pickle.dump(payload, f)
+    proc = run_script("train_resnet56.py", "--resume", evil, "--dummy", "-j", "0", "--epoch", "1", "-b", "2",
+                      "--limit-batches", "1", cwd=cwd)
+    return dict(proc=proc, marker=marker)
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    """Every run of this file, two at a time: the A runs first, then everything that needs them."""
+    base = tmp_path_factory.mktemp("resume")
+    refs = run_parallel({name: (lambda name=name: _reference_run(base, name)) for name in VARIANTS})
+    jobs = {}
+    for name in KILLED_VARIANTS:
+        jobs[f"B/{name}"] = lambda name=name: _kill_and_resume(refs[name].get())
+    jobs["D/resnet56-dep"] = lambda: _term_and_resume(refs["resnet56-dep"].get())
+    for name in VARIANTS:
+        jobs[f"C/{name}"] = lambda name=name: _resume_from_copy(refs[name].get())
+    for writer in ("torch.save", "pickle"):
+        jobs[f"evil/{writer}"] = lambda writer=writer: _evil_checkpoint(base, writer)
+    later = run_parallel(jobs)
+    yield {**{f"A/{name}": outcome for name, outcome in refs.items()}, **later}
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=list(VARIANTS))
+def reference(request, resume_runs):
+    ref = resume_runs[f"A/{request.param}"].get()
+    _assert_completed(ref["proc"])
+    return ref
+
+
+def test_resume_from_epoch_1_checkpoint_is_exact(reference, resume_runs):
+    c = resume_runs[f"C/{reference['name']}"].get()
+    assert c["copied_epoch"] == 1
+    _assert_completed(c["proc"])
+    # Only epochs 2 and 3 were trained.
+    out = c["proc"].stdout
+    assert "Epoch [1][" not in out and "Epoch [2][" in out and "Epoch [3][" in out
+    assert_same_final_state(reference["dir"], c["dir"])
+
+
+@pytest.mark.parametrize("reference", KILLED_VARIANTS, indirect=True)
+def test_resume_after_sigkill_is_exact(reference, resume_runs):
+    b = resume_runs[f"B/{reference['name']}"].get()
+    assert b["killed"], f"the run never reached epoch 2 (rc {b['rc']})\n{b['out'][-4000:]}"
+    assert b["rc"] == -signal.SIGKILL
+    assert b["saved_epoch"] == 1, "the kill landed after epoch 2 was saved"
+    assert b["results_epochs"] == 1
+    _assert_completed(b["proc"])
+    assert_same_final_state(reference["dir"], b["dir"])
+
+
+@pytest.mark.parametrize("reference", ["resnet56-dep"], indirect=True)
+def test_resume_after_sigterm_is_exact(reference, resume_runs):
+    """SIGTERM during epoch 2: the run saves and exits with 75 (the engine's
+    EXIT_PREEMPTED), and ``--resume auto`` ends exactly where A ends."""
+    d = resume_runs["D/resnet56-dep"].get()
+    assert d["signalled"] and d["rc"] == 75, f"rc {d['rc']}\n{d['out'][-4000:]}"
+    assert "Traceback" not in d["out"]
+    # Stopped inside epoch 2 (after its first step) or, if the signal came late, at its end.
+    assert d["position"] in {(1, 1), (2, 0)}, d["position"]
+    _assert_completed(d["proc"])
+    assert_same_final_state(reference["dir"], d["dir"])
 
 
 def test_no_temporary_files_left(reference):
@@ -214,30 +292,11 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(reference):
 # ---------------------------------------------------------------- code on load
 
 
-class _RunsCode:
-    """Unpickling this calls os.system(command)."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])
-def test_checkpoint_that_runs_code_is_refused(writer, tmp_path):
-    marker = tmp_path / "MARKER"
-    evil = tmp_path / "evil.pt"
-    payload = {"format": "dep-l0-checkpoint/1", "model": _RunsCode(f"touch {marker}")}
-    if writer == "torch.save":
-        torch.save(payload, evil)
-    else:
-        with open(evil, "wb") as f:
-            pickle.dump(payload, f)
-    proc = run_script("train_resnet56.py", "--resume", evil, "--dummy", "-j", "0", "--epoch", "1", "-b", "2",
-                      "--limit-batches", "1", cwd=tmp_path)
-    time.sleep(0.1)
-    assert not marker.exists(), "loading the checkpoint ran its code"
+def test_checkpoint_that_runs_code_is_refused(writer, resume_runs):
+    evil = resume_runs[f"evil/{writer}"].get()
+    proc = evil["proc"]
+    assert not evil["marker"].exists(), "loading the checkpoint ran its code"
     assert proc.returncode == 2, _diagnostics(proc)
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
