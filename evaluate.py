@@ -13,7 +13,6 @@ training checkpoint is evaluated with its deterministic test gates, a
 """
 import os
 import sys
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,7 +25,7 @@ from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, nonneg_int, positive_int
 from utils.data import DATASETS, build_datasets
 from utils.engine import topk_hits
-from utils.errors import UsageError
+from utils.errors import UsageError, run_reporting_errors
 from utils.logger import human
 
 
@@ -111,12 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit-batches", type=positive_int, metavar="N", help="at most N batches")
     p.add_argument("--gpu", "--gpu_id", dest="gpu", type=nonneg_int, help="CUDA device index (default: CPU)")
     args = p.parse_args(argv)
-    try:
-        evaluate(args)
-    except UsageError as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(p.prog, lambda: evaluate(args))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 from models import build_model, save_pruned
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser
-from utils.errors import UsageError
+from utils.errors import UsageError, run_reporting_errors
 from utils.logger import human
 
 
@@ -48,12 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a training checkpoint, or a run directory (its last.pt)")
     parser.add_argument("-o", "--out", metavar="OUT", help="output file or directory (default: pruned.pt next to CHECKPOINT)")
     args = parser.parse_args(argv)
-    try:
-        export(args.checkpoint, args.out)
-    except UsageError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(parser.prog, lambda: export(args.checkpoint, args.out))
 
 
 if __name__ == "__main__":

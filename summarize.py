@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from utils.cli import OneLineParser
-from utils.errors import UsageError
+from utils.errors import UsageError, run_reporting_errors
 from utils.logger import human
 from utils.plots import run_title, save_channels_png
 
@@ -94,12 +94,7 @@ def main(argv=None) -> int:
     p = OneLineParser(prog="summarize.py", description="Markdown results table and channel plots of finished runs.")
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="run directories, or folders of run directories")
     args = p.parse_args(argv)
-    try:
-        print(summarize(args.runs))
-    except UsageError as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(p.prog, lambda: print(summarize(args.runs)))
 
 
 if __name__ == "__main__":

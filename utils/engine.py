@@ -19,7 +19,6 @@ continues); a non-finite loss or gate logit stops the run (status 3) naming
 the step and the last good checkpoint; user mistakes stop it with one line
 (status 2).
 """
-import math
 import signal
 import subprocess
 import sys
@@ -41,12 +40,11 @@ from . import distributed
 from .checkpoint import FORMAT, link_or_copy, load_checkpoint, previous_of, save_checkpoint, write_json
 from .cli import Recipe, parse_args, program_name
 from .data import CIFAR_STATS, build_datasets
-from .errors import TrainingDiverged, UsageError
+from .errors import TrainingDiverged, UsageError, run_reporting_errors
 from .logger import RunLogger, human
 from .sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
 
 EXIT_PREEMPTED = 75   # stopped by a signal after saving; resubmit with --resume auto
-EXIT_DIVERGED = 3
 # Arguments that define what a run is: a checkpoint only resumes a run that agrees on these.
 IDENTITY = ("net", "back_dep", "dataset", "num_classes", "reg", "temp", "lamba", "width_mult", "target_macs",
             "target_params")
@@ -56,22 +54,7 @@ BUDGET_TOLERANCE = 0.02  # |deterministic - target| as a fraction of the dense c
 def main(recipe: Recipe, argv=None) -> None:
     """Entry point of the training scripts."""
     prog = program_name()
-    try:
-        code = Trainer(recipe, parse_args(recipe, argv, prog)).fit()
-    except UsageError as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_DIVERGED)
-    sys.exit(code)
-
-
-def one_line(error: Exception) -> str:
-    """The message of a user mistake; an error re-raised from a DataLoader worker
-    carries the worker's traceback, of which only the last line is the message."""
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    return lines[-1].removeprefix(f"{type(error).__module__}.{type(error).__name__}: ")
+    sys.exit(run_reporting_errors(prog, lambda: Trainer(recipe, parse_args(recipe, argv, prog)).fit()))
 
 
 def select_device(gpu: int | None, ctx: distributed.Context) -> torch.device:

@@ -10,7 +10,6 @@ text ``z``; for ImageNet also ``train/acc1``, ``train/acc5``, ``test/acc1``,
 import datetime
 import json
 
-import torch
 from tensorboardX import SummaryWriter
 
 from .plots import channels_image, run_title
