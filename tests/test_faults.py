@@ -15,10 +15,11 @@ uninterrupted run with the same flags and seed ends: model, optimiser and
 scheduler states in ``last.pt`` and every number of ``results.json``.
 
 Runs are tiny (ResNet56 at width 1/8, 8 batches of 8 per epoch, 3 epochs) and
-single-threaded (``OMP_NUM_THREADS=1``); most of their time is Python start-up.
-So that the file stays well under two minutes, the subprocess runs are *jobs*
-of a module-wide :class:`Campaign`: the selected tests' jobs start together,
-three at a time, and each test waits only for the jobs it checks.
+single-threaded (``OMP_NUM_THREADS=1``); most of their time is Python start-up
+(about 4 s of CPU each). So that the file takes about a minute and a half, the
+subprocess runs are *jobs* of a module-wide :class:`Campaign`: the selected
+tests' jobs start together, three at a time, and each test waits only for the
+jobs it checks. In-process tests run meanwhile.
 """
 import errno
 import importlib.util
@@ -295,9 +296,9 @@ def _evil_file(path: Path, marker: Path, fmt: str) -> Path:
     return path
 
 
-def job_evil(cwd, campaign, script, fmt, *args):
+def job_evil(cwd, campaign, script, *args):
     marker = cwd / "MARKER"
-    evil = _evil_file(cwd / ("pruned.pt" if fmt == PRUNED_FORMAT else "best.pt"), marker, fmt)
+    evil = _evil_file(cwd / "best.pt", marker, CHECKPOINT_FORMAT)
     res = run(script, evil, *args, cwd=cwd)
     return dict(res=res, evil=evil, marker=marker)
 
@@ -328,8 +329,8 @@ class Campaign:
             "fallback/corrupt-middle": (job_fallback, "corrupt-middle"),
             "diverge": (job_run, (*DUMMY_BASE, "--epoch", "2", "--lr", "1e30")),
             "bad-image/j2": (job_undecodable_image, 2),
-            "evil/export": (job_evil, "export.py", CHECKPOINT_FORMAT),
-            "evil/evaluate": (job_evil, "evaluate.py", CHECKPOINT_FORMAT, "--dummy", "-j", "0"),
+            "evil/export": (job_evil, "export.py"),
+            "evil/evaluate": (job_evil, "evaluate.py", "--dummy", "-j", "0"),
         }
         self.needs = {"fallback/truncated": ["dummy/reference"], "fallback/corrupt-middle": ["dummy/reference"]}
         self.futures = {}
@@ -562,6 +563,7 @@ def test_damaged_checkpoint_given_to_resume_is_one_line(how, tmp_path, campaign,
     out = shutil.copytree(campaign.reference("dummy/reference"), tmp_path / "run")
     _damage(out / "last.pt", how)
     res = train_here(*DUMMY, "--resume", out / "last.pt", "--out-dir", out)
+    assert res.rc != 0, f"the {how} last.pt was loaded as if it were intact\n{res.diag}"
     assert_one_line_error(res, 2, out / "last.pt")
 
 
@@ -574,6 +576,7 @@ def test_resume_auto_falls_back_to_previous_checkpoint(how, campaign):
     res, out = job["res"], job["out"]
     assert res.rc == 0, res.diag
     warnings = [line for line in res.stderr.splitlines() if line.strip()]
+    assert warnings, f"the {how} last.pt was loaded as if it were intact (no warning, no fallback)\n{res.diag}"
     assert len(warnings) == 1 and warnings[0].startswith("warning:") and str(out / "last.pt") in warnings[0], res.diag
     progress = res.progress()
     assert progress and progress[0].startswith("Epoch [3][1/"), res.diag
@@ -618,7 +621,7 @@ def test_disk_fills_up_during_training(campaign):
     job = campaign.get("disk-full")
     if "skip" in job:
         pytest.skip(job["skip"])
-    assert job["hung"] is None, job["hung"]
+    assert job["hung"] is None, f"the run hung once the disk was full\n{job['hung']}"
     assert_one_line_error(job["res"], 2, os.strerror(errno.ENOSPC))
     assert job["last"] == job["good"], "last.pt of epoch 1 was changed"
     assert not job["temporary"], job["temporary"]
@@ -735,18 +738,17 @@ def _tree_with_undecodable_image(root):
     return root, bad
 
 
-BAD_TREES = {
-    "no-images": (_tree_without_images, 0),
-    "train-val-classes-differ": (_tree_with_differing_classes, 0),
-    "undecodable-image": (_tree_with_undecodable_image, 0),
+BAD_TREES = {  # each makes the tree and returns (root, what the error line must name)
+    "no-images": _tree_without_images,
+    "train-val-classes-differ": _tree_with_differing_classes,
+    "undecodable-image": _tree_with_undecodable_image,
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_TREES))
 def test_bad_image_folder_is_one_line(case, tmp_path, train_here):
-    make, workers = BAD_TREES[case]
-    root, named = make(tmp_path / "data")
-    res = train_here("--dataset", "folder", "--data-dir", root, "-j", workers, "-b", "8", "--width-mult", "0.125",
+    root, named = BAD_TREES[case](tmp_path / "data")
+    res = train_here("--dataset", "folder", "--data-dir", root, "-j", "0", "-b", "8", "--width-mult", "0.125",
                      "--epoch", "1", "--out-dir", tmp_path / "run")
     assert_one_line_error(res, 2, named)
     assert not (tmp_path / "run" / "last.pt").exists()

@@ -284,7 +284,7 @@ def test_published_console(published):
         assert "top-5" in m.group(0)
 
 
-# ------------------------------------------------------------- fine-tuning
+# ------------------------------- fine-tuning, --reg, real data (one fixture)
 
 
 @pytest.fixture(scope="module")
@@ -342,9 +342,6 @@ def test_fine_tune_has_no_penalty(fine_tune_run):
     assert all(v > 0 for s, v in penalty[:2]) and all(v == 0 for s, v in penalty[2:])
 
 
-# ------------------------------------------------------------- --reg forms
-
-
 @pytest.mark.parametrize("reg", ["macs", "params"])
 def test_cost_penalties_run(reg, other_runs):
     run = other_runs[f"reg-{reg}"].get()
@@ -353,9 +350,6 @@ def test_cost_penalties_run(reg, other_runs):
     progress = _progress_lines(run.proc.stdout)
     assert progress and all(float(m.group(5)) > 0 for m in progress)
     assert (run.run_dir / "last.pt").is_file()
-
-
-# ------------------------------------------------------------- real data
 
 
 def _write_image_tree(root, per_class=(3, 2)):

@@ -19,6 +19,7 @@ continues); a non-finite loss or gate logit stops the run (status 3) naming
 the step and the last good checkpoint; user mistakes stop it with one line
 (status 2).
 """
+import os
 import signal
 import subprocess
 import sys
@@ -94,19 +95,30 @@ def fresh_out_dir(base: Path) -> Path:
     return path
 
 
-def prepare_out_dir(path: Path, resuming: bool) -> Path:
+def check_out_dir(path: Path, resuming: bool) -> Path:
+    """Refuse a run directory that cannot be used, before anything is created."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out-dir {path} exists and is not a directory")
     if not resuming and (path / "last.pt").exists():
         raise UsageError(f"{path} already holds a run; continue it with --resume {path} or choose another --out-dir")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise UsageError(f"cannot create the run directory {path}: {ancestor} is not a writable directory")
+    return path
+
+
+def create_out_dir(path: Path) -> None:
+    """Create the run directory and prove it writable (called once the data has loaded,
+    so a refused start leaves no empty directory behind)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test{id(path)}"
+        probe = path / f".write-test{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to the run directory {path} ({e.strerror or e})") from e
-    return path
 
 
 def find_resumable(directory: Path) -> dict | None:
@@ -208,6 +220,7 @@ class Trainer:
         train_set, val_set, num_classes = build_datasets(args.dataset, args.data_dir, dummy=args.dummy,
                                                          num_classes=args.num_classes)
         args.num_classes = num_classes
+        create_out_dir(self.out_dir)  # every rank: a rank that fails must not leave the others waiting
         torch.manual_seed(args.seed)
         arch = default_arch(recipe.model, num_classes, args.width_mult, net=args.net, back_dep=args.back_dep,
                             temperature=args.temp)
@@ -268,7 +281,7 @@ class Trainer:
             args.seed = checkpoint["args"]["seed"]
         elif args.seed is None:
             args.seed = ctx.gather(int(torch.randint(0, 2 ** 31 - 1, ()).item()))[0]
-        self.out_dir = prepare_out_dir(out_dir, resuming=checkpoint is not None or args.resume == "auto")
+        self.out_dir = check_out_dir(out_dir, resuming=checkpoint is not None or args.resume == "auto")
         return checkpoint
 
     def _check_identity(self, checkpoint: dict) -> None:
