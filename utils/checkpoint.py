@@ -81,6 +81,16 @@ def load_checkpoint(path, expected_format: str = FORMAT) -> dict:
         path = path / "last.pt"
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
+    if zipfile.is_zipfile(path):
+        # torch's reader does not check the zip's CRC-32s, so damage inside a
+        # tensor would load silently as different numbers.
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: {e})") from e
+        if damaged is not None:
+            raise UsageError(f"{path} is corrupt (checksum mismatch in {damaged})")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore")

@@ -164,12 +164,21 @@ def make_optimizers(model, args, recipe: Recipe):
     return weights, weight_schedule, gates, gate_schedule
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGINT/SIGUSR1: a scheduler signals the whole
+    process group, and the main process must finish its step and save while
+    the workers it needs are still alive."""
+    for s in StopSignals.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def loader_options(workers: int, device: torch.device) -> dict:
     """DataLoader settings that keep GPUs fed: worker processes that live across
     epochs, 4 batches prefetched per worker, pinned memory for non-blocking
     copies; the loader's own generator leaves the global RNG (gate noise) alone."""
     return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+                prefetch_factor=4 if workers > 0 else None, generator=torch.Generator(),
+                worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
 
 def topk_hits(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

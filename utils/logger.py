@@ -9,9 +9,14 @@ text ``z``; for ImageNet also ``train/acc1``, ``train/acc5``, ``test/acc1``,
 """
 import datetime
 import json
+import time
+from pathlib import Path
 
-from tensorboardX import SummaryWriter
+from tensorboardX import summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
 
+from .errors import UsageError
 from .plots import channels_image, run_title
 
 
@@ -22,6 +27,44 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
+class EventFile:
+    """TensorBoard events written synchronously (tensorboardX's file format and
+    summary builders, without its background thread: that thread dies silently
+    on a full disk, after which every later write blocks forever). A failed
+    write stops the run with one line instead."""
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.writer = self._guard(lambda: EventsWriter(str(self.out_dir / "events")))
+
+    def _guard(self, write):
+        try:
+            return write()
+        except OSError as e:
+            raise UsageError(f"cannot write TensorBoard events to {self.out_dir} ({e.strerror or e})") from e
+
+    def add(self, value: "summary.Summary", step: int) -> None:
+        self._guard(lambda: self.writer.write_event(Event(summary=value, wall_time=time.time(), step=step)))
+
+    def add_scalar(self, tag, value, step):
+        self.add(summary.scalar(tag, value), step)
+
+    def add_histogram(self, tag, values, step):
+        self.add(summary.histogram(tag, values, "auto"), step)
+
+    def add_image(self, tag, image_hwc, step):
+        self.add(summary.image(tag, image_hwc, dataformats="HWC"), step)
+
+    def add_text(self, tag, text, step):
+        self.add(summary.text(tag, text), step)
+
+    def flush(self):
+        self._guard(self.writer.flush)
+
+    def close(self):
+        self._guard(self.writer.close)
+
+
 class RunLogger:
     """Writes the console lines and TensorBoard events of rank 0; silent on other ranks."""
 
@@ -29,7 +72,7 @@ class RunLogger:
         self.model = model
         self.imagenet = imagenet
         self.enabled = enabled
-        self.writer = SummaryWriter(str(out_dir)) if enabled else None
+        self.writer = EventFile(out_dir) if enabled else None
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -87,7 +130,7 @@ class RunLogger:
                 w.add_histogram(f"mode_z/{layer.name}", z.numpy(), step)
                 w.add_histogram(f"qz_loga/{layer.name}", la.numpy(), step)
         w.add_text("z", str(kept), step)
-        w.add_image("channels", channels_image(results["channels"], run_title(results)), step, dataformats="HWC")
+        w.add_image("channels", channels_image(results["channels"], run_title(results)), step)
         w.flush()
         top5 = f" top-5 {val_stats['top5']:.2f}%" if self.imagenet else ""
         total = sum(c["total"] for c in results["channels"])
