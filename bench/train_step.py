@@ -42,11 +42,13 @@ def make_step(model, args, device):
     gated = model.gates.logits is not None
 
     def step(images, targets):
+        # As in utils/engine.py: the gate logits are computed once and shared.
+        log_alpha = model.gates.log_alpha() if gated else None
         with autocast:
-            output = run(images)
+            output = run(images, log_alpha)
         loss = F.cross_entropy(output.float(), targets)
         if gated:
-            loss = loss + penalty(1e-7)
+            loss = loss + penalty(1e-7, model.gates.expected_open(log_alpha))
         weights.zero_grad(set_to_none=True)
         if gates:
             gates.zero_grad(set_to_none=True)

@@ -46,7 +46,7 @@ def sample(log_alpha: torch.Tensor, batch_size: int, temperature: float) -> torc
     """
     u = torch.empty((batch_size, *log_alpha.shape), device=log_alpha.device,
                     dtype=log_alpha.dtype).uniform_(EPS, 1.0 - EPS)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / temperature)
+    s = torch.sigmoid((torch.logit(u) + log_alpha) / temperature)  # logit(u) = log u - log(1 - u)
     return _stretch_and_clamp(s)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
 
-from .common import GatedNetwork, LayerRecorder, conv_out, gated
+from .common import GatedNetwork, LayerRecorder, conv_out, gated_relu
 
 
 class Bottleneck(nn.Module):
@@ -56,8 +56,8 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(conv, nn.BatchNorm2d(c_out))
 
     def forward(self, x, z1, z2):
-        out = F.relu(gated(self.bn1(self.conv1(x)), z1))
-        out = F.relu(gated(self.bn2(self.conv2(out)), z2))
+        out = gated_relu(self.bn1(self.conv1(x)), z1)
+        out = gated_relu(self.bn2(self.conv2(out)), z2)
         out = self.bn3(self.conv3(out))
         return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
@@ -103,7 +103,7 @@ class ImageNetResNet(GatedNetwork):
 
     def forward(self, x, log_alpha=None):
         z_stem, *z_blocks = self.gates(x.shape[0], log_alpha)
-        x = self.maxpool(F.relu(gated(self.bn1(self.conv1(x)), z_stem)))
+        x = self.maxpool(gated_relu(self.bn1(self.conv1(x)), z_stem))
         for i, block in enumerate(self.layers):
             x = block(x, z_blocks[2 * i], z_blocks[2 * i + 1])
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))

@@ -13,12 +13,11 @@ are 14.72 M for CIFAR-10. ``tests/test_models.py`` checks this table.)
 A closed channel removes the conv filter, its BN entry and the next conv's
 input channel (or the classifier's input column).
 """
-import torch.nn.functional as F
 from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
 
-from .common import GatedNetwork, LayerRecorder, gated
+from .common import GatedNetwork, LayerRecorder, gated_relu
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -33,7 +32,7 @@ class ConvStage(nn.Module):
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
 
     def forward(self, x, z):
-        return self.pool(F.relu(gated(self.bn(self.conv(x)), z)))
+        return self.pool(gated_relu(self.bn(self.conv(x)), z))
 
 
 class VGG(GatedNetwork):

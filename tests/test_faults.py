@@ -232,11 +232,10 @@ def job_fallback(cwd, campaign, how):
 
 
 def _fill(disk: Path):
-    with open(disk / "filler", "wb") as f:
+    with open(disk / "filler", "wb", buffering=0) as f:  # unbuffered: closing it has nothing left to write
         try:
             while True:
                 f.write(b"\0" * (1 << 16))
-                f.flush()
         except OSError as e:
             assert e.errno == errno.ENOSPC, e
 
@@ -276,9 +275,13 @@ def job_full_disk(cwd, campaign):
 def job_undecodable_image(cwd, campaign, workers):
     root, bad = _tree_with_undecodable_image(cwd / "data")
     out = cwd / "run"
-    res = run(TRAIN, "--dataset", "folder", "--data-dir", root, "-j", workers, "-b", "8", "--width-mult", "0.125",
-              "--epoch", "1", "--out-dir", out, cwd=cwd)
-    return dict(res=res, bad=bad, out=out)
+    bg = Background(TRAIN, ["--dataset", "folder", "--data-dir", root, "-j", workers, "-b", "8", "--width-mult",
+                            "0.125", "--epoch", "1", "--out-dir", out], cwd)
+    try:  # it stops within a few seconds; a process still there after a minute is stuck on its workers
+        res, hung = bg.finish(timeout=60, what="the run with an undecodable image"), None
+    except AssertionError as e:
+        res, hung = bg.result(), str(e)
+    return dict(res=res, bad=bad, out=out, hung=hung)
 
 
 class _RunsCode:
@@ -760,6 +763,7 @@ def test_undecodable_image_in_a_loader_worker_is_one_line(campaign):
     in its text: the script still prints one line naming the file. (A subprocess: workers forked
     from this multi-threaded test process would not be a fair test.)"""
     job = campaign.get("bad-image/j2")
+    assert job["hung"] is None, f"the run printed its error but did not exit\n{job['hung']}"
     assert_one_line_error(job["res"], 2, job["bad"])
     assert not (job["out"] / "last.pt").exists()
 
