@@ -277,8 +277,8 @@ def job_undecodable_image(cwd, campaign, workers):
     out = cwd / "run"
     bg = Background(TRAIN, ["--dataset", "folder", "--data-dir", root, "-j", workers, "-b", "8", "--width-mult",
                             "0.125", "--epoch", "1", "--out-dir", out], cwd)
-    try:  # it stops within a few seconds; a process still there after a minute is stuck on its workers
-        res, hung = bg.finish(timeout=60, what="the run with an undecodable image"), None
+    try:  # it stops within a few seconds; a process still there after 30 s is stuck on its workers
+        res, hung = bg.finish(timeout=30, what="the run with an undecodable image"), None
     except AssertionError as e:
         res, hung = bg.result(), str(e)
     return dict(res=res, bad=bad, out=out, hung=hung)

@@ -43,6 +43,9 @@ def _write_then_rename(path: Path, write, keep_previous: bool = False) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UsageError(f"could not write {path} ({e.strerror or e}); the previous file is intact") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def previous_of(path: Path) -> Path:

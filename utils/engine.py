@@ -19,6 +19,8 @@ continues); a non-finite loss or gate logit stops the run (status 3) naming
 the step and the last good checkpoint; user mistakes stop it with one line
 (status 2).
 """
+import atexit
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -130,7 +132,10 @@ def find_resumable(directory: Path) -> dict | None:
                 state["path"] = str(path)
                 return state
             except UsageError as e:
-                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+                # Set the damaged file aside, so the next save does not rotate it over the good one.
+                damaged = path.with_name(f"{path.stem}.damaged{path.suffix}")
+                os.replace(path, damaged)
+                print(f"warning: {e}; moved it to {damaged.name} and trying an older checkpoint", file=sys.stderr)
     return None
 
 
@@ -167,9 +172,19 @@ def make_optimizers(model, args, recipe: Recipe):
 def ignore_stop_signals(worker_id: int) -> None:
     """Loader workers ignore SIGTERM/SIGINT/SIGUSR1: a scheduler signals the whole
     process group, and the main process must finish its step and save while
-    the workers it needs are still alive."""
+    the workers it needs are still alive (see :func:`kill_loader_workers`)."""
     for s in StopSignals.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def kill_loader_workers() -> None:
+    """At exit, end loader workers with SIGKILL: multiprocessing's own exit
+    handler would send them SIGTERM, which they ignore, and wait forever.
+    SIGCHLD goes back to its default first, so PyTorch's handler does not
+    report the killed workers as a failure."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        child.kill()
 
 
 def loader_options(workers: int, device: torch.device) -> dict:
@@ -259,6 +274,8 @@ class Trainer:
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BN modules in place
         self._wrap()
 
+        if args.workers > 0:
+            atexit.register(kill_loader_workers)  # runs before multiprocessing's handler (registered earlier)
         self.sampler = ResumableSampler(train_set, ctx, args.seed, self.batch_size)
         self.train_loader = self._train_loader(train_set)
         self.val_loader = DataLoader(val_set, batch_size=self.batch_size, sampler=ShardSampler(len(val_set), ctx),
