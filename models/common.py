@@ -11,11 +11,12 @@ def gated_relu(x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
     """BN output -> gate -> ReLU (``z=None``: a dense network, plain ReLU).
 
     The gates are cast to the feature map's dtype so that under autocast a
-    bf16/fp16 activation stays in its dtype instead of being promoted.
-    (A fused autograd function that saves only the output was measured slower
-    on CPU than autograd's two elementwise ops, so this stays plain.)
+    bf16/fp16 activation stays in its dtype instead of being promoted. The
+    ReLU runs in place on the product (the multiply's backward needs only its
+    inputs), saving one activation-sized allocation per gated layer. (A fused
+    autograd function keeping only the output was measured slower on CPU.)
     """
-    return torch.relu(x) if z is None else torch.relu(x * z.to(x.dtype))
+    return torch.relu(x) if z is None else torch.relu_(x * z.to(x.dtype))
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
