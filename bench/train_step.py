@@ -34,7 +34,7 @@ def make_step(model, args, device):
     """One training step of the engine's shape, returned as a closure."""
     penalty = L0Penalty(model, "paper").to(device)
     weights = torch.optim.SGD(model.weight_parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    gates = torch.optim.Adam(model.gate_parameters(), lr=1e-3) if model.gate_parameters() else None
+    gates = torch.optim.Adam(model.gate_parameters(), lr=1e-3, fused=True) if model.gate_parameters() else None
     run = torch.compile(model) if args.compile else model
     dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     autocast = torch.autocast(device.type, dtype) if args.amp else nullcontext()

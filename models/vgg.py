@@ -13,6 +13,7 @@ are 14.72 M for CIFAR-10. ``tests/test_models.py`` checks this table.)
 A closed channel removes the conv filter, its BN entry and the next conv's
 input channel (or the classifier's input column).
 """
+import torch
 from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
@@ -29,9 +30,14 @@ class ConvStage(nn.Module):
         super().__init__()
         self.conv = conv
         self.bn = nn.BatchNorm2d(conv.out_channels)
+        self.pooled = pool
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
 
     def forward(self, x, z):
+        if self.pooled and z is not None:
+            # z >= 0 is constant over space, so max-pool commutes with it (exactly,
+            # also in floating point): gating after the pool touches 4x fewer values.
+            return self.pool(torch.relu(self.bn(self.conv(x)))) * z.to(x.dtype)
         return self.pool(gated_relu(self.bn(self.conv(x)), z))
 
 

@@ -159,7 +159,7 @@ def make_optimizers(model, args, recipe: Recipe):
         gates = torch.optim.SGD(gate_params, lr=args.lr, momentum=0.9, weight_decay=0.0)
         gate_schedule = MultiStepLR(gates, list(args.milestones), args.lr_decay)
     else:
-        gates = torch.optim.Adam(gate_params, lr=args.lr_gate, weight_decay=0.0)
+        gates = torch.optim.Adam(gate_params, lr=args.lr_gate, weight_decay=0.0, fused=True)
         if recipe.gate_decay is None:
             # Deliberately constant (the VGG recipe); the reference got this by
             # binding the gate scheduler to the weight optimiser by mistake.
