@@ -171,3 +171,43 @@ def run_parallel(jobs, workers=2):
         for future in futures.values():
             future.exception()  # wait for all
     return {name: Outcome(f) for name, f in futures.items()}
+
+
+def assert_equal_states(a, b, where=""):
+    """Recursively equal: tensors with torch.equal (same dtype and shape), the rest with ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max().item()})"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, set(a) ^ set(b) if isinstance(b, dict) else b)
+        for k in a:
+            assert_equal_states(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_states(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def write_fake_cifar10(root, per_batch=4, val=6):
+    """CIFAR-10 in the real python-batch format (it fails torchvision's md5 check)."""
+    import pickle
+
+    import numpy as np
+
+    folder = _Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+
+    def dump(name, obj):
+        with open(folder / name, "wb") as f:
+            pickle.dump(obj, f)
+
+    for i in range(1, 6):
+        dump(f"data_batch_{i}", {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                                 "labels": [(i + j) % 10 for j in range(per_batch)]})
+    dump("test_batch", {"data": rng.integers(0, 256, (val, 3072), dtype=np.uint8),
+                        "labels": [j % 10 for j in range(val)]})
+    dump("batches.meta", {"label_names": [f"class{c}" for c in range(10)]})
+    return _Path(root)

@@ -14,9 +14,7 @@
 import json
 import math
 import re
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +25,6 @@ import train_vgg
 import utils.engine as engine
 from conftest import read_tb_events, run_script
 from l0_layers.budget import BudgetConstraint, annealed_target
-from l0_layers.hard_concrete import PRUNE_THRESHOLD
 from models import build_model, default_arch
 from utils.cli import parse_args
 

@@ -45,7 +45,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, script_command, script_env
+from conftest import assert_equal_states, REPO_ROOT, script_command, script_env
 
 TRAIN = "train_resnet56.py"
 STEPS = 8  # training batches per epoch (--limit-batches), also the validation batches
@@ -429,22 +429,6 @@ def train_here(capsys, monkeypatch, tmp_path):
 # ------------------------------------------------------------------ checks
 
 
-def _assert_equal_states(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max().item()})"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (where, set(a) ^ set(b) if isinstance(b, dict) else b)
-        for k in a:
-            _assert_equal_states(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal_states(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def _without(d, keys):
     return {k: v for k, v in d.items() if k not in keys}
 
@@ -454,10 +438,10 @@ def assert_same_run(reference: Path, run_dir: Path, epochs=3):
     a, b = _load(reference / "last.pt"), _load(run_dir / "last.pt")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (epochs, 0)
     for key in ("model", "weight_optimizer", "gate_optimizer", "weight_scheduler", "gate_scheduler"):
-        _assert_equal_states(a[key], b[key], key)
+        assert_equal_states(a[key], b[key], key)
     for key in ("best_top1", "gates_frozen", "arch"):
         assert a[key] == b[key], key
-    _assert_equal_states(_without(a["args"], RUN_LOCAL_ARGS), _without(b["args"], RUN_LOCAL_ARGS), "args")
+    assert_equal_states(_without(a["args"], RUN_LOCAL_ARGS), _without(b["args"], RUN_LOCAL_ARGS), "args")
     ra = json.loads((reference / "results.json").read_text())
     rb = json.loads((run_dir / "results.json").read_text())
     assert ra["epochs_done"] == epochs

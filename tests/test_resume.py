@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_parallel, run_script, script_command, script_env
+from conftest import assert_equal_states, run_parallel, run_script, script_command, script_env
 
 FLAGS = ("--dummy", "--seed", "3", "-b", "4", "--limit-batches", "2", "--epoch", "3", "-j", "0", "-p", "1")
 VARIANTS = {
@@ -55,24 +55,6 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _assert_equal_states(a, b, where=""):
-    """Recursively equal: tensors with torch.equal (same dtype and shape), the rest with ==."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max().item()})"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (where, set(a) ^ set(b) if isinstance(b, dict) else b)
-        for k in a:
-            _assert_equal_states(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal_states(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def _without(d, keys):
     return {k: v for k, v in d.items() if k not in keys}
 
@@ -81,10 +63,10 @@ def assert_same_final_state(dir_a: Path, dir_b: Path):
     a, b = _load(dir_a / "last.pt"), _load(dir_b / "last.pt")
     assert a["epoch"] == b["epoch"] == 3
     for key in ("model", "weight_optimizer", "gate_optimizer", "weight_scheduler", "gate_scheduler"):
-        _assert_equal_states(a[key], b[key], key)
+        assert_equal_states(a[key], b[key], key)
     for key in ("best_top1", "gates_frozen", "arch"):
         assert a[key] == b[key], key
-    _assert_equal_states(_without(a["args"], RUN_LOCAL_ARGS), _without(b["args"], RUN_LOCAL_ARGS), "args")
+    assert_equal_states(_without(a["args"], RUN_LOCAL_ARGS), _without(b["args"], RUN_LOCAL_ARGS), "args")
     ra = json.loads((dir_a / "results.json").read_text())
     rb = json.loads((dir_b / "results.json").read_text())
     assert ra["epochs_done"] == rb["epochs_done"] == 3

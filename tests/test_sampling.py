@@ -17,8 +17,6 @@ The engine runs in-process (``utils.engine.main``), as the scripts call it.
 import json
 import math
 import os
-import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +31,7 @@ import train_resnet56
 import train_vgg
 import utils.engine as engine
 from utils.distributed import Context
+from conftest import write_fake_cifar10
 from utils.sampling import (DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler, crop_flip,
                             sample_seed)
 
@@ -371,25 +370,6 @@ def test_shard_sampler_covers_each_index_once(length, world):
 # -------------------------------------------- the engine, in-process, on the CPU
 
 
-def _write_fake_cifar10(root: Path, per_batch=12, val=16):
-    """CIFAR-10 in the real python-batch format (fails the official md5, see the no_md5 fixture)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-
-    def dump(name, obj):
-        with open(folder / name, "wb") as f:
-            pickle.dump(obj, f)
-
-    for i in range(1, 6):
-        dump(f"data_batch_{i}", {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                                 "labels": [(i + j) % 10 for j in range(per_batch)]})
-    dump("test_batch", {"data": rng.integers(0, 256, (val, 3072), dtype=np.uint8),
-                        "labels": [j % 10 for j in range(val)]})
-    dump("batches.meta", {"label_names": [f"class{c}" for c in range(10)]})
-    return root
-
-
 @pytest.fixture
 def in_process(monkeypatch):
     """Run ``utils.engine.main`` here, single-process, CPU-only; returns ``run(recipe, argv) -> exit code``."""
@@ -413,7 +393,7 @@ def in_process(monkeypatch):
 
 
 def test_device_loader_runs_through_the_engine(tmp_path, in_process, monkeypatch, capsys):
-    data = _write_fake_cifar10(tmp_path / "cifar")
+    data = write_fake_cifar10(tmp_path / "cifar", per_batch=12, val=16)
     made = []
 
     class Spy(DeviceCifarLoader):
@@ -439,7 +419,7 @@ def test_device_loader_runs_through_the_engine(tmp_path, in_process, monkeypatch
 
 def test_device_loader_path_is_not_taken_for_workers(tmp_path, in_process, monkeypatch, capsys):
     """--loader workers (and auto on a CPU) keep the DataLoader path."""
-    data = _write_fake_cifar10(tmp_path / "cifar")
+    data = write_fake_cifar10(tmp_path / "cifar", per_batch=12, val=16)
     made = []
     monkeypatch.setattr(engine, "DeviceCifarLoader", lambda *a, **k: made.append(a) or pytest.fail("device loader"))
     for loader in ("workers", "auto"):

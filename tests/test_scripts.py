@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, read_tb_events, run_parallel, run_script, script_env
+from conftest import REPO_ROOT, read_tb_events, run_parallel, run_script, script_env, write_fake_cifar10
 
 # Spec section 5, flag for flag.
 PUBLISHED = [
@@ -380,24 +380,6 @@ def test_image_folder_dataset(other_runs):
     assert last["arch"]["num_classes"] == 2
 
 
-def _write_tiny_cifar10(root, per_batch=4, val=6):
-    import pickle
-
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-
-    def dump(name, obj):
-        with open(folder / name, "wb") as f:
-            pickle.dump(obj, f)
-
-    for i in range(1, 6):
-        dump(f"data_batch_{i}", {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                                 "labels": [(i + j) % 10 for j in range(per_batch)]})
-    dump("test_batch", {"data": rng.integers(0, 256, (val, 3072), dtype=np.uint8), "labels": list(range(val))})
-    dump("batches.meta", {"label_names": [f"class{c}" for c in range(10)]})
-
-
 # torchvision checks every CIFAR file against the md5 of the official release,
 # which a fake dataset cannot match. This wrapper replaces that one check with
 # an existence test and then runs the unchanged script as __main__.
@@ -413,7 +395,7 @@ runpy.run_path(script, run_name="__main__")
 
 
 def _cifar_run(tmp_path):
-    _write_tiny_cifar10(tmp_path / "cifar")
+    write_fake_cifar10(tmp_path / "cifar")
     argv = [sys.executable, "-c", NO_MD5_WRAPPER, str(REPO_ROOT / "train_resnet56.py"), "--data-dir",
             str(tmp_path / "cifar"), "-j", "0", "-b", "4", "--limit-batches", "2", "--epoch", "1", "--out-dir", "o"]
     proc = subprocess.run(argv, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=600)
@@ -440,7 +422,7 @@ def _error_cases(base: Path, r56_dir: Path):
     empty = base / "empty_data"
     empty.mkdir()
     fake_cifar = base / "fake_cifar"
-    _write_tiny_cifar10(fake_cifar)  # fails torchvision's md5 check: "corrupt"
+    write_fake_cifar10(fake_cifar)  # fails torchvision's md5 check: "corrupt"
 
     ckpts = base / "ckpts"
     ckpts.mkdir()
