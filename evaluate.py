@@ -24,7 +24,7 @@ from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, nonneg_int, positive_int
 from utils.data import DATASETS, build_datasets
-from utils.engine import topk_hits
+from utils.engine import evaluate_model
 from utils.errors import UsageError, run_reporting_errors
 from utils.logger import human
 
@@ -56,19 +56,6 @@ def load_model(path):
                               macs_dense=macs_dense, params_dense=params_dense)
 
 
-@torch.no_grad()
-def accuracy(model, loader, device, limit_batches=None) -> dict:
-    model.eval()
-    hits, seen = torch.zeros(2, device=device), 0
-    for step, (images, targets) in enumerate(loader):
-        if limit_batches is not None and step >= limit_batches:
-            break
-        hits += topk_hits(model(images.to(device)), targets.to(device))
-        seen += images.shape[0]
-    top1, top5 = (100 * hits / max(seen, 1)).tolist()
-    return dict(top1=top1, top5=top5, examples=seen)
-
-
 def evaluate(args) -> dict:
     model, info = load_model(args.path)
     arch = model.arch
@@ -89,7 +76,7 @@ def evaluate(args) -> dict:
     device = torch.device("cuda", args.gpu) if args.gpu is not None and torch.cuda.is_available() else torch.device("cpu")
     loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    stats = accuracy(model.to(device), loader, device, args.limit_batches)
+    stats = evaluate_model(model.to(device), loader, device, args.limit_batches)
     top5 = f"  top-5 {stats['top5']:.2f}%" if dataset == "imagenet" else ""
     print(f"{args.path} ({info['kind']}): {arch['model']} on {'dummy ' if args.dummy else ''}{dataset} val, "
           f"{stats['examples']} images")

@@ -123,8 +123,11 @@ def create_out_dir(path: Path) -> None:
         raise UsageError(f"cannot write to the run directory {path} ({e.strerror or e})") from e
 
 
-def find_resumable(directory: Path) -> dict | None:
-    """The newest readable checkpoint of a run directory (last.pt, else last.prev.pt)."""
+def find_resumable(directory: Path, set_aside: bool = True) -> dict | None:
+    """The newest readable checkpoint of a run directory (last.pt, else last.prev.pt).
+
+    With ``set_aside`` (rank 0 only, so ranks do not race) a damaged file is
+    renamed, so the next save does not rotate it over the good one."""
     for path in (directory / "last.pt", previous_of(directory / "last.pt")):
         if path.exists():
             try:
@@ -132,7 +135,8 @@ def find_resumable(directory: Path) -> dict | None:
                 state["path"] = str(path)
                 return state
             except UsageError as e:
-                # Set the damaged file aside, so the next save does not rotate it over the good one.
+                if not set_aside:
+                    continue
                 damaged = path.with_name(f"{path.stem}.damaged{path.suffix}")
                 os.replace(path, damaged)
                 print(f"warning: {e}; moved it to {damaged.name} and trying an older checkpoint", file=sys.stderr)
@@ -202,6 +206,28 @@ def topk_hits(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.stack([top[:, 0].sum(), top.any(dim=1).sum()]).float()
 
 
+@torch.no_grad()
+def evaluate_model(model, loader, device, limit_batches=None, ctx=distributed.Context(), amp_dtype=None,
+                   memory_format=torch.contiguous_format) -> dict:
+    """Cross-entropy and top-1/top-5 in eval mode (deterministic gates), averaged per example,
+    summed over the ranks of ``ctx``."""
+    model.eval()
+    totals = torch.zeros(4, device=device)  # summed loss, top-1 hits, top-5 hits, examples
+    autocast = torch.autocast(device.type, amp_dtype) if amp_dtype else nullcontext()
+    for step, (images, targets) in enumerate(loader):
+        if limit_batches is not None and step >= limit_batches:
+            break
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast:
+            output = model(images).float()
+        totals += torch.cat([F.cross_entropy(output, targets, reduction="sum")[None], topk_hits(output, targets),
+                             output.new_full((1,), float(images.shape[0]))])
+    loss, top1, top5, seen = ctx.sum_(totals).tolist()
+    seen = max(seen, 1.0)
+    return dict(loss=loss / seen, top1=100 * top1 / seen, top5=100 * top5 / seen, examples=int(seen))
+
+
 class StopSignals:
     """SIGTERM, SIGINT and SIGUSR1 (SLURM's preemption signals) ask the loop to stop
     after the current step; a second SIGINT interrupts at once."""
@@ -233,6 +259,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, args):
         self.started = time.time()
         self.recipe, self.args = recipe, args
+        self.commit = git_commit()
         self.ctx = ctx = distributed.init()
         self.device = device = select_device(args.gpu, ctx)
         if args.batch_size % ctx.world_size:
@@ -289,9 +316,11 @@ class Trainer:
         args, ctx = self.args, self.ctx
         checkpoint = None
         if args.resume == "auto" or (args.resume and Path(args.resume).is_dir()):
-            directory = Path(args.out_dir) if args.resume == "auto" and args.out_dir else (
-                Path(args.resume) if args.resume != "auto" else Path("runs") / run_name(self.recipe, args))
-            checkpoint = find_resumable(directory)
+            if args.resume != "auto":
+                directory = Path(args.resume)
+            else:
+                directory = Path(args.out_dir) if args.out_dir else Path("runs") / run_name(self.recipe, args)
+            checkpoint = find_resumable(directory, set_aside=ctx.is_main)
             if checkpoint is None and args.resume != "auto":
                 raise UsageError(f"{directory} holds no readable checkpoint (last.pt or last.prev.pt)")
             out_dir = Path(args.out_dir) if args.out_dir else directory
@@ -451,7 +480,7 @@ class Trainer:
             self.scaler.update()
             n = images.shape[0]
             with torch.no_grad():
-                sums = torch.stack([loss.detach() * n, reg.detach() * n, loss.new_tensor(float(n))])
+                sums = torch.stack([loss.detach() * n, reg.detach() * n, loss.new_full((), float(n))])
                 self.train_totals += torch.cat([sums[:2], topk_hits(output, targets), sums[2:]])
                 interval += sums
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.step, first_bad)
@@ -506,25 +535,10 @@ class Trainer:
             self.log.message(f"budget: {results['budget']['message']}")
         self.save(results, new_best)
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Cross-entropy and top-1/top-5 with deterministic gates, averaged per example over all ranks."""
-        model, device = self.model, self.device
-        model.eval()
-        totals = torch.zeros(4, device=device)  # summed loss, top-1 hits, top-5 hits, examples
-        autocast = torch.autocast(device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
-        for step, (images, targets) in enumerate(self.val_loader):
-            if self.args.limit_batches is not None and step >= self.args.limit_batches:
-                break
-            images = images.to(device, non_blocking=True, memory_format=self.memory_format)
-            targets = targets.to(device, non_blocking=True)
-            with autocast:
-                output = model(images).float()
-            totals += torch.cat([F.cross_entropy(output, targets, reduction="sum")[None], topk_hits(output, targets),
-                                 output.new_tensor([float(images.shape[0])])])
-        loss, top1, top5, seen = self.ctx.sum_(totals).tolist()
-        seen = max(seen, 1.0)
-        return dict(loss=loss / seen, top1=100 * top1 / seen, top5=100 * top5 / seen, examples=int(seen))
+        """Validation statistics with deterministic gates, over all ranks."""
+        return evaluate_model(self.model, self.val_loader, self.device, self.args.limit_batches, self.ctx,
+                              self.amp_dtype, self.memory_format)
 
     def results(self, val_stats: dict) -> dict:
         recipe, args, model = self.recipe, self.args, self.model
@@ -539,7 +553,7 @@ class Trainer:
             params_dense=params_dense, params_pruned=params, params_reduction=100 * (1 - params / params_dense),
             channels=[dict(name=g.name, kept=int(k), total=g.width) for g, k in zip(model.gated_layers, kept.tolist())],
             wall_time_s=round(self.wall_time(), 3), device=str(self.device), world_size=self.ctx.world_size,
-            torch_version=str(torch.__version__), git_commit=git_commit())
+            torch_version=str(torch.__version__), git_commit=self.commit)
         if recipe.imagenet:
             results["top5"] = val_stats["top5"]
         if self.budget is not None:
