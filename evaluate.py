@@ -17,7 +17,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader
 
-from models import build_model
+from models import build_model, load_model_state
 from models.export import FORMAT as PRUNED_FORMAT
 from models.export import build_pruned
 from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -47,7 +47,7 @@ def load_model(path):
                            macs=payload["macs"], params=payload["params"],
                            macs_dense=source["macs_dense"], params_dense=source["params_dense"])
     model = build_model(state["arch"])
-    model.load_state_dict(state["model"])
+    load_model_state(model, state)
     macs, params = model.cost.pruned(model.gates.kept())
     macs_dense, params_dense = model.cost.dense()
     args = state.get("args") or {}

@@ -12,7 +12,7 @@ fully closed layers and the ResNet56 stem: ``models/export.py``. Load it with
 import sys
 from pathlib import Path
 
-from models import build_model, save_pruned
+from models import build_model, load_model_state, save_pruned
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser
 from utils.errors import UsageError, run_reporting_errors
@@ -25,7 +25,7 @@ def export(checkpoint, out=None) -> Path:
     state = load_checkpoint(path)
     model = build_model(state["arch"])
     try:
-        model.load_state_dict(state["model"])
+        load_model_state(model, state)
     except RuntimeError as e:
         raise UsageError(f"{path}: its weights do not fit its own arch ({str(e).splitlines()[0][:120]})") from e
     out = path.with_name("pruned.pt") if out is None else Path(out)

@@ -5,7 +5,7 @@
 
 Each argument is a run directory (it holds ``results.json``) or a folder of
 run directories. Prints one Markdown table (model, dataset, method, direction,
-lambda, top-1, MACs and reduction, params and reduction; top-5 too when an
+lambda or budget target, top-1, MACs and reduction, params and reduction; top-5 too when an
 ImageNet run is present) sorted by model, dataset and method, and writes
 ``<run>/channels.png``: kept vs original channels per gated layer
 (utils/plots.py, the same figure TensorBoard shows each epoch). Directories
@@ -54,6 +54,15 @@ def read_results(run: Path, warnings: list) -> dict | None:
         return None
 
 
+def penalty_cell(r: dict) -> str:
+    """What set the pruning level: lambda, or the budget (``macs<=0.5``) that replaced it."""
+    if r.get("net") == "dense":
+        return "–"
+    if r.get("budget"):
+        return f"{r['budget']['kind']}≤{r['budget']['target']:g}"
+    return f"{r['lamba']:g}" if "lamba" in r else "–"
+
+
 def table(rows) -> str:
     imagenet = any("top5" in r for _, r in rows)
     head = ["model", "dataset", "method", "direction", "lambda", "epochs", "top-1 (%)"]
@@ -64,7 +73,7 @@ def table(rows) -> str:
         net = r.get("net", "?")
         cells = [r.get("model", "?"), DATASET.get(r.get("dataset"), str(r.get("dataset"))), METHOD.get(net, net),
                  ("backward" if r.get("back_dep") else "forward") if net == "dep" else "–",
-                 f"{r['lamba']:g}" if net != "dense" and "lamba" in r else "–",
+                 penalty_cell(r),
                  f"{r.get('epochs_done', '?')}/{r.get('epochs_total', '?')}", f"{r.get('top1', float('nan')):.2f}"]
         cells += [f"{r['top5']:.2f}" if "top5" in r else "–"] if imagenet else []
         cells += [human(r["macs_pruned"]), f"{r.get('macs_reduction', 0.0):.1f}%",

@@ -9,22 +9,40 @@ loss gets
 .. math:: \mathcal{L}_{budget} = \lambda_1 (C - t) + \lambda_2 (C - t)^2
 
 in place of the L0 penalty. The weights and gates *descend* on it, the two
-multipliers *ascend* (their own SGD with ``maximize=True``): while C > t,
-:math:`\lambda_1` grows and presses the gates shut; if C undershoots,
-:math:`\lambda_1` shrinks (it may go negative) and lets channels reopen;
-:math:`\lambda_2` grows with the squared gap and damps oscillation. Both start
-at 0.
+multipliers *ascend*: while C > t, :math:`\lambda_1` grows and presses the
+gates shut; if C undershoots, :math:`\lambda_1` shrinks (it may go negative)
+and lets channels reopen; :math:`\lambda_2` grows with the squared gap and
+pulls C towards t from both sides. Both start at 0.
+
+The multipliers ascend with Adam (``maximize=True``), as in CoFi (Xia et al.,
+2022), not plain SGD: the gates themselves move by Adam, about one learning
+rate per step however large the multiplier, so an SGD multiplier, whose speed
+is proportional to the gap, winds up while the cost lags the target and then
+takes thousands of steps to unwind, overshooting by a wide margin. An Adam
+multiplier rises and falls at the same rate, whatever scale the balance
+between the budget and the loss needs.
 
 The target is annealed linearly from 1.0 (dense) to F over the first
 ``warmup`` epochs (measured in fractional epochs, so it moves every step),
 which lets the weights adapt while channels are removed, then held at F.
+
+The constraint holds on the *expected* cost; the pruned network's cost is the
+*deterministic* one (channels whose test gate is non-zero), which differs
+while gates are not polarised. :meth:`BudgetConstraint.project` closes that
+last gap when training ends outside the tolerance: it keeps the channels with
+the largest logits, as many as the target allows.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.structure import CostModel
 
+from . import hard_concrete
+
 KINDS = ("macs", "params")
+# How close (absolute, as a fraction of dense) the pruned cost must end to the target.
+TOLERANCE = 0.02
 
 
 def annealed_target(final: float, progress: float, warmup: float) -> float:
@@ -32,6 +50,11 @@ def annealed_target(final: float, progress: float, warmup: float) -> float:
     if warmup <= 0:
         return final
     return 1.0 - (1.0 - final) * min(1.0, progress / warmup)
+
+
+def multiplier_optimizer(budget: "BudgetConstraint", lr: float) -> torch.optim.Optimizer:
+    """Gradient *ascent* on the two multipliers: Adam with ``maximize=True`` (see the module notes)."""
+    return torch.optim.Adam(budget.parameters(), lr=lr, maximize=True)
 
 
 class BudgetConstraint(nn.Module):
@@ -47,7 +70,9 @@ class BudgetConstraint(nn.Module):
         # The multipliers are this module's only parameters (its optimiser
         # ascends them): the gates are read through bound methods, not
         # submodules, and widths are priced with its own cost records.
-        self.expected_open, self.kept = model.gates.expected_open, model.gates.kept
+        gates = model.gates
+        self.expected_open, self.kept, self.per_layer_sum = gates.expected_open, gates.kept, gates.per_layer_sum
+        self.layer_of_channel = gates.layer_of_channel
         self.cost = CostModel(model.weight_layers, model.gates.num_layers)
         self.dense = float(self.cost.dense()[0 if kind == "macs" else 1])
         self.lambda1 = nn.Parameter(torch.zeros(()))
@@ -67,7 +92,58 @@ class BudgetConstraint(nn.Module):
         gap = expected - self.target_at(progress)
         return self.lambda1 * gap + self.lambda2 * gap * gap, expected
 
-    def deterministic(self) -> float:
-        """Cost fraction of the pruned network (channels with test gate > 0)."""
-        macs, params = self.cost.pruned(self.kept())
+    def deterministic(self, gates: torch.Tensor | None = None) -> float:
+        """Cost fraction of the pruned network: the channels whose test gate is non-zero.
+
+        ``gates`` (``(total,)``) defaults to the model's own test gates.
+        """
+        kept = self.kept() if gates is None else self.per_layer_sum((gates > 0).float())
+        macs, params = self.cost.pruned(kept)
         return (macs if self.kind == "macs" else params) / self.dense
+
+    @torch.no_grad()
+    def project(self, log_alpha: torch.Tensor) -> torch.Tensor | None:
+        """Test gates of the k channels with the largest logits, k the largest whose cost is at most the target.
+
+        The cost grows with k, so this is the closest network from below among
+        those that keep channels in the order of their logits (what a common
+        shift of every logit would keep). Where one expensive channel makes that
+        fall short of the target by more than the tolerance, the cheapest
+        network above the target is taken if it is within the tolerance (with
+        the largest k at that cost).
+
+        Kept channels keep their own test gate, so the network changes only
+        where the budget demands; a reopened channel (test gate 0, when
+        training ended under the target) takes the test gate of its logit
+        shifted by the constant that puts the threshold midway between the
+        k-th and (k+1)-th logits. Returns ``None`` if no such network is within
+        the tolerance of the target (one channel per layer costs more).
+        """
+        order = torch.argsort(log_alpha, descending=True)
+        ranked = log_alpha[order]
+        counts = F.one_hot(self.layer_of_channel[order], len(self.cost.dense_widths))
+        # widths[k] = channels per layer among the k largest logits, k = 0..total.
+        widths = torch.cat([counts.new_zeros(1, counts.shape[1]), counts.cumsum(0)]).to(self.cost.dense_widths)
+        fractions = self.fraction(widths.clamp(min=1))
+        # Equal logits are kept or closed together: k is usable when logit k-1 > logit k.
+        separable = torch.ones_like(fractions, dtype=torch.bool)
+        separable[1:-1] = ranked[:-1] > ranked[1:]
+        below = torch.nonzero(separable & (fractions <= self.target)).flatten()
+        above = torch.nonzero(separable & (fractions > self.target)).flatten()
+        k = int(below[-1]) if len(below) else None
+        if (k is None or self.target - fractions[k] > TOLERANCE) and len(above) \
+                and fractions[above[0]] - self.target <= TOLERANCE:
+            # One channel too many is still better than a gap beyond the tolerance; at that cost,
+            # keep every channel that adds nothing (a closed layer is priced as one channel).
+            k = int(torch.nonzero(separable & (fractions <= fractions[above[0]])).flatten()[-1])
+        if k is None:
+            return None
+        kept = torch.zeros_like(log_alpha, dtype=torch.bool)
+        kept[order[:k]] = True
+        own = hard_concrete.deterministic(log_alpha)
+        if 0 < k < len(ranked):
+            shift = hard_concrete.PRUNE_THRESHOLD - (ranked[k - 1] + ranked[k]) / 2
+        else:
+            shift = hard_concrete.PRUNE_THRESHOLD - ranked[-1] + 1.0 if k else 0.0
+        reopened = hard_concrete.deterministic(log_alpha + shift).clamp(min=torch.finfo(own.dtype).tiny)
+        return torch.where(kept, torch.where(own > 0, own, reopened), torch.zeros_like(own))

@@ -122,8 +122,17 @@ class ChannelGates(nn.Module):
             raise RuntimeError("a dense network has no gate logits")
         return self.logits()
 
-    def freeze(self) -> None:
-        """Fix the gates at their test values and stop their gradients (fine-tuning)."""
+    def freeze(self, gates: torch.Tensor | None = None) -> None:
+        """Fix the gates for fine-tuning and stop their gradients.
+
+        The gates are held in the buffer ``frozen_gates``: the test gates of
+        the current logits, or ``gates`` (``(total,)``, e.g. a budget
+        projection). A checkpoint of frozen gates carries that buffer, so
+        freeze the model before loading one (:func:`models.load_model_state`).
+        """
+        if self.logits is not None:
+            fixed = self.test_gates() if gates is None else gates.detach().clone()
+            self.register_buffer("frozen_gates", fixed.to(self.layer_of_channel.device))
         self.frozen = True
         for p in self.parameters():
             p.requires_grad_(False)
@@ -132,8 +141,7 @@ class ChannelGates(nn.Module):
         if self.logits is None:
             return (None,) * self.num_layers
         if self.frozen:
-            with torch.no_grad():
-                z = hard_concrete.deterministic(self.log_alpha()).unsqueeze(0)
+            z = self.frozen_gates.unsqueeze(0)
         else:
             log_alpha = self.log_alpha() if log_alpha is None else log_alpha
             if self.training:
@@ -155,9 +163,11 @@ class ChannelGates(nn.Module):
 
     @torch.no_grad()
     def test_gates(self) -> torch.Tensor:
-        """Deterministic gates of all channels, ``(total,)``; ones when dense."""
+        """Deterministic gates of all channels, ``(total,)``: the frozen ones once frozen; ones when dense."""
         if self.logits is None:
             return torch.ones(sum(self.widths), device=self.layer_of_channel.device)
+        if self.frozen:
+            return self.frozen_gates
         return hard_concrete.deterministic(self.log_alpha())
 
     @torch.no_grad()

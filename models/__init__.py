@@ -22,6 +22,13 @@ def build_model(arch: dict) -> GatedNetwork:
     return cls(**arch)
 
 
+def load_model_state(model: GatedNetwork, checkpoint: dict) -> None:
+    """Load a training checkpoint's ``model`` state; frozen gates (fine-tuning) are frozen first."""
+    if checkpoint.get("gates_frozen"):
+        model.gates.freeze()
+    model.load_state_dict(checkpoint["model"])
+
+
 def default_arch(model: str, num_classes: int, width_mult: float = 1.0, **gate_args) -> dict:
     """The ``arch`` of the paper's VGG16 / ResNet56 / ResNet50, every width times ``width_mult``."""
     def scale(widths):
@@ -42,4 +49,4 @@ def default_arch(model: str, num_classes: int, width_mult: float = 1.0, **gate_a
 from .export import export_pruned, load_pruned, save_pruned  # noqa: E402  (export uses build_model)
 
 __all__ = ["GatedNetwork", "CifarResNet", "ImageNetResNet", "VGG", "CostModel", "GatedLayer", "WeightLayer",
-           "build_model", "default_arch", "resnet56", "resnet50", "vgg16", "export_pruned", "load_pruned", "save_pruned"]
+           "build_model", "default_arch", "load_model_state", "resnet56", "resnet50", "vgg16", "export_pruned", "load_pruned", "save_pruned"]

@@ -60,7 +60,7 @@ def gated_layers_of(weight_layers) -> tuple[GatedLayer, ...]:
 class CostModel(nn.Module):
     """MACs and parameter count of the network as a function of gated widths.
 
-    ``widths`` is a ``(num_gates,)`` tensor: kept channel counts for the
+    ``widths`` is a ``(num_gates,)`` tensor (or a batch of them): kept channel counts for the
     deterministic pruned cost, expected open counts S for the expected cost
     (the gates of different layers are independent, so E[in * out] =
     E[in] * E[out] and the result is the exact expectation). All layers are
@@ -90,17 +90,19 @@ class CostModel(nn.Module):
                 self.dense_widths[w.out_gate] = w.out_channels
 
     def _in_out(self, widths: torch.Tensor):
-        ext = torch.cat([widths, widths.new_ones(1)])
+        ext = torch.cat([widths, widths.new_ones(*widths.shape[:-1], 1)], dim=-1)
         dtype = widths.dtype
-        return ext[self.in_index] * self.in_const.to(dtype), ext[self.out_index] * self.out_const.to(dtype)
+        return ext[..., self.in_index] * self.in_const.to(dtype), ext[..., self.out_index] * self.out_const.to(dtype)
 
     def macs(self, widths: torch.Tensor) -> torch.Tensor:
+        """MACs with these widths; ``(..., num_gates) -> (...)``."""
         c_in, c_out = self._in_out(widths)
-        return (self.kernel_area.to(widths.dtype) * self.out_hw.to(widths.dtype) * c_in * c_out).sum()
+        return (self.kernel_area.to(widths.dtype) * self.out_hw.to(widths.dtype) * c_in * c_out).sum(-1)
 
     def params(self, widths: torch.Tensor) -> torch.Tensor:
+        """Parameters with these widths; ``(..., num_gates) -> (...)``."""
         c_in, c_out = self._in_out(widths)
-        return (self.kernel_area.to(widths.dtype) * c_in * c_out + self.per_out.to(widths.dtype) * c_out).sum()
+        return (self.kernel_area.to(widths.dtype) * c_in * c_out + self.per_out.to(widths.dtype) * c_out).sum(-1)
 
     def dense(self) -> tuple[int, int]:
         """(MACs, params) of the unpruned network, exact integers."""

@@ -193,7 +193,7 @@ def test_ranks_end_with_identical_parameters_and_buffers(rank_states):
     assert not different, f"the ranks disagree on {different}"
     assert torch.equal(r0["lambda1"], r1["lambda1"]) and torch.equal(r0["lambda2"], r1["lambda2"])
     # They trained (the comparison is not of two untouched initialisations) ...
-    trained = [k for k in r0["model"] if r0["model"][k].is_floating_point()
+    trained = [k for k in r0["initial"] if r0["model"][k].is_floating_point()
                and not torch.equal(r0["model"][k], r0["initial"][k])]
     assert any(k.startswith("gates.") for k in trained), trained
     assert sum(".weight" in k for k in trained) >= 10, trained

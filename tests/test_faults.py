@@ -805,3 +805,22 @@ def test_pickled_code_as_pruned_model_is_refused(tmp_path, capsys):
     with pytest.raises(UsageError, match="refusing"):
         load_pruned(evil)
     assert not marker.exists(), "loading the file ran its code"
+
+
+@pytest.mark.parametrize("where", ["local header", "central directory"])
+def test_checkpoint_with_a_damaged_member_name_is_one_line(where, tmp_path):
+    """A flipped byte in a member name of the zip (no longer UTF-8) is damage, not a traceback."""
+    from utils.checkpoint import FORMAT, load_checkpoint
+    from utils.errors import UsageError
+
+    path = tmp_path / "last.pt"
+    torch.save({"format": FORMAT, "weights": torch.zeros(4)}, path)
+    data = bytearray(path.read_bytes())
+    find = data.find if where == "local header" else data.rfind
+    at = find(b"data.pkl")
+    assert at > 0
+    data[at] = 0x9E
+    path.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match=r"last\.pt is (not a readable checkpoint|corrupt)") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)

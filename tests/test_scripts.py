@@ -316,8 +316,10 @@ def test_fine_tune_freezes_the_gates(fine_tune_run):
     assert run.results["epochs_done"] == 2
     first, last = _load(run.run_dir / "epoch_1.pt"), _load(run.run_dir / "last.pt")
     assert first["epoch"] == 1 and last["epoch"] == 2
-    assert first["gates_frozen"] is False
-    assert last["gates_frozen"] is True
+    # The gates freeze at the end of the last penalty epoch (before its evaluation), so the
+    # checkpoint of that epoch already holds the network that fine-tuning trains.
+    assert first["gates_frozen"] is True and last["gates_frozen"] is True
+    assert torch.equal(first["model"]["gates.frozen_gates"], last["model"]["gates.frozen_gates"])
     gate_keys = [k for k in last["model"] if k.startswith("gates.")]
     assert gate_keys, sorted(last["model"])
     for k in gate_keys:
@@ -467,13 +469,16 @@ def _error_cases(base: Path, r56_dir: Path):
         ("out-dir-unwritable", r56s, [*QUICK, "--out-dir", readonly / "run"], "readonly"),
         ("out-dir-under-file", r56s, [*QUICK, "--out-dir", base / "a_file" / "sub"], "a_file"),
         ("out-dir-holds-run", r56s, [*QUICK, "--out-dir", r56_dir], "--resume"),
+        # Its penalty phase ended at epoch 1 (gates frozen, then fine-tuned): it cannot prune on to epoch 3.
+        ("resume-frozen-to-prune-more", r56s, ["--resume", r56, "--net", "dep", "--dummy", "-j", "0", "--epoch", "3",
+                                               "-b", "2", "--limit-batches", "1"], "penalty phase at epoch 1"),
     ]
 
 
 ERROR_IDS = ["missing-cifar", "corrupt-cifar", "resnet50-missing-dir", "lamba-negative", "lamba-abc", "batch-zero",
              "limit-batches-zero", "net-foo", "back-dep-hc", "vgg-num-classes-7", "resume-missing",
              "resume-resnet56-into-vgg", "resume-hc-as-dep", "resume-garbage", "resume-truncated", "out-dir-is-file",
-             "out-dir-unwritable", "out-dir-under-file", "out-dir-holds-run"]
+             "out-dir-unwritable", "out-dir-under-file", "out-dir-holds-run", "resume-frozen-to-prune-more"]
 
 
 @pytest.fixture(scope="module")

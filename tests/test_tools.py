@@ -202,6 +202,7 @@ def test_summarize_table_and_plots(run_dir, tmp_path, capsys):
     fake_run(runs, run_dir, "b_vgg", model="vgg16", net="hc", back_dep=False)
     fake_run(runs, run_dir, "c_back", net="dep", back_dep=True)
     fake_run(runs, run_dir, "a_fwd")
+    fake_run(runs, run_dir, "d_budget", budget=dict(kind="macs", target=0.35), lamba=1e-6)
     (runs / "empty").mkdir()
     (runs / "broken").mkdir()
     (runs / "broken" / "results.json").write_text("{not json")
@@ -211,13 +212,14 @@ def test_summarize_table_and_plots(run_dir, tmp_path, capsys):
     lines = captured.out.strip().splitlines()
     assert lines[0].startswith("| model | dataset | method | direction | lambda |") and "MACs ↓" in lines[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert [r[-1] for r in rows] == ["a_fwd", "c_back", "b_vgg"]  # model, dataset, method, direction
+    assert [r[-1] for r in rows] == ["a_fwd", "d_budget", "c_back", "b_vgg"]  # model, dataset, method, direction
     assert rows[0][:5] == ["resnet56", "CIFAR-10", "Dep-L0", "forward", "5e-07"]
-    assert rows[1][3] == "backward" and rows[2][2:4] == ["L0-HC", "–"]
+    assert rows[1][4] == "macs≤0.35"  # a budget run: the target, not the unused lambda
+    assert rows[2][3] == "backward" and rows[3][2:4] == ["L0-HC", "–"]
     warnings = captured.err.strip().splitlines()
     assert len(warnings) == 2 and all(w.startswith("warning: skipping") for w in warnings)
     assert "empty: no results.json" in warnings[0] and "broken: unreadable results.json" in warnings[1]
-    for name in ("a_fwd", "b_vgg", "c_back"):
+    for name in ("a_fwd", "b_vgg", "c_back", "d_budget"):
         assert (runs / name / "channels.png").read_bytes().startswith(b"\x89PNG")
 
 

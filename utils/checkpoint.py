@@ -90,8 +90,10 @@ def load_checkpoint(path, expected_format: str = FORMAT) -> dict:
         try:
             with zipfile.ZipFile(path) as archive:
                 damaged = archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: {e})") from e
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, struct.error) as e:
+            # ValueError includes a damaged member name that no longer decodes as UTF-8.
+            raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: "
+                             f"{(str(e).splitlines() or [type(e).__name__])[0][:120]})") from e
         if damaged is not None:
             raise UsageError(f"{path} is corrupt (checksum mismatch in {damaged})")
     try:

@@ -111,7 +111,7 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--target-warmup", type=nonneg_float, metavar="EPOCHS",
                    help="epochs over which the target falls linearly from 1.0 to F (default: a quarter of --epoch)")
     g.add_argument("--lr-lagrangian", type=positive_float, default=0.01,
-                   help="SGD lr of the multipliers (gradient ascent)")
+                   help="Adam lr of the two multipliers (gradient ascent)")
 
     g = p.add_argument_group("data")
     if recipe.imagenet:

@@ -4,9 +4,11 @@ One loop for every model and every number of processes: ``--epoch`` epochs of
 cross-entropy + L0 penalty (SGD with weight decay for the weights, Adam
 without weight decay for the gate parameters, schedulers stepped once per
 epoch after it), then ``--fine_tune_epoch`` epochs with the gates frozen at
-their test values and no penalty. After every epoch: evaluation with
-deterministic gates, TensorBoard scalars and histograms, ``last.pt`` (and
-``best.pt`` on a new best top-1) and ``results.json``, all written by rank 0.
+their test values and no penalty (with a budget, projected onto it first
+when training ended outside the tolerance, see l0_layers/budget.py). After
+every epoch: evaluation with deterministic gates, TensorBoard scalars and
+histograms, ``last.pt`` (and ``best.pt`` on a new best top-1) and
+``results.json``, all written by rank 0.
 
 Reproducibility and resume: each epoch reseeds the RNGs from ``(seed, epoch)``
 and draws data order and augmentation per dataset index (utils/sampling.py),
@@ -35,9 +37,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 from torch.utils.data import DataLoader
 
-from l0_layers.budget import BudgetConstraint
+from l0_layers import hard_concrete
+from l0_layers.budget import TOLERANCE as BUDGET_TOLERANCE
+from l0_layers.budget import BudgetConstraint, multiplier_optimizer
 from l0_layers.penalty import L0Penalty
-from models import build_model, default_arch, save_pruned
+from models import build_model, default_arch, load_model_state, save_pruned
 
 from . import distributed
 from .checkpoint import FORMAT, link_or_copy, load_checkpoint, previous_of, save_checkpoint, write_json
@@ -51,7 +55,6 @@ EXIT_PREEMPTED = 75   # stopped by a signal after saving; resubmit with --resume
 # Arguments that define what a run is: a checkpoint only resumes a run that agrees on these.
 IDENTITY = ("net", "back_dep", "dataset", "num_classes", "reg", "temp", "lamba", "width_mult", "target_macs",
             "target_params")
-BUDGET_TOLERANCE = 0.02  # |deterministic - target| as a fraction of the dense cost
 
 
 def main(recipe: Recipe, argv=None) -> None:
@@ -282,7 +285,7 @@ class Trainer:
         if args.target_macs or args.target_params:
             kind, target = ("macs", args.target_macs) if args.target_macs else ("params", args.target_params)
             self.budget = BudgetConstraint(model, kind, target, args.target_warmup).to(device)
-            self.lagrangian = torch.optim.SGD(self.budget.parameters(), lr=args.lr_lagrangian, maximize=True)
+            self.lagrangian = multiplier_optimizer(self.budget, args.lr_lagrangian)
         self.amp_dtype = None
         if args.amp:
             bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
@@ -349,12 +352,14 @@ class Trainer:
             if saved.get(key) != ours and not (key == "num_classes" and ours is None):
                 raise UsageError(f"{path} was trained with --{key} {saved.get(key)}, this command asks for "
                                  f"{ours}; resume it with matching flags")
+        if checkpoint.get("gates_frozen") and args.epochs > saved["epochs"]:
+            raise UsageError(f"{path} ended its penalty phase at epoch {saved['epochs']} (gates frozen); it cannot "
+                             f"prune on to --epoch {args.epochs}: resume with --epoch {saved['epochs']} and "
+                             f"--fine_tune_epoch to fine-tune it")
 
     def _load_state(self, state: dict) -> None:
         model = self.model
-        if state["gates_frozen"]:
-            model.gates.freeze()
-        model.load_state_dict(state["model"])
+        load_model_state(model, state)
         self.weights.load_state_dict(state["weight_optimizer"])
         self.weight_schedule.load_state_dict(state["weight_scheduler"])
         if self.gates is not None:
@@ -392,6 +397,7 @@ class Trainer:
         if self.ctx.distributed:
             module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.train_module = torch.compile(module) if self.args.compile else module
+        self.wrapped_frozen = self.model.gates.frozen
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -402,7 +408,8 @@ class Trainer:
             with StopSignals() as stop:
                 while self.epoch < total:
                     if self.epoch >= args.epochs and not self.model.gates.frozen:
-                        self.model.gates.freeze()
+                        self.end_pruning()  # --epoch 0, or a checkpoint of the last penalty epoch
+                    if self.wrapped_frozen != self.model.gates.frozen:
                         self._wrap()  # DDP must learn that the gate parameters no longer get gradients
                     stopped = self.train_epoch(stop)
                     if stopped:
@@ -525,6 +532,8 @@ class Trainer:
         loss, reg, top1, top5 = (value / max(seen, 1.0) for value in (loss, reg, top1, top5))
         train_stats = dict(loss=loss, penalty=reg, top1=100 * top1, top5=100 * top5)
         self.ctx.broadcast_buffers(self.model)
+        if self.epoch + 1 == args.epochs:
+            self.end_pruning()
         val_stats = self.evaluate()
         self.epoch, self.step = self.epoch + 1, 0
         new_best = val_stats["top1"] >= self.best_top1
@@ -534,6 +543,15 @@ class Trainer:
         if self.budget is not None and self.epoch == args.epochs:
             self.log.message(f"budget: {results['budget']['message']}")
         self.save(results, new_best)
+
+    def end_pruning(self) -> None:
+        """Freeze the gates after the last penalty epoch; with a budget missed by more than the
+        tolerance, at the projection of the logits onto it (every rank computes the same one)."""
+        gates, budget = self.model.gates, self.budget
+        projected = None
+        if budget is not None and abs(budget.deterministic() - budget.target) > BUDGET_TOLERANCE:
+            projected = budget.project(gates.log_alpha().detach())
+        gates.freeze(projected)
 
     def evaluate(self) -> dict:
         """Validation statistics with deterministic gates, over all ranks."""
@@ -561,30 +579,52 @@ class Trainer:
         return results
 
     def budget_report(self) -> dict:
-        """Where the pruned cost stands against the target, and if it missed, by how much and why."""
-        budget, args = self.budget, self.args
+        """Where the pruned cost stands against the target: reached by training, reached by the
+        projection (and why training alone did not), or missed (by how much and why)."""
+        budget, args, gates = self.budget, self.args, self.model.gates
         with torch.no_grad():
-            expected = float(budget.fraction(self.model.gates.expected_open()))
-        achieved = budget.deterministic()
-        report = dict(kind=budget.kind, target=budget.target, achieved=achieved, expected=expected,
+            log_alpha = gates.log_alpha()
+            expected = float(budget.fraction(gates.expected_open(log_alpha)))
+            trained_open = hard_concrete.deterministic(log_alpha) > 0  # the gates' own test values
+        final_open = gates.test_gates() > 0
+        achieved, trained, target = budget.deterministic(), budget.deterministic(trained_open), budget.target
+        closed, reopened = int((trained_open & ~final_open).sum()), int((final_open & ~trained_open).sum())
+        report = dict(kind=budget.kind, target=target, achieved=achieved, trained=trained, expected=expected,
                       lambda1=budget.lambda1.item(), lambda2=budget.lambda2.item(),
-                      within_tolerance=abs(achieved - budget.target) <= BUDGET_TOLERANCE)
+                      within_tolerance=abs(achieved - target) <= BUDGET_TOLERANCE,
+                      projection=dict(closed=closed, reopened=reopened) if closed or reopened else None)
+        reached = f"{budget.kind} at {achieved:.3f} of dense, target {target:.3f} (within {BUDGET_TOLERANCE:.0%})"
         if self.epoch < args.epochs:
             report["message"] = "training in progress"
-        elif report["within_tolerance"]:
-            report["message"] = (f"{budget.kind} at {achieved:.3f} of dense, target {budget.target:.3f} "
-                                 f"(within {BUDGET_TOLERANCE:.0%})")
+        elif report["projection"] is None and report["within_tolerance"]:
+            report["message"] = reached
+        elif report["projection"] is None:
+            cheapest = float(budget.fraction(torch.ones_like(budget.cost.dense_widths)))
+            why = (f"the cheapest network the gates can express, one channel per gated layer, costs {cheapest:.3f}"
+                   if cheapest > target + BUDGET_TOLERANCE else
+                   "the next channel by logit costs more than the rest of the budget and the tolerance")
+            report["message"] = (f"missed the {budget.kind} target by {achieved - target:+.3f} of dense (achieved "
+                                 f"{achieved:.3f}, target {target:.3f}): {why}")
         else:
-            if abs(expected - budget.target) <= BUDGET_TOLERANCE:
-                why = (f"the expected cost ({expected:.3f}) met it but the gates are not yet polarised, so the "
-                       f"deterministic network differs; train longer after the warm-up")
+            if abs(expected - target) <= BUDGET_TOLERANCE:
+                why = f"the expected cost ({expected:.3f}) met the target but the gates were not polarised"
             elif args.target_warmup >= args.epochs:
-                why = f"the target was still being annealed (--target-warmup {args.target_warmup:g} >= --epoch)"
+                why = (f"the target was still being annealed (--target-warmup {args.target_warmup:g} >= "
+                       f"--epoch {args.epochs})")
             else:
-                why = (f"the constraint has not converged (expected {expected:.3f}, lambda1 {report['lambda1']:.3g}); "
-                       f"train longer or raise --lr-lagrangian")
-            report["message"] = (f"missed the {budget.kind} target by {achieved - budget.target:+.3f} of dense "
-                                 f"(achieved {achieved:.3f}, target {budget.target:.3f}): {why}")
+                why = (f"the constraint had not converged (expected {expected:.3f}, lambda1 "
+                       f"{report['lambda1']:.3g}); train longer or raise --lr-lagrangian")
+            moved = " and ".join(f"{verb} {n} channel{'s' * (n != 1)}" for verb, n in
+                                 (("closed", closed), ("reopened", reopened)) if n)
+            if report["within_tolerance"]:
+                report["message"] = f"{reached} after the budget projection {moved}: training ended at {trained:.3f}, {why}"
+            else:
+                report["message"] = (f"missed the {budget.kind} target by {achieved - target:+.3f} of dense (achieved "
+                                     f"{achieved:.3f}, target {target:.3f}) after the budget projection {moved}, "
+                                     f"since the next channel by logit costs more than the rest of the budget: "
+                                     f"training ended at {trained:.3f}, {why}")
+            if args.fine_tune_epoch == 0:
+                report["message"] += "; no --fine_tune_epoch follows to recover from the projection"
         return report
 
     def wall_time(self) -> float:
