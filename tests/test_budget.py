@@ -370,10 +370,14 @@ BUDGET_RUNS = {
     "lands": ("train_resnet56.py", ["--net", "hc", "--target-macs", "0.5", "--target-warmup", "5", "--epoch", "10",
                                     "--limit-batches", "40", "-b", "16", "--lr_gate", "0.1", "--lr-lagrangian", "0.5",
                                     "-p", "4"]),
+    # ResNet50, backward Dep-L0, a parameter budget: projected after one step, then fine-tuned and exported.
+    "r50-back": ("train_resnet50.py", ["--net", "dep", "--back_dep", "--target-params", "0.75", "--target-warmup", "0.5",
+                                       "--epochs", "1", "--fine_tune_epoch", "1", "--width-mult", "0.0625",
+                                       "--limit-batches", "1", "-b", "4", "-p", "1"]),
     # No target at all.
     "plain": ("train_vgg.py", ["--net", "hc", "--epoch", "1", "--limit-batches", "2", "-b", "8", "-p", "1"]),
 }
-STEPS = {"hc-macs": 5, "dep-params": 4, "annealing": 3, "unreachable": 2, "lands": 32, "plain": 2}
+STEPS = {"hc-macs": 5, "dep-params": 4, "annealing": 3, "unreachable": 2, "lands": 32, "r50-back": 1, "plain": 2}
 PROGRESS = re.compile(r"^Epoch \[(\d+)\]\[\s*(\d+)/(\d+)\]")
 
 
@@ -398,6 +402,8 @@ class BudgetRun:
 
     def arg(self, flag):
         argv = BUDGET_RUNS[self.name][1]
+        if flag == "--epoch" and flag not in argv:
+            flag = "--epochs"  # ResNet50's spelling
         return argv[argv.index(flag) + 1]
 
 
@@ -424,7 +430,7 @@ def test_budget_run_finishes(name, budget_runs):
     assert run.results, run.diagnostics
 
 
-@pytest.mark.parametrize("name", ["hc-macs", "dep-params", "annealing", "unreachable", "lands"])
+@pytest.mark.parametrize("name", ["hc-macs", "dep-params", "annealing", "unreachable", "lands", "r50-back"])
 def test_results_json_has_the_budget_block(name, budget_runs):
     run = budget_runs[name]
     assert run.proc.returncode == 0, run.diagnostics
@@ -500,7 +506,7 @@ def test_budget_prunes_towards_the_target(budget_runs):
     assert any(expected[s] > target[s] for s in target)
 
 
-@pytest.mark.parametrize("name", ["hc-macs", "dep-params", "annealing", "unreachable", "lands"])
+@pytest.mark.parametrize("name", ["hc-macs", "dep-params", "annealing", "unreachable", "lands", "r50-back"])
 def test_console_reports_the_budget_once_at_the_end_of_the_penalty_phase(name, budget_runs):
     run = budget_runs[name]
     assert run.proc.returncode == 0, run.diagnostics
@@ -562,6 +568,23 @@ def test_projection_when_training_cannot_make_it(budget_runs):
     assert max(step for step, _ in scalars["budget/target"]) == STEPS["annealing"]
     assert scalars["budget/lambda1"][-1][1] == pytest.approx(block["lambda1"], rel=1e-6, abs=1e-6)
     assert scalars["budget/lambda2"][-1][1] == pytest.approx(block["lambda2"], rel=1e-6, abs=1e-6)
+
+
+def test_projected_resnet50_exports_at_the_budget(budget_runs):
+    """ResNet50 with backward Dep-L0 and a parameter budget: the projected, fine-tuned network
+    is what pruned.pt holds, at the cost results.json reports."""
+    from models.export import build_pruned, read_pruned
+
+    run = budget_runs["r50-back"]
+    assert run.proc.returncode == 0, run.diagnostics
+    block = run.results["budget"]
+    assert block["projection"] is not None and block["within_tolerance"] is True, block
+    assert block["achieved"] <= 0.75 + TOLERANCE and block["trained"] > 0.75 + TOLERANCE
+    payload = read_pruned(run.run_dir / "pruned.pt")
+    model = build_pruned(payload)
+    assert payload["params"] == run.results["params_pruned"]
+    assert payload["params"] / run.results["params_dense"] == pytest.approx(block["achieved"], rel=1e-9)
+    assert sum(p.numel() for p in model.parameters()) == payload["params"]
 
 
 def test_unreachable_target_says_by_how_much_and_why(budget_runs):
