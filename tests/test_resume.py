@@ -39,6 +39,10 @@ VARIANTS = {
     "vgg16-dep": ("train_vgg.py", ()),
     "resnet56-dep-back": ("train_resnet56.py", ("--net", "dep", "--back_dep")),
     "resnet56-hc": ("train_resnet56.py", ("--net", "hc")),
+    # One penalty epoch ending in a budget projection, then two fine-tuning epochs on the
+    # projected gates: epoch_1.pt holds them frozen, and resuming from it must keep them.
+    "resnet56-budget": ("train_resnet56.py", ("--net", "hc", "--target-macs", "0.4", "--target-warmup", "1",
+                                              "--epoch", "1", "--fine_tune_epoch", "2")),
 }
 KILLED_VARIANTS = ("resnet56-dep", "vgg16-dep")
 CHECKPOINT_KEYS = {"model", "weight_optimizer", "gate_optimizer", "weight_scheduler", "gate_scheduler", "epoch",
@@ -81,7 +85,7 @@ def _reference_run(base, name):
     script, extra = VARIANTS[name]
     cwd = base / name
     cwd.mkdir()
-    proc = run_script(script, *extra, *FLAGS, "--save_epoch", "1", "--out-dir", "A", cwd=cwd)
+    proc = run_script(script, *FLAGS, *extra, "--save_epoch", "1", "--out-dir", "A", cwd=cwd)
     return dict(name=name, script=script, extra=extra, cwd=cwd, dir=cwd / "A", proc=proc)
 
 
@@ -96,7 +100,7 @@ def _resume_from_copy(ref):
     c.mkdir()
     shutil.copyfile(ref["dir"] / "epoch_1.pt", c / "last.pt")
     copied_epoch = _load(c / "last.pt")["epoch"]
-    proc = run_script(ref["script"], *ref["extra"], *FLAGS, "--out-dir", "C", "--resume", c / "last.pt", cwd=cwd)
+    proc = run_script(ref["script"], *FLAGS, *ref["extra"], "--out-dir", "C", "--resume", c / "last.pt", cwd=cwd)
     return dict(copied_epoch=copied_epoch, proc=proc, dir=c)
 
 
@@ -126,7 +130,7 @@ def _kill_and_resume(ref):
     """B: the same command from scratch, SIGKILLed on its first progress line of epoch 2
     (epoch 1 is saved by then, epoch 2 is not), then resumed with --resume B/last.pt."""
     _assert_completed(ref["proc"])
-    args = (*ref["extra"], *FLAGS, "--out-dir", "B")
+    args = (*FLAGS, *ref["extra"], "--out-dir", "B")
     b = ref["cwd"] / "B"
     killed, rc, out = _stream_until(ref["script"], args, ref["cwd"], signal.SIGKILL)
     state = dict(killed=killed, rc=rc, out=out, dir=b)
@@ -141,7 +145,7 @@ def _kill_and_resume(ref):
 def _term_and_resume(ref):
     """D: SIGTERM (a scheduler's preemption) during epoch 2, then --resume auto --out-dir D."""
     _assert_completed(ref["proc"])
-    args = (*ref["extra"], *FLAGS, "--out-dir", "D")
+    args = (*FLAGS, *ref["extra"], "--out-dir", "D")
     d = ref["cwd"] / "D"
     signalled, rc, out = _stream_until(ref["script"], args, ref["cwd"], signal.SIGTERM)
     state = dict(signalled=signalled, rc=rc, out=out, dir=d)
@@ -212,6 +216,18 @@ def test_resume_from_epoch_1_checkpoint_is_exact(reference, resume_runs):
     out = c["proc"].stdout
     assert "Epoch [1][" not in out and "Epoch [2][" in out and "Epoch [3][" in out
     assert_same_final_state(reference["dir"], c["dir"])
+
+
+@pytest.mark.parametrize("reference", ["resnet56-budget"], indirect=True)
+def test_projected_gates_survive_resume(reference, resume_runs):
+    """The budget variant really was projected at the end of epoch 1, and the run resumed from
+    that checkpoint fine-tuned the same projected gates (the final states are compared above)."""
+    epoch_1 = _load(reference["dir"] / "epoch_1.pt")
+    assert epoch_1["gates_frozen"] is True
+    assert epoch_1["results"]["budget"]["projection"] is not None, epoch_1["results"]["budget"]
+    c = resume_runs["C/resnet56-budget"].get()
+    _assert_completed(c["proc"])
+    assert torch.equal(_load(c["dir"] / "last.pt")["model"]["gates.frozen_gates"], epoch_1["model"]["gates.frozen_gates"])
 
 
 @pytest.mark.parametrize("reference", KILLED_VARIANTS, indirect=True)
