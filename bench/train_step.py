@@ -8,8 +8,9 @@ with ``--back_dep``), and times full training steps (forward, cross-entropy +
 L0 penalty, backward, SGD step for weights and Adam step for gates) on
 synthetic data. Variants are interleaved repetition by repetition after a
 warm-up, so drifts of the machine hit all of them alike; each variant's
-figure is the median over repetitions, and the ratio to dense is printed next
-to it. On CUDA it also reports peak memory. A benchmark, not a test.
+throughput is the median over repetitions, and its time ratio to dense the
+median of the per-repetition ratios, with their interquartile range. On CUDA
+it also reports peak memory. A benchmark, not a test.
 """
 import argparse
 import statistics
@@ -110,8 +111,9 @@ def main():
             torch.cuda.synchronize()
             peak[name] = torch.cuda.max_memory_allocated() / 2 ** 30
     rates = {name: [] for name in names}
-    for _ in range(args.reps):
-        for name in names:
+    for rep in range(args.reps):
+        # Rotate the order every repetition so that no variant always runs right after another.
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
             rates[name].append(timed(name))
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -119,12 +121,20 @@ def main():
                                      ("--compile", args.compile)) if on)
     print(f"{args.model} x{args.width_mult:g}, batch {args.batch_size}, {where} {flags}, torch {torch.__version__}; "
           f"{args.reps} reps x {args.steps} steps, median")
-    dense = statistics.median(rates["dense"]) if "dense" in rates else None
-    print(f"{'variant':10} {'img/s':>10} {'step ms':>9} {'/ dense':>8} {'time ratio':>11}" +
+    # The time ratio is the median over repetitions of each repetition's own ratio (paired
+    # measurements taken seconds apart), which a drifting machine disturbs less than a ratio of
+    # medians; the interquartile range of those ratios shows how far one run can be trusted.
+    dense = rates.get("dense")
+    print(f"{'variant':10} {'img/s':>10} {'step ms':>9} {'time ratio':>11} {'IQR':>13}" +
           (f" {'peak GiB':>9}" if peak else ""))
     for name in names:
         rate = statistics.median(rates[name])
-        ratio = f"{rate / dense:8.3f} {dense / rate:11.3f}" if dense else f"{'':8} {'':11}"
+        if dense:
+            paired = [d / r for d, r in zip(dense, rates[name])]
+            q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
+            ratio = f"{statistics.median(paired):11.3f} {q1:6.3f}-{q3:.3f}"
+        else:
+            ratio = f"{'':11} {'':13}"
         mem = f" {peak[name]:9.2f}" if peak else ""
         print(f"{name:10} {rate:10.1f} {1000 * args.batch_size / rate:9.1f} {ratio}{mem}")
 

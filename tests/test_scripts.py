@@ -297,6 +297,10 @@ def other_runs(tmp_path_factory):
                                   "-j", "0", "-p", "1", "--seed", "1", "--out-dir", "ft", cwd=base / "ft", out_dir="ft"),
         "reg-macs": lambda: _run("train_resnet56.py", "--reg", "macs", "--net", "dep", *QUICK, "--out-dir", "o",
                                  cwd=base / "macs", out_dir="o"),
+        # torch.compile on the CPU (inductor), through a budget projection and the re-wrap for fine-tuning.
+        "compile": lambda: _run("train_vgg.py", "--compile", "--amp", "--channels-last", "--width-mult", "0.0625",
+                                "--target-macs", "0.5", "--target-warmup", "0.5", "--fine_tune_epoch", "1", *QUICK,
+                                "-p", "1", "--seed", "0", "--out-dir", "o", cwd=base / "compile", out_dir="o"),
         "reg-params": lambda: _run("train_resnet56.py", "--reg", "params", "--net", "dep", *QUICK, "--out-dir", "o",
                                    cwd=base / "params", out_dir="o"),
         "folder": lambda: _folder_run(base / "folder"),
@@ -308,6 +312,19 @@ def other_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fine_tune_run(other_runs):
     return other_runs["fine_tune"].get()
+
+
+def test_compile_amp_channels_last_run(other_runs):
+    """--compile (with bf16 autocast and channels-last) trains, projects onto the budget,
+    recompiles for the frozen gates, fine-tunes and exports, all on the CPU."""
+    run = other_runs["compile"].get()
+    _assert_ok(run)
+    assert run.results["epochs_done"] == 2
+    budget = run.results["budget"]
+    assert budget["within_tolerance"] is True, budget
+    assert abs(run.results["macs_pruned"] / run.results["macs_dense"] - 0.5) <= 0.02
+    assert _load(run.run_dir / "last.pt")["gates_frozen"] is True
+    assert (run.run_dir / "pruned.pt").is_file()
 
 
 def test_fine_tune_freezes_the_gates(fine_tune_run):
