@@ -64,6 +64,16 @@ def _random_logits(widths, generator=None, one_open_layer=1):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine
+    OpenMP threads waiting for each other make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny():
     torch.manual_seed(0)
     return _build_tiny

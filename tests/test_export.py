@@ -21,14 +21,7 @@ NETS = (("hc", False), ("dep", False), ("dep", True))
 CLOSED_LAYER = {"vgg": 2, "resnet56": 2, "resnet50": 3}  # fully closed in every scenario
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine
-    OpenMP threads waiting for each other make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gate_state(widths, scenario, closed_layer, random_logits, seed=0):

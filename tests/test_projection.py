@@ -26,13 +26,7 @@ NETS = (("hc", False), ("dep", False), ("dep", True))
 NET_IDS = ("hc", "dep", "dep-back")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine OpenMP threads slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name="resnet56", net="hc", back_dep=False, seed=0):
