@@ -57,6 +57,16 @@ def multiplier_optimizer(budget: "BudgetConstraint", lr: float) -> torch.optim.O
     return torch.optim.Adam(budget.parameters(), lr=lr, maximize=True)
 
 
+def load_multiplier_state(optimizer: torch.optim.Optimizer, state: dict) -> bool:
+    """Restore the multiplier optimiser; False (and nothing loaded) for the SGD state of
+    checkpoints from before the multipliers ascended with Adam: Adam then starts afresh
+    from the saved multipliers."""
+    if any("betas" not in group for group in state["param_groups"]):
+        return False
+    optimizer.load_state_dict(state)
+    return True
+
+
 class BudgetConstraint(nn.Module):
     """The Lagrangian budget term and its two multipliers."""
 
@@ -116,8 +126,10 @@ class BudgetConstraint(nn.Module):
         where the budget demands; a reopened channel (test gate 0, when
         training ended under the target) takes the test gate of its logit
         shifted by the constant that puts the threshold midway between the
-        k-th and (k+1)-th logits. Returns ``None`` if no such network is within
-        the tolerance of the target (one channel per layer costs more).
+        k-th and (k+1)-th logits. Returns ``None`` where even one channel per
+        layer costs more than the target and the tolerance, or where the best
+        such network misses the tolerance and is further from the target than
+        the network of the logits' own test gates.
         """
         order = torch.argsort(log_alpha, descending=True)
         ranked = log_alpha[order]
@@ -138,6 +150,9 @@ class BudgetConstraint(nn.Module):
             k = int(torch.nonzero(separable & (fractions <= fractions[above[0]])).flatten()[-1])
         if k is None:
             return None
+        gap = abs(float(fractions[k]) - self.target)
+        if gap > TOLERANCE and gap > abs(self.deterministic(hard_concrete.deterministic(log_alpha)) - self.target):
+            return None  # outside the tolerance and further from the target than the logits' own network
         kept = torch.zeros_like(log_alpha, dtype=torch.bool)
         kept[order[:k]] = True
         own = hard_concrete.deterministic(log_alpha)

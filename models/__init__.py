@@ -23,10 +23,18 @@ def build_model(arch: dict) -> GatedNetwork:
 
 
 def load_model_state(model: GatedNetwork, checkpoint: dict) -> None:
-    """Load a training checkpoint's ``model`` state; frozen gates (fine-tuning) are frozen first."""
-    if checkpoint.get("gates_frozen"):
+    """Load a training checkpoint's ``model`` state; frozen gates (fine-tuning) are frozen first.
+
+    Checkpoints written before the frozen gates were stored (no ``gates.frozen_gates``) froze
+    them at the test gates of their logits, which freezing after loading reproduces.
+    """
+    frozen = checkpoint.get("gates_frozen")
+    stored = "gates.frozen_gates" in checkpoint["model"]
+    if frozen and stored:
         model.gates.freeze()
     model.load_state_dict(checkpoint["model"])
+    if frozen and not stored:
+        model.gates.freeze()
 
 
 def default_arch(model: str, num_classes: int, width_mult: float = 1.0, **gate_args) -> dict:

@@ -26,7 +26,8 @@ import train_resnet56
 import train_vgg
 import utils.engine as engine
 from conftest import read_tb_events, run_script
-from l0_layers.budget import TOLERANCE, BudgetConstraint, annealed_target, multiplier_optimizer
+from l0_layers.budget import (TOLERANCE, BudgetConstraint, annealed_target, load_multiplier_state,
+                              multiplier_optimizer)
 from models import build_model, default_arch
 from utils.cli import parse_args
 
@@ -248,6 +249,24 @@ def test_gate_gradient_dep_lowers_the_cost():
     assert model.gates.log_alpha().mean().item() < mean_logit
 
 
+def test_multiplier_state_of_an_sgd_checkpoint_is_not_loaded():
+    """Checkpoints from before the Adam multipliers hold an SGD state (no betas): loading it
+    into Adam would fail at the first step, so it is refused and Adam starts afresh."""
+    model = _model("hc")
+    budget = BudgetConstraint(model, "macs", 0.5, warmup=1.0)
+    sgd = torch.optim.SGD(budget.parameters(), lr=0.01, maximize=True)
+    adam = multiplier_optimizer(budget, 0.01)
+    assert load_multiplier_state(adam, sgd.state_dict()) is False
+    assert "betas" in adam.param_groups[0] and not adam.state
+    term, _ = budget(0.0)
+    term.backward()
+    adam.step()  # still a working Adam
+    saved = adam.state_dict()
+    fresh = multiplier_optimizer(budget, 0.01)
+    assert load_multiplier_state(fresh, saved) is True
+    assert fresh.state_dict()["state"][0]["step"] == saved["state"][0]["step"]
+
+
 def test_engine_wires_the_budget(tmp_path, monkeypatch):
     """The Trainer's Lagrangian optimiser is Adam ascending exactly the two multipliers, with --lr-lagrangian."""
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
@@ -299,8 +318,9 @@ BAD = {
     "dense-params": ["--net", "dense", "--target-params", "0.5"],
     "warmup-negative": ["--target-macs", "0.5", "--target-warmup", "-1"],
     "lr-lagrangian-zero": ["--target-macs", "0.5", "--lr-lagrangian", "0"],
+    "no-penalty-epochs": ["--target-macs", "0.5", "--epoch", "0", "--fine_tune_epoch", "2"],
 }
-EXPECTED_WORDS = {"both": "not allowed with", "dense": "gates", "dense-params": "gates",
+EXPECTED_WORDS = {"both": "not allowed with", "dense": "gates", "dense-params": "gates", "no-penalty-epochs": "--epoch",
                   "warmup-negative": "target-warmup", "lr-lagrangian-zero": "lr-lagrangian"}
 
 
@@ -614,3 +634,23 @@ def test_no_target_means_no_budget(budget_runs):
     assert run.results["lamba"] > 0
     penalties = [v for _, v in run.scalars("train/l0_penalty")["train/l0_penalty"]]
     assert len(penalties) == STEPS["plain"] and all(p > 0 for p in penalties), penalties
+
+
+def test_lowered_epoch_on_resume_ends_the_penalty_phase_with_its_report(tmp_path):
+    """Resuming a budget run's epoch-1 checkpoint with --epoch 1 ends its penalty phase at once:
+    the gates freeze (projected onto the target) and the one-line budget report is printed."""
+    common = (*TINY, "--net", "hc", "--target-macs", "0.4", "--target-warmup", "2", "--limit-batches", "2",
+              "-b", "8", "-p", "1")
+    first = run_script("train_resnet56.py", *common, "--epoch", "2", "--save_epoch", "1", "--out-dir", "a",
+                       cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "a" / "epoch_1.pt"
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["gates_frozen"] is False
+    second = run_script("train_resnet56.py", *common, "--epoch", "1", "--fine_tune_epoch", "1", "--resume",
+                        str(checkpoint), "--out-dir", "b", cwd=tmp_path, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    reports = [line for line in second.stdout.splitlines() if line.startswith("budget: ")]
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert reports == [f"budget: {results['budget']['message']}"], second.stdout[-3000:]
+    assert results["budget"]["within_tolerance"] is True and results["budget"]["projection"] is not None
+    assert "Epoch [1][" not in second.stdout and "Epoch [2][" in second.stdout

@@ -80,7 +80,9 @@ def _reference(model, log_alpha, kind, target):
     Candidates are the prefixes of the channels sorted by logit (descending)
     that end between two different logits. Take the longest one whose cost is
     at most the target; if there is none, or it is more than TOLERANCE below,
-    the shortest one above the target when that is within TOLERANCE above.
+    the shortest one above the target when that is within TOLERANCE above;
+    ``None`` if that is outside the tolerance and further from the target than
+    the logits' own network (channels with log_alpha > PRUNE_THRESHOLD).
     """
     values = log_alpha.tolist()
     order = sorted(range(len(values)), key=lambda c: -values[c])
@@ -103,6 +105,13 @@ def _reference(model, log_alpha, kind, target):
         choice = above[0]
     if choice is None:
         return None
+    trained_counts = [0] * model.gates.num_layers
+    for c, value in enumerate(values):
+        trained_counts[layers[c]] += value > hard_concrete.PRUNE_THRESHOLD
+    trained = _python_fraction(model, kind, trained_counts)
+    gap = abs(costs[choice] - target)
+    if gap > TOLERANCE and gap > abs(trained - target):
+        return None  # no better than the network the logits give on their own
     return set(order[:prefixes[choice]]), costs[choice]
 
 
@@ -370,6 +379,38 @@ def test_no_network_within_tolerance_gives_the_one_below():
     assert gates is not None and torch.equal(gates > 0, torch.arange(10) != 3)
     assert budget.deterministic(gates) == low
     _check_projection(model, budget, la, "macs", target)
+
+
+def test_projection_never_moves_further_from_the_target():
+    """The same hand-made VGG with the target just above the middle of the jump: the network
+    of the logits' own test gates (everything open) is closer than the one below, so the
+    projection declines (None) rather than ending further from the target."""
+    torch.manual_seed(0)
+    model = VGG(cfg=(2, "M", 2, "M", 2, "M", 2, "M", 2, "M"), num_classes=10, net="hc")
+    la = _set_hc(model, torch.tensor([3.0, 2.5, 2.0, 0.5, 1.5, 1.4, 1.3, 1.2, 1.1, 1.0]))
+    low = _fraction(model, "macs", [2, 1, 2, 2, 2])
+    target = (low + 1.0) / 2 + 0.005
+    budget = BudgetConstraint(model, "macs", target, warmup=1.0)
+    assert budget.deterministic(hard_concrete.deterministic(la)) == 1.0
+    assert 1.0 - target > TOLERANCE
+    assert budget.project(la) is None
+    # Just below the middle, the network below is the closer one and is taken.
+    budget.target = (low + 1.0) / 2 - 0.005
+    gates = budget.project(la)
+    assert gates is not None and budget.deterministic(gates) == low
+
+
+def test_old_frozen_checkpoint_without_the_buffer_loads():
+    """A checkpoint written before frozen gates were stored (gates_frozen, no
+    gates.frozen_gates) loads frozen at the test gates of its logits."""
+    model = _model("resnet56")
+    la = _set_hc(model, torch.empty(sum(model.gates.widths)).uniform_(-4, 4))
+    old = {"model": model.state_dict(), "gates_frozen": True}
+    assert "gates.frozen_gates" not in old["model"]
+    fresh = _model("resnet56", seed=1)
+    load_model_state(fresh, old)
+    assert fresh.gates.frozen
+    assert torch.equal(fresh.gates.test_gates(), hard_concrete.deterministic(la))
 
 
 @pytest.mark.parametrize("kind", ["macs", "params"])

@@ -191,6 +191,8 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> argparse.Namespace:
             parser.error(f"--num_classes {args.num_classes} contradicts --dataset {args.dataset}")
     if (args.target_macs or args.target_params) and args.net == "dense":
         parser.error("a budget (--target-macs/--target-params) needs gates: use --net hc or --net dep")
+    if (args.target_macs or args.target_params) and args.epochs == 0:
+        parser.error("a budget (--target-macs/--target-params) needs penalty epochs: --epoch must be at least 1")
     if args.target_warmup is None:
         args.target_warmup = args.epochs / 4
     if args.back_dep and args.net != "dep":

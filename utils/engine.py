@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from l0_layers import hard_concrete
 from l0_layers.budget import TOLERANCE as BUDGET_TOLERANCE
-from l0_layers.budget import BudgetConstraint, multiplier_optimizer
+from l0_layers.budget import BudgetConstraint, load_multiplier_state, multiplier_optimizer
 from l0_layers.penalty import L0Penalty
 from models import build_model, default_arch, load_model_state, save_pruned
 
@@ -369,7 +369,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if self.budget is not None:
             self.budget.load_state_dict(state["budget"])
-            self.lagrangian.load_state_dict(state["lagrangian"])
+            if not load_multiplier_state(self.lagrangian, state["lagrangian"]):
+                print("warning: the checkpoint's multipliers ascended with SGD (an earlier version); they continue "
+                      "from their saved values with a fresh Adam", file=sys.stderr)
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_top1, self.wall_before = state["best_top1"], state["wall_time_s"]
         if self.step:
@@ -409,6 +411,8 @@ class Trainer:
                 while self.epoch < total:
                     if self.epoch >= args.epochs and not self.model.gates.frozen:
                         self.end_pruning()  # --epoch 0, or a checkpoint of the last penalty epoch
+                        if self.budget is not None:
+                            self.log.message(f"budget: {self.budget_report()['message']}")
                     if self.wrapped_frozen != self.model.gates.frozen:
                         self._wrap()  # DDP must learn that the gate parameters no longer get gradients
                     stopped = self.train_epoch(stop)
@@ -549,7 +553,8 @@ class Trainer:
         tolerance, at the projection of the logits onto it (every rank computes the same one)."""
         gates, budget = self.model.gates, self.budget
         projected = None
-        if budget is not None and abs(budget.deterministic() - budget.target) > BUDGET_TOLERANCE:
+        trained_gap = abs(budget.deterministic() - budget.target) if budget is not None else 0.0
+        if trained_gap > BUDGET_TOLERANCE:
             projected = budget.project(gates.log_alpha().detach())
         gates.freeze(projected)
 
