@@ -81,8 +81,8 @@ class BudgetConstraint(nn.Module):
         # ascends them): the gates are read through bound methods, not
         # submodules, and widths are priced with its own cost records.
         gates = model.gates
-        self.expected_open, self.kept, self.per_layer_sum = gates.expected_open, gates.kept, gates.per_layer_sum
-        self.layer_of_channel = gates.layer_of_channel
+        self.log_alpha, self.expected_open, self.test_gates = gates.log_alpha, gates.expected_open, gates.test_gates
+        self.kept, self.per_layer_sum, self.layer_of_channel = gates.kept, gates.per_layer_sum, gates.layer_of_channel
         self.cost = CostModel(model.weight_layers, model.gates.num_layers)
         self.dense = float(self.cost.dense()[0 if kind == "macs" else 1])
         self.lambda1 = nn.Parameter(torch.zeros(()))
@@ -150,15 +150,71 @@ class BudgetConstraint(nn.Module):
             k = int(torch.nonzero(separable & (fractions <= fractions[above[0]])).flatten()[-1])
         if k is None:
             return None
+        own = hard_concrete.deterministic(log_alpha)
         gap = abs(float(fractions[k]) - self.target)
-        if gap > TOLERANCE and gap > abs(self.deterministic(hard_concrete.deterministic(log_alpha)) - self.target):
+        if gap > TOLERANCE and gap > abs(self.deterministic(own) - self.target):
             return None  # outside the tolerance and further from the target than the logits' own network
         kept = torch.zeros_like(log_alpha, dtype=torch.bool)
         kept[order[:k]] = True
-        own = hard_concrete.deterministic(log_alpha)
         if 0 < k < len(ranked):
             shift = hard_concrete.PRUNE_THRESHOLD - (ranked[k - 1] + ranked[k]) / 2
         else:
             shift = hard_concrete.PRUNE_THRESHOLD - ranked[-1] + 1.0 if k else 0.0
         reopened = hard_concrete.deterministic(log_alpha + shift).clamp(min=torch.finfo(own.dtype).tiny)
         return torch.where(kept, torch.where(own > 0, own, reopened), torch.zeros_like(own))
+
+    def final_gates(self) -> torch.Tensor | None:
+        """The gates to freeze at the end of the penalty phase: the projection when the pruned
+        cost is more than the tolerance off the target, else ``None`` (the model's test gates)."""
+        if abs(self.deterministic() - self.target) <= TOLERANCE:
+            return None
+        return self.project(self.log_alpha().detach())
+
+    @torch.no_grad()
+    def report(self, finished: bool, epochs: int, fine_tune_epochs: int) -> dict:
+        """Where the pruned cost stands against the target: reached by training, reached by the
+        projection (and why training alone did not), or missed (by how much and why).
+
+        ``finished``: the penalty phase is over (before, the message says so); ``epochs`` and
+        ``fine_tune_epochs``: the run's ``--epoch`` and ``--fine_tune_epoch``.
+        """
+        log_alpha = self.log_alpha()
+        expected = float(self.fraction(self.expected_open(log_alpha)))
+        trained_open = hard_concrete.deterministic(log_alpha) > 0  # the gates' own test values
+        final_open = self.test_gates() > 0
+        achieved, trained, target = self.deterministic(), self.deterministic(trained_open), self.target
+        closed, reopened = int((trained_open & ~final_open).sum()), int((final_open & ~trained_open).sum())
+        report = dict(kind=self.kind, target=target, achieved=achieved, trained=trained, expected=expected,
+                      lambda1=self.lambda1.item(), lambda2=self.lambda2.item(),
+                      within_tolerance=abs(achieved - target) <= TOLERANCE,
+                      projection=dict(closed=closed, reopened=reopened) if closed or reopened else None)
+        reached = f"{self.kind} at {achieved:.3f} of dense, target {target:.3f} (within {TOLERANCE:.0%})"
+        missed = (f"missed the {self.kind} target by {achieved - target:+.3f} of dense (achieved {achieved:.3f}, "
+                  f"target {target:.3f})")
+        next_channel = "the next channel by logit costs more than the rest of the budget"
+        if not finished:
+            message = "training in progress"
+        elif report["projection"] is None and report["within_tolerance"]:
+            message = reached
+        elif report["projection"] is None:
+            cheapest = float(self.fraction(torch.ones_like(self.cost.dense_widths)))
+            why = (f"the cheapest network the gates can express, one channel per gated layer, costs {cheapest:.3f}"
+                   if cheapest > target + TOLERANCE else f"{next_channel} and the tolerance")
+            message = f"{missed}: {why}"
+        else:
+            if abs(expected - target) <= TOLERANCE:
+                why = f"the expected cost ({expected:.3f}) met the target but the gates were not polarised"
+            elif self.warmup >= epochs:
+                why = f"the target was still being annealed (--target-warmup {self.warmup:g} >= --epoch {epochs})"
+            else:
+                why = (f"the constraint had not converged (expected {expected:.3f}, lambda1 "
+                       f"{report['lambda1']:.3g}); train longer or raise --lr-lagrangian")
+            moved = " and ".join(f"{verb} {n} channel{'s' * (n != 1)}" for verb, n in
+                                 (("closed", closed), ("reopened", reopened)) if n)
+            outcome = reached if report["within_tolerance"] else missed
+            since = "" if report["within_tolerance"] else f", since {next_channel}"
+            message = f"{outcome} after the budget projection {moved}{since}: training ended at {trained:.3f}, {why}"
+            if fine_tune_epochs == 0:
+                message += "; no --fine_tune_epoch follows to recover from the projection"
+        report["message"] = message
+        return report

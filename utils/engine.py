@@ -37,8 +37,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 from torch.utils.data import DataLoader
 
-from l0_layers import hard_concrete
-from l0_layers.budget import TOLERANCE as BUDGET_TOLERANCE
 from l0_layers.budget import BudgetConstraint, load_multiplier_state, multiplier_optimizer
 from l0_layers.penalty import L0Penalty
 from models import build_model, default_arch, load_model_state, save_pruned
@@ -551,12 +549,7 @@ class Trainer:
     def end_pruning(self) -> None:
         """Freeze the gates after the last penalty epoch; with a budget missed by more than the
         tolerance, at the projection of the logits onto it (every rank computes the same one)."""
-        gates, budget = self.model.gates, self.budget
-        projected = None
-        trained_gap = abs(budget.deterministic() - budget.target) if budget is not None else 0.0
-        if trained_gap > BUDGET_TOLERANCE:
-            projected = budget.project(gates.log_alpha().detach())
-        gates.freeze(projected)
+        self.model.gates.freeze(self.budget.final_gates() if self.budget is not None else None)
 
     def evaluate(self) -> dict:
         """Validation statistics with deterministic gates, over all ranks."""
@@ -584,53 +577,8 @@ class Trainer:
         return results
 
     def budget_report(self) -> dict:
-        """Where the pruned cost stands against the target: reached by training, reached by the
-        projection (and why training alone did not), or missed (by how much and why)."""
-        budget, args, gates = self.budget, self.args, self.model.gates
-        with torch.no_grad():
-            log_alpha = gates.log_alpha()
-            expected = float(budget.fraction(gates.expected_open(log_alpha)))
-            trained_open = hard_concrete.deterministic(log_alpha) > 0  # the gates' own test values
-        final_open = gates.test_gates() > 0
-        achieved, trained, target = budget.deterministic(), budget.deterministic(trained_open), budget.target
-        closed, reopened = int((trained_open & ~final_open).sum()), int((final_open & ~trained_open).sum())
-        report = dict(kind=budget.kind, target=target, achieved=achieved, trained=trained, expected=expected,
-                      lambda1=budget.lambda1.item(), lambda2=budget.lambda2.item(),
-                      within_tolerance=abs(achieved - target) <= BUDGET_TOLERANCE,
-                      projection=dict(closed=closed, reopened=reopened) if closed or reopened else None)
-        reached = f"{budget.kind} at {achieved:.3f} of dense, target {target:.3f} (within {BUDGET_TOLERANCE:.0%})"
-        if self.epoch < args.epochs:
-            report["message"] = "training in progress"
-        elif report["projection"] is None and report["within_tolerance"]:
-            report["message"] = reached
-        elif report["projection"] is None:
-            cheapest = float(budget.fraction(torch.ones_like(budget.cost.dense_widths)))
-            why = (f"the cheapest network the gates can express, one channel per gated layer, costs {cheapest:.3f}"
-                   if cheapest > target + BUDGET_TOLERANCE else
-                   "the next channel by logit costs more than the rest of the budget and the tolerance")
-            report["message"] = (f"missed the {budget.kind} target by {achieved - target:+.3f} of dense (achieved "
-                                 f"{achieved:.3f}, target {target:.3f}): {why}")
-        else:
-            if abs(expected - target) <= BUDGET_TOLERANCE:
-                why = f"the expected cost ({expected:.3f}) met the target but the gates were not polarised"
-            elif args.target_warmup >= args.epochs:
-                why = (f"the target was still being annealed (--target-warmup {args.target_warmup:g} >= "
-                       f"--epoch {args.epochs})")
-            else:
-                why = (f"the constraint had not converged (expected {expected:.3f}, lambda1 "
-                       f"{report['lambda1']:.3g}); train longer or raise --lr-lagrangian")
-            moved = " and ".join(f"{verb} {n} channel{'s' * (n != 1)}" for verb, n in
-                                 (("closed", closed), ("reopened", reopened)) if n)
-            if report["within_tolerance"]:
-                report["message"] = f"{reached} after the budget projection {moved}: training ended at {trained:.3f}, {why}"
-            else:
-                report["message"] = (f"missed the {budget.kind} target by {achieved - target:+.3f} of dense (achieved "
-                                     f"{achieved:.3f}, target {target:.3f}) after the budget projection {moved}, "
-                                     f"since the next channel by logit costs more than the rest of the budget: "
-                                     f"training ended at {trained:.3f}, {why}")
-            if args.fine_tune_epoch == 0:
-                report["message"] += "; no --fine_tune_epoch follows to recover from the projection"
-        return report
+        args = self.args
+        return self.budget.report(self.epoch >= args.epochs, args.epochs, args.fine_tune_epoch)
 
     def wall_time(self) -> float:
         return self.wall_before + time.time() - self.started
