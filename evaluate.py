@@ -47,7 +47,7 @@ def load_model(path):
                            macs=payload["macs"], params=payload["params"],
                            macs_dense=source["macs_dense"], params_dense=source["params_dense"])
     model = build_model(state["arch"])
-    load_model_state(model, state)
+    load_model_state(model, state, path)
     macs, params = model.cost.pruned(model.gates.kept())
     macs_dense, params_dense = model.cost.dense()
     args = state.get("args") or {}

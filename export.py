@@ -15,7 +15,7 @@ from pathlib import Path
 from models import build_model, load_model_state, save_pruned
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser
-from utils.errors import UsageError, run_reporting_errors
+from utils.errors import run_reporting_errors
 from utils.logger import human
 
 
@@ -24,10 +24,7 @@ def export(checkpoint, out=None) -> Path:
     path = path / "last.pt" if path.is_dir() else path
     state = load_checkpoint(path)
     model = build_model(state["arch"])
-    try:
-        load_model_state(model, state)
-    except RuntimeError as e:
-        raise UsageError(f"{path}: its weights do not fit its own arch ({str(e).splitlines()[0][:120]})") from e
+    load_model_state(model, state, path)
     out = path.with_name("pruned.pt") if out is None else Path(out)
     if out.is_dir():
         out = out / "pruned.pt"

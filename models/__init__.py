@@ -3,6 +3,8 @@
 ``build_model(arch)`` rebuilds any of them from the ``arch`` dict a model
 carries (and a checkpoint stores).
 """
+from utils.errors import UsageError
+
 from .common import GatedNetwork
 from .resnet_cifar import CifarResNet, resnet56
 from .resnet_imagenet import ImageNetResNet, resnet50
@@ -22,17 +24,21 @@ def build_model(arch: dict) -> GatedNetwork:
     return cls(**arch)
 
 
-def load_model_state(model: GatedNetwork, checkpoint: dict) -> None:
+def load_model_state(model: GatedNetwork, checkpoint: dict, source="the checkpoint") -> None:
     """Load a training checkpoint's ``model`` state; frozen gates (fine-tuning) are frozen first.
 
     Checkpoints written before the frozen gates were stored (no ``gates.frozen_gates``) froze
-    them at the test gates of their logits, which freezing after loading reproduces.
+    them at the test gates of their logits, which freezing after loading reproduces. Weights
+    that do not fit the model are a one-line ``UsageError`` naming ``source``.
     """
     frozen = checkpoint.get("gates_frozen")
     stored = "gates.frozen_gates" in checkpoint["model"]
     if frozen and stored:
         model.gates.freeze()
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise UsageError(f"{source}: its weights do not fit its own arch ({str(e).splitlines()[0][:120]})") from e
     if frozen and not stored:
         model.gates.freeze()
 

@@ -167,6 +167,19 @@ def test_evaluate_imagenet_pruned_model_prints_top5(tmp_path, capsys):
     assert "dummy imagenet val, 8 images" in out and "top-5 " in out
 
 
+def test_checkpoint_whose_weights_do_not_fit_its_arch_is_one_line(run_dir, tmp_path, capsys):
+    """A checkpoint edited so that a tensor no longer fits its own arch: export.py and
+    evaluate.py both refuse it in one line (evaluate.py used to print a traceback)."""
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    state["model"]["linear.weight"] = torch.zeros(3, 3)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    capsys.readouterr()
+    for main, prog in ((export_tool.main, "export.py"), (evaluate_tool.main, "evaluate.py")):
+        line = one_line_error(capsys, main([str(bad)]), prog)
+        assert "bad.pt: its weights do not fit its own arch" in line, line
+
+
 def test_evaluate_mistakes_are_one_line(run_dir, tmp_path, capsys):
     capsys.readouterr()
     for argv in ([str(tmp_path / "missing.pt")],

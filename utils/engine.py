@@ -357,7 +357,7 @@ class Trainer:
 
     def _load_state(self, state: dict) -> None:
         model = self.model
-        load_model_state(model, state)
+        load_model_state(model, state, state["path"])
         self.weights.load_state_dict(state["weight_optimizer"])
         self.weight_schedule.load_state_dict(state["weight_scheduler"])
         if self.gates is not None:
