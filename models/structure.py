@@ -60,11 +60,11 @@ def gated_layers_of(weight_layers) -> tuple[GatedLayer, ...]:
 class CostModel(nn.Module):
     """MACs and parameter count of the network as a function of gated widths.
 
-    ``widths`` is a ``(num_gates,)`` tensor (or a batch of them): kept channel counts for the
-    deterministic pruned cost, expected open counts S for the expected cost
-    (the gates of different layers are independent, so E[in * out] =
-    E[in] * E[out] and the result is the exact expectation). All layers are
-    evaluated in one vectorised expression.
+    ``widths`` is a ``(num_gates,)`` tensor, or a batch ``(..., num_gates)``:
+    kept channel counts for the deterministic pruned cost, expected open
+    counts S for the expected cost (the gates of different layers are
+    independent, so E[in * out] = E[in] * E[out] and the result is the exact
+    expectation). All layers are evaluated in one vectorised expression.
     """
 
     def __init__(self, weight_layers, num_gates: int):
