@@ -29,7 +29,7 @@ from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
 
-from .common import GatedNetwork, LayerRecorder, gated_relu
+from .common import GatedNetwork, LayerRecorder, bn_gate_relu
 
 
 class BasicBlock(nn.Module):
@@ -60,11 +60,11 @@ class BasicBlock(nn.Module):
         self.register_buffer("in_index", index, persistent=False)
 
     def forward(self, x, z):
-        out = gated_relu(self.bn1(self.conv1(x)), z)
+        out = bn_gate_relu(self.bn1, self.conv1(x), z)
         out = self.bn2(self.conv2(out))
         if self.in_index is not None:
-            return F.relu(out.index_add(1, self.in_index, x.to(out.dtype)))
-        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+            return torch.relu_(out.index_add(1, self.in_index, x.to(out.dtype)))
+        return torch.relu_(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
 class CifarResNet(GatedNetwork):
@@ -112,7 +112,7 @@ class CifarResNet(GatedNetwork):
 
     def forward(self, x, log_alpha=None):
         z_stem, *z_blocks = self.gates(x.shape[0], log_alpha)
-        x = gated_relu(self.bn1(self.conv1(x)), z_stem)
+        x = bn_gate_relu(self.bn1, self.conv1(x), z_stem)
         for block, z in zip(self.layers, z_blocks):
             x = block(x, z)
         return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))

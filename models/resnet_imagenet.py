@@ -21,12 +21,13 @@ Compact (exported) networks are the same class with ``net='dense'``,
 ``stem_width`` and ``inner_widths`` (one ``(conv1, conv2)`` output-width pair
 per block); see ``models/export.py``.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
 
-from .common import GatedNetwork, LayerRecorder, conv_out, gated_relu
+from .common import GatedNetwork, LayerRecorder, bn_gate_relu, conv_out
 
 
 class Bottleneck(nn.Module):
@@ -56,10 +57,10 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(conv, nn.BatchNorm2d(c_out))
 
     def forward(self, x, z1, z2):
-        out = gated_relu(self.bn1(self.conv1(x)), z1)
-        out = gated_relu(self.bn2(self.conv2(out)), z2)
+        out = bn_gate_relu(self.bn1, self.conv1(x), z1)
+        out = bn_gate_relu(self.bn2, self.conv2(out), z2)
         out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return torch.relu_(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class ImageNetResNet(GatedNetwork):
@@ -103,7 +104,7 @@ class ImageNetResNet(GatedNetwork):
 
     def forward(self, x, log_alpha=None):
         z_stem, *z_blocks = self.gates(x.shape[0], log_alpha)
-        x = self.maxpool(gated_relu(self.bn1(self.conv1(x)), z_stem))
+        x = self.maxpool(bn_gate_relu(self.bn1, self.conv1(x), z_stem))
         for i, block in enumerate(self.layers):
             x = block(x, z_blocks[2 * i], z_blocks[2 * i + 1])
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))

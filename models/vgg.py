@@ -18,7 +18,7 @@ from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
 
-from .common import GatedNetwork, LayerRecorder, gated_relu
+from .common import GatedNetwork, LayerRecorder, bn_gate_relu
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -37,8 +37,8 @@ class ConvStage(nn.Module):
         if self.pooled and z is not None:
             # z >= 0 is constant over space, so max-pool commutes with it (exactly,
             # also in floating point): gating after the pool touches 4x fewer values.
-            return self.pool(torch.relu(self.bn(self.conv(x)))) * z.to(x.dtype)
-        return self.pool(gated_relu(self.bn(self.conv(x)), z))
+            return self.pool(torch.relu_(self.bn(self.conv(x)))) * z.to(x.dtype)
+        return self.pool(bn_gate_relu(self.bn, self.conv(x), z))
 
 
 class VGG(GatedNetwork):

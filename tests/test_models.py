@@ -354,10 +354,12 @@ def _check_gates_applied(model, x, gate_values, training):
     """Each gated layer's first consumer reads relu(BN output * gate) (max-pooled
     where a pooling sits in between), so a closed gate gives exact zeros."""
     named = dict(model.named_modules())
-    bn_out, consumer_in, handles = {}, {}, []
+    conv_out, consumer_in, handles = {}, {}, []
     for g in model.gated_layers:
-        handles.append(named[g.bn].register_forward_hook(
-            lambda m, i, o, n=g.name: bn_out.__setitem__(n, o.detach().clone())))
+        # The conv's output, not the BN's: in training mode BN, gate and ReLU run
+        # as one function and the BN module's forward is not called.
+        handles.append(named[g.name].register_forward_hook(
+            lambda m, i, o, n=g.name: conv_out.__setitem__(n, o.detach().clone())))
         handles.append(named[g.consumers[0]].register_forward_pre_hook(
             lambda m, i, n=g.name: consumer_in.__setitem__(n, i[0].detach().clone())))
     model.train(training)
@@ -367,7 +369,10 @@ def _check_gates_applied(model, x, gate_values, training):
         h.remove()
     for l, g in enumerate(model.gated_layers):
         z = gate_values[l]
-        expected = F.relu(bn_out[g.name] * z.view(1, -1, 1, 1))
+        bn = named[g.bn]
+        bn_out = F.batch_norm(conv_out[g.name], None if training else bn.running_mean,
+                              None if training else bn.running_var, bn.weight, bn.bias, training, eps=bn.eps)
+        expected = F.relu(bn_out * z.view(1, -1, 1, 1))
         got = consumer_in[g.name]
         if isinstance(model, VGG):
             stage = named[g.name.rsplit(".", 1)[0]]

@@ -1,0 +1,200 @@
+"""BN -> gate -> ReLU (models/common.py): the one-function training path
+against the plain composition ``relu(bn(x) * z)``.
+
+The plain composition is what PyTorch's autograd computes from the ops
+themselves; a ``BatchNorm2d`` subclass takes it (the fused path is only for
+exactly ``nn.BatchNorm2d``), so the two can run side by side on equal state.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from models import VGG, CifarResNet, ImageNetResNet
+from models.common import _spatial_dot, bn_gate_relu
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class PlainBN(nn.BatchNorm2d):
+    """Same module, but not exactly ``nn.BatchNorm2d``: takes the plain composition."""
+
+
+def _pair(channels, seed=0):
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(channels)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    plain = PlainBN(channels)
+    plain.load_state_dict(bn.state_dict())
+    return bn, plain
+
+
+def _gates(n, c, per_example=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.rand(n if per_example else 1, c, 1, 1, generator=g)
+    z[z < 0.3] = 0.0  # closed gates
+    z[z > 0.9] = 1.0  # fully open ones
+    return z
+
+
+def _run(bn, x0, z0, grad, z_grad=True, conv=None, autocast=False):
+    x = x0.clone().requires_grad_()
+    z = z0.clone().requires_grad_(z_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = bn_gate_relu(bn, conv(x) if conv else x, z)
+    y.backward(grad.to(y.dtype))
+    return dict(y=y.detach(), x=x.grad, z=z.grad, weight=bn.weight.grad, bias=bn.bias.grad,
+                running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone(),
+                tracked=bn.num_batches_tracked.clone(), channels_last=y.is_contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("per_example", [True, False])
+def test_fused_matches_plain_composition(channels_last, per_example):
+    bn, plain = _pair(6)
+    x0 = torch.randn(8, 6, 5, 7) * 2 + 0.3
+    if channels_last:
+        x0 = x0.to(memory_format=torch.channels_last)
+    z0 = _gates(8, 6, per_example)
+    grad = torch.randn(8, 6, 5, 7)
+    fused, ref = _run(bn, x0, z0, grad), _run(plain, x0, z0, grad)
+    for key in ("y", "x", "weight", "bias", "running_mean", "running_var", "tracked", "channels_last"):
+        torch.testing.assert_close(fused[key], ref[key], rtol=0, atol=0, msg=key)  # bit for bit
+    torch.testing.assert_close(fused["z"], ref["z"], rtol=1e-5, atol=1e-5)
+    assert fused["z"].shape == z0.shape
+    closed = z0.expand(8, 6, 1, 1) == 0 if per_example else z0 == 0
+    assert (fused["z"][closed] == ref["z"][closed]).all()
+
+
+def test_frozen_gates_get_no_gradient_and_match():
+    bn, plain = _pair(4)
+    x0, z0, grad = torch.randn(5, 4, 3, 3), _gates(5, 4, per_example=False), torch.randn(5, 4, 3, 3)
+    fused, ref = _run(bn, x0, z0, grad, z_grad=False), _run(plain, x0, z0, grad, z_grad=False)
+    assert fused["z"] is None
+    for key in ("y", "x", "weight", "bias"):
+        torch.testing.assert_close(fused[key], ref[key], rtol=0, atol=0, msg=key)
+
+
+def test_bf16_autocast_matches_to_bf16_precision():
+    bn, plain = _pair(6)
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    x0, z0, grad = torch.randn(8, 3, 6, 6), _gates(8, 6), torch.randn(8, 6, 6, 6)
+    fused = _run(bn, x0, z0, grad, conv=conv, autocast=True)
+    conv.zero_grad()
+    ref = _run(plain, x0, z0, grad, conv=conv, autocast=True)
+    assert fused["y"].dtype == ref["y"].dtype == torch.bfloat16
+    assert fused["z"].dtype == torch.float32  # the gate's own dtype, like the composition's
+    for key in ("y", "x", "weight", "bias", "running_mean", "running_var"):
+        torch.testing.assert_close(fused[key], ref[key], rtol=0, atol=0, msg=key)
+    scale = ref["z"].abs().max()
+    assert (fused["z"] - ref["z"]).abs().max() <= 1e-2 * scale
+
+
+def test_eval_mode_uses_running_statistics_and_leaves_them():
+    bn, _ = _pair(4)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    before = copy.deepcopy(bn.state_dict())
+    x, z = torch.randn(3, 4, 5, 5), _gates(1, 4, per_example=False)
+    y = bn_gate_relu(bn, x, z)
+    expected = torch.relu(nn.functional.batch_norm(x, before["running_mean"], before["running_var"], bn.weight,
+                                                   bn.bias, False, eps=bn.eps) * z)
+    torch.testing.assert_close(y, expected)
+    for key, value in bn.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_dense_path_is_bn_then_relu():
+    bn, plain = _pair(3)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(bn_gate_relu(bn, x, None), torch.relu(plain(x)), rtol=0, atol=0)
+
+
+def _saved_activation_count(bn, x, z):
+    """How many tensors of the feature map's size autograd keeps for backward."""
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += t.numel() == x.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        bn_gate_relu(bn, x, z)
+    return count
+
+
+def test_fused_path_keeps_one_activation_less():
+    """The plain composition also keeps the BN output for the gate gradient."""
+    bn, plain = _pair(4)
+    x = torch.randn(3, 4, 6, 6, requires_grad=True)
+    z = _gates(3, 4).requires_grad_()
+    assert _saved_activation_count(bn, x, z) == 2  # BN's input and the output
+    assert _saved_activation_count(plain, x, z) == 3
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 4, 5), (3, 70, 30, 40), (1, 2, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_dot(shape, channels_last):
+    """Chunks that do not divide the batch, one example larger than a chunk, bf16 in."""
+    a, b = torch.randn(shape), torch.randn(shape)
+    if channels_last:
+        a, b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
+    expected = (a.double() * b.double()).sum((2, 3), keepdim=True)
+    for chunk in (1 << 16, 50, 1):
+        got = _spatial_dot(a, b, chunk)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    assert _spatial_dot(a.bfloat16(), b.bfloat16()).dtype == torch.float32
+
+
+def test_compiling_takes_the_plain_composition(monkeypatch):
+    """Under torch.compile inductor fuses the plain ops itself: no custom function in the graph."""
+    bn, plain = _pair(4)
+    x0, z0, grad = torch.randn(5, 4, 3, 3), _gates(5, 4), torch.randn(5, 4, 3, 3)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = x0.clone().requires_grad_()
+    y = bn_gate_relu(bn, x, z0.clone().requires_grad_())
+    assert "BatchNormGateReLU" not in type(y.grad_fn).__name__
+    ref = _run(plain, x0, z0, grad)
+    y.backward(grad)
+    torch.testing.assert_close(x.grad, ref["x"], rtol=0, atol=0)
+
+
+def _model_pair(family):
+    torch.manual_seed(0)
+    if family == "vgg":  # unpooled convs too: the tiny config in conftest pools after every conv
+        model, x = VGG(cfg=(8, 8, "M", 16, 16, "M", 16, "M", 16, "M", 16, "M"), num_classes=10), torch.randn(4, 3, 32, 32)
+    elif family == "resnet56":
+        model, x = CifarResNet(blocks_per_stage=1, widths=(4, 8, 8), num_classes=10), torch.randn(4, 3, 32, 32)
+    else:
+        model = ImageNetResNet(blocks=(1, 1, 1, 1), widths=(4, 4, 8, 8), num_classes=10, input_size=64)
+        x = torch.randn(4, 3, 64, 64)
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = PlainBN
+    return model, plain, x
+
+
+@pytest.mark.parametrize("family", ["vgg", "resnet56", "resnet50"])
+def test_models_train_alike_on_either_path(family):
+    """A whole training step: same loss, same gradient for every parameter, same BN state."""
+    model, plain, x = _model_pair(family)
+    model.train(), plain.train()
+    grads = []
+    for m in (model, plain):
+        torch.manual_seed(5)  # the same gate noise
+        loss = m(x).square().mean()
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert grads[0][name] is not None, name
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
