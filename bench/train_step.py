@@ -4,7 +4,9 @@
     python bench/train_step.py --model resnet50 --device cuda -b 256 --amp --channels-last
 
 Builds the model four times (``dense``: no gates; ``hc``; ``dep``; ``dep``
-with ``--back_dep``), and times full training steps (forward, cross-entropy +
+with ``--back_dep``; ``--variants`` also takes ``hc-composed``, L0-HC with
+BN, gate and ReLU as separate autograd ops, to see what the one-function
+training path of ``models/common.py`` saves), and times full training steps (forward, cross-entropy +
 L0 penalty, backward, SGD step for weights and Adam step for gates) on
 synthetic data. Variants are interleaved repetition by repetition after a
 warm-up, so drifts of the machine hit all of them alike; each variant's
@@ -27,8 +29,19 @@ from l0_layers.penalty import L0Penalty  # noqa: E402
 from models import build_model, default_arch  # noqa: E402
 
 VARIANTS = {"dense": dict(net="dense"), "hc": dict(net="hc"), "dep": dict(net="dep"),
-            "dep-back": dict(net="dep", back_dep=True)}
+            "dep-back": dict(net="dep", back_dep=True), "hc-composed": dict(net="hc")}
 INPUT = {"vgg16": (32, 10), "resnet56": (32, 10), "resnet50": (224, 1000)}
+
+
+class ComposedBatchNorm(torch.nn.BatchNorm2d):
+    """Not exactly ``nn.BatchNorm2d``, so ``bn_gate_relu`` takes the plain composition."""
+
+
+def compose_bn(model):
+    for module in model.modules():
+        if type(module) is torch.nn.BatchNorm2d:
+            module.__class__ = ComposedBatchNorm
+    return model
 
 
 def make_step(model, args, device):
@@ -70,7 +83,7 @@ def main():
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--width-mult", type=float, default=1.0)
-    p.add_argument("--variants", default="dense,hc,dep,dep-back")
+    p.add_argument("--variants", default="dense,hc,dep,dep-back", help="comma-separated, from: " + ", ".join(VARIANTS))
     p.add_argument("--steps", type=int, default=5, help="training steps per repetition")
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
@@ -84,10 +97,14 @@ def main():
     targets = torch.randint(0, classes, (args.batch_size,), device=device)
 
     names = args.variants.split(",")
+    if unknown := [n for n in names if n not in VARIANTS]:
+        p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
     steps = {}
     for name in names:
         torch.manual_seed(0)
         model = build_model(default_arch(args.model, classes, args.width_mult, **VARIANTS[name]))
+        if name == "hc-composed":
+            model = compose_bn(model)
         model = model.to(device, memory_format=fmt).train()
         steps[name] = make_step(model, args, device)
 
