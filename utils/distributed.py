@@ -58,6 +58,58 @@ class Context:
             dist.barrier()
 
 
+class LaggedAny:
+    """``any(flag)`` over ranks, answered one call late, so that no step waits for it.
+
+    Each call starts an all-reduce of this call's flag without waiting for it
+    and returns the previous call's result: every rank reads the same answer
+    at the same call, one step after the flag was raised. On CUDA the answer
+    is copied to pinned host memory behind an event recorded right after the
+    reduction, so reading it waits for the previous step's kernels only; a
+    blocking ``Context.any`` per step would make the host wait for the GPU to
+    drain every step. Use one per loop, as a context manager, on every rank.
+    """
+
+    def __init__(self, ctx: Context, device: torch.device):
+        self.ctx = ctx
+        self.cuda = device.type == "cuda"
+        self.flag = torch.zeros((), device=device)
+        self.host = torch.zeros((), pin_memory=self.cuda)
+        self.pending = None  # the previous call's (work, event)
+
+    def __call__(self, flag: bool) -> bool:
+        if not self.ctx.distributed:
+            return flag
+        previous = self._answer()
+        self.flag.fill_(float(flag))  # a kernel, not a host-to-device copy that would sync
+        work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
+        event = None
+        if self.cuda:
+            work.wait()  # the current stream waits for the reduction; the host does not
+            self.host.copy_(self.flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (work, event)
+        return previous
+
+    def _answer(self) -> bool:
+        if self.pending is None:
+            return False
+        work, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+            return bool(self.host.item())
+        work.wait()
+        return bool(self.flag.item())
+
+    def __enter__(self) -> "LaggedAny":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._answer()  # finish the last reduction; its answer is dropped
+
+
 def init() -> Context:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:

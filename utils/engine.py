@@ -413,7 +413,9 @@ class Trainer:
                             self.log.message(f"budget: {self.budget_report()['message']}")
                     if self.wrapped_frozen != self.model.gates.frozen:
                         self._wrap()  # DDP must learn that the gate parameters no longer get gradients
-                    stopped = self.train_epoch(stop)
+                    # Whether any rank got a stop signal, read one step late so that no step waits for the vote.
+                    with distributed.LaggedAny(self.ctx, self.device) as stop_vote:
+                        stopped = self.train_epoch(stop, stop_vote)
                     if stopped:
                         self.save(results=None)
                         self.log.message(f"stopped by signal {stop.received} at epoch {self.epoch + 1} step "
@@ -430,7 +432,7 @@ class Trainer:
             self.log.close()
             distributed.shutdown(self.ctx)
 
-    def train_epoch(self, stop: StopSignals) -> bool:
+    def train_epoch(self, stop: StopSignals, stop_vote: distributed.LaggedAny) -> bool:
         """Train from ``self.step`` to the end of the epoch; True if stopped by a signal."""
         args, device, epoch = self.args, self.device, self.epoch
         fine_tune = epoch >= args.epochs
@@ -508,7 +510,7 @@ class Trainer:
                                     budget.lambda2.item())
                 interval.zero_()
                 tick = now
-            if self.ctx.any(stop.received is not None, device) and self.step < steps:
+            if stop_vote(stop.received is not None) and self.step < steps:
                 self._check_finite(first_bad)
                 return True
         self._check_finite(first_bad)
