@@ -77,17 +77,21 @@ def test_frozen_gates_get_no_gradient_and_match():
         torch.testing.assert_close(fused[key], ref[key], rtol=0, atol=0, msg=key)
 
 
-def test_bf16_autocast_matches_to_bf16_precision():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_autocast_matches_to_bf16_precision(channels_last):
     bn, plain = _pair(6)
     torch.manual_seed(2)
     conv = nn.Conv2d(3, 6, 3, padding=1)
     x0, z0, grad = torch.randn(8, 3, 6, 6), _gates(8, 6), torch.randn(8, 6, 6, 6)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        x0 = x0.to(memory_format=torch.channels_last)
     fused = _run(bn, x0, z0, grad, conv=conv, autocast=True)
     conv.zero_grad()
     ref = _run(plain, x0, z0, grad, conv=conv, autocast=True)
     assert fused["y"].dtype == ref["y"].dtype == torch.bfloat16
     assert fused["z"].dtype == torch.float32  # the gate's own dtype, like the composition's
-    for key in ("y", "x", "weight", "bias", "running_mean", "running_var"):
+    for key in ("y", "x", "weight", "bias", "running_mean", "running_var", "channels_last"):
         torch.testing.assert_close(fused[key], ref[key], rtol=0, atol=0, msg=key)
     scale = ref["z"].abs().max()
     assert (fused["z"] - ref["z"]).abs().max() <= 1e-2 * scale
