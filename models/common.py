@@ -12,16 +12,20 @@ def bn_gate_relu(bn: nn.BatchNorm2d, x: torch.Tensor, z: torch.Tensor | None) ->
 
     In training mode with a plain ``nn.BatchNorm2d`` this runs as one autograd
     function (:class:`_BatchNormGateReLU`) whose backward needs no copy of the
-    BN output; eval mode, ``SyncBatchNorm`` and ``torch.compile`` (whose
-    inductor fuses the plain ops itself) take the plain composition.
+    BN output (it supports no double backward). Eval mode, ``SyncBatchNorm``,
+    ``torch.compile`` (whose inductor fuses the plain ops itself), a BN module
+    with forward hooks (they see BN's output) and batches too small for batch
+    statistics (BN raises its own error) take the plain composition.
     """
-    # ReLU in place: BN's backward needs its input, not its output. The gates are
-    # cast to the feature map's dtype so that under autocast a bf16/fp16
-    # activation stays in its dtype instead of being promoted.
+    # ReLU in place: BN's backward needs its input, not its output; a hook on
+    # BN may keep the output, though. The gates are cast to the feature map's
+    # dtype so that under autocast a bf16/fp16 activation stays in its dtype.
+    hooked = bool(bn._forward_hooks or bn._forward_pre_hooks)
     if z is None:
-        return torch.relu_(bn(x))
+        return torch.relu(bn(x)) if hooked else torch.relu_(bn(x))
     if (bn.training and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
-            and bn.momentum is not None and not torch.compiler.is_compiling()):
+            and bn.momentum is not None and not hooked and x.dim() == 4 and x.numel() > x.shape[1]
+            and not torch.compiler.is_compiling()):
         bn.num_batches_tracked.add_(1)
         return _BatchNormGateReLU.apply(x, z, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                         bn.momentum, bn.eps)
@@ -29,21 +33,22 @@ def bn_gate_relu(bn: nn.BatchNorm2d, x: torch.Tensor, z: torch.Tensor | None) ->
 
 
 def _spatial_dot(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 16) -> torch.Tensor:
-    """``(a * b).sum((2, 3), keepdim=True)`` of two NCHW tensors, accumulated in fp32.
+    """``(a * b).sum((2, 3), keepdim=True)`` of two NCHW tensors, accumulated in at least fp32.
 
     fp32 keeps the gate gradient under autocast as accurate as the plain
     composition's. On the CPU the product is formed a few examples at a time
     in one small buffer: a fresh activation-sized temporary costs a page
     fault per 4 KiB there, which measured more than the multiply itself.
     """
+    dtype = torch.promote_types(a.dtype, torch.float32)
     if a.device.type != "cpu":
-        return (a * b).sum((2, 3), keepdim=True, dtype=torch.float32)
+        return (a * b).sum((2, 3), keepdim=True, dtype=dtype)
     per_chunk = max(1, chunk_elements // a[0].numel())
-    dot = a.new_empty((a.shape[0], a.shape[1], 1, 1), dtype=torch.float32)
+    dot = a.new_empty((a.shape[0], a.shape[1], 1, 1), dtype=dtype)
     buffer = torch.empty_like(a[:per_chunk])
     for a_part, b_part, dot_part in zip(a.split(per_chunk), b.split(per_chunk), dot.split(per_chunk)):
         product = torch.mul(a_part, b_part, out=buffer[:len(a_part)])
-        torch.sum(product, (2, 3), keepdim=True, dtype=torch.float32, out=dot_part)
+        torch.sum(product, (2, 3), keepdim=True, dtype=dtype, out=dot_part)
     return dot
 
 
@@ -69,7 +74,8 @@ class _BatchNormGateReLU(torch.autograd.Function):
     would) are kept: the plain composition also keeps :math:`b`, and its
     multiply's backward writes the product :math:`g\,b` before summing it.
     The gradients of :math:`x`, BN's weight and bias are bit-identical to the
-    plain composition's; the gate gradient agrees to rounding.
+    plain composition's on the CPU (tested); the gate gradient agrees to
+    rounding.
     """
 
     @staticmethod
@@ -86,6 +92,10 @@ class _BatchNormGateReLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, gate, y, weight, save_mean, save_invstd, reserve = ctx.saved_tensors
+        if reserve.numel():
+            # cuDNN may overwrite its workspace; autograd's own BN backward clones it
+            # when the graph is retained, and we cannot tell whether it is.
+            reserve = reserve.clone()
         masked = torch.ops.aten.threshold_backward(grad_y, y, 0)
         grad_z = None
         if ctx.needs_input_grad[1]:

@@ -202,3 +202,32 @@ def test_models_train_alike_on_either_path(family):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
     for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_one_value_per_channel_raises_like_batchnorm():
+    """Batch statistics of a single value are undefined: BN's own error, and no NaN running stats."""
+    bn, _ = _pair(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn_gate_relu(bn, torch.randn(1, 3, 1, 1), _gates(1, 3))
+    assert torch.isfinite(bn.running_var).all()
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_forward_hooks_on_bn_still_fire_and_see_bn_output(gated):
+    bn, plain = _pair(4)
+    seen = []
+    bn.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.randn(3, 4, 5, 5)
+    z = _gates(3, 4).requires_grad_() if gated else None
+    y = bn_gate_relu(bn, x, z)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], plain(x))  # BN's output, not overwritten by the ReLU
+    assert (seen[0] < 0).any() and (y >= 0).all()
+
+
+def test_gate_gradient_in_float64_is_float64_accurate():
+    bn, plain = _pair(4)
+    bn.double(), plain.double()
+    x0, z0, grad = torch.randn(5, 4, 6, 6).double(), _gates(5, 4).double(), torch.randn(5, 4, 6, 6).double()
+    fused, ref = _run(bn, x0, z0, grad), _run(plain, x0, z0, grad)
+    torch.testing.assert_close(fused["z"], ref["z"], rtol=1e-12, atol=1e-12)

@@ -31,8 +31,12 @@ def _worker(rank, port, results):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         ctx = Context(rank, 2, 0)
+        answers = []
         with LaggedAny(ctx, torch.device("cpu")) as vote:
-            answers = [vote(call in RAISED[rank]) for call in range(CALLS)]
+            for call in range(CALLS):
+                answers.append(vote(call in RAISED[rank]))
+                if call % 3 == 1:  # a blocking collective while a vote is pending, as _check_finite does
+                    assert ctx.any(call == 4 and rank == 1, torch.device("cpu")) is (call == 4)
         after = torch.tensor(float(rank + 1))
         dist.all_reduce(after)  # the last vote was finished: this reduction is not mixed up with it
         results[rank] = (answers, after.item())

@@ -63,11 +63,12 @@ class LaggedAny:
 
     Each call starts an all-reduce of this call's flag without waiting for it
     and returns the previous call's result: every rank reads the same answer
-    at the same call, one step after the flag was raised. On CUDA the answer
-    is copied to pinned host memory behind an event recorded right after the
-    reduction, so reading it waits for the previous step's kernels only; a
-    blocking ``Context.any`` per step would make the host wait for the GPU to
-    drain every step. Use one per loop, as a context manager, on every rank.
+    at the same call, one step after the flag was raised. A blocking
+    ``Context.any`` per step would make the host wait for the GPU to drain
+    every step. On CUDA the answer is copied to pinned host memory on a side
+    stream, behind an event: reading it waits for the reduction only, and the
+    compute stream never waits for the other ranks. Use one per loop, as a
+    context manager, on every rank.
     """
 
     def __init__(self, ctx: Context, device: torch.device):
@@ -75,20 +76,22 @@ class LaggedAny:
         self.cuda = device.type == "cuda"
         self.flag = torch.zeros((), device=device)
         self.host = torch.zeros((), pin_memory=self.cuda)
+        self.side = torch.cuda.Stream(device) if self.cuda and ctx.distributed else None
         self.pending = None  # the previous call's (work, event)
 
     def __call__(self, flag: bool) -> bool:
         if not self.ctx.distributed:
             return flag
-        previous = self._answer()
+        previous = self._answer()  # also: the last reduction of self.flag has finished
         self.flag.fill_(float(flag))  # a kernel, not a host-to-device copy that would sync
         work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
         event = None
         if self.cuda:
-            work.wait()  # the current stream waits for the reduction; the host does not
-            self.host.copy_(self.flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            with torch.cuda.stream(self.side):
+                work.wait()  # the side stream waits for the reduction; the host does not
+                self.host.copy_(self.flag, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.side)
         self.pending = (work, event)
         return previous
 
@@ -106,8 +109,11 @@ class LaggedAny:
     def __enter__(self) -> "LaggedAny":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._answer()  # finish the last reduction; its answer is dropped
+    def __exit__(self, exc_type, *exc) -> None:
+        # Finish the last reduction (its answer is dropped), but not while an exception
+        # propagates: the other ranks may never have issued it.
+        if exc_type is None:
+            self._answer()
 
 
 def init() -> Context:
