@@ -13,7 +13,6 @@ are 14.72 M for CIFAR-10. ``tests/test_models.py`` checks this table.)
 A closed channel removes the conv filter, its BN entry and the next conv's
 input channel (or the classifier's input column).
 """
-import torch
 from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
@@ -37,7 +36,7 @@ class ConvStage(nn.Module):
         if self.pooled and z is not None:
             # z >= 0 is constant over space, so max-pool commutes with it (exactly,
             # also in floating point): gating after the pool touches 4x fewer values.
-            return self.pool(torch.relu_(self.bn(self.conv(x)))) * z.to(x.dtype)
+            return self.pool(bn_gate_relu(self.bn, self.conv(x), None)) * z.to(x.dtype)
         return self.pool(bn_gate_relu(self.bn, self.conv(x), z))
 
 
