@@ -23,7 +23,7 @@ from models.export import build_pruned
 from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, nonneg_int, positive_int
-from utils.data import DATASETS, build_datasets
+from utils.data import DATASETS, DeviceNormalize, build_datasets
 from utils.engine import evaluate_model
 from utils.errors import UsageError, run_reporting_errors
 from utils.logger import human
@@ -76,7 +76,7 @@ def evaluate(args) -> dict:
     device = torch.device("cuda", args.gpu) if args.gpu is not None and torch.cuda.is_available() else torch.device("cpu")
     loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    stats = evaluate_model(model.to(device), loader, device, args.limit_batches)
+    stats = evaluate_model(model.to(device), loader, DeviceNormalize(dataset, device), args.limit_batches)
     top5 = f"  top-5 {stats['top5']:.2f}%" if dataset == "imagenet" else ""
     print(f"{args.path} ({info['kind']}): {arch['model']} on {'dummy ' if args.dummy else ''}{dataset} val, "
           f"{stats['examples']} images")

@@ -8,8 +8,15 @@ Writes a folder of random JPEGs of ImageNet's typical size (500x375, quality
 ``ResumableSampler``, ``utils.engine.loader_options``) and reports training
 images/s for each worker count. Compare with the GPU's training throughput
 (``bench/train_step.py``) to find how many loader processes keep it fed.
+
+Side by side, in interleaved passes, it also times the same loader with
+torchvision's usual tail (``ToTensor`` + ``Normalize`` in the workers, float32
+batches) instead of the engine's (uint8 batches, normalised on the device by
+``utils.data.DeviceNormalize``, which is not timed here: on a GPU it is one
+elementwise pass over the batch) and prints the ratio.
 """
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -19,9 +26,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.data import build_datasets  # noqa: E402
+from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_datasets  # noqa: E402
 from utils.distributed import Context  # noqa: E402
 from utils.engine import loader_options  # noqa: E402
 from utils.sampling import ResumableSampler, SeededDataset  # noqa: E402
@@ -50,22 +58,35 @@ def main():
         root = Path(tmp)
         write_folder(root, args.images)
         train, _, _ = build_datasets("imagenet", str(root))
-        print(f"{args.images} JPEGs 500x375 -> RandomResizedCrop(224) + flip + normalise, batch {args.batch_size}, "
-              f"median of {args.reps} passes, torch {torch.__version__}")
-        print(f"{'workers':>8} {'img/s':>9}")
+        tails = {
+            "uint8": train.transform,
+            "float32": transforms.Compose([train.transform, transforms.ConvertImageDtype(torch.float32),
+                                           transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
+        }
+        print(f"{args.images} JPEGs 500x375 -> RandomResizedCrop(224) + flip, batch {args.batch_size}, "
+              f"median of {args.reps} interleaved passes, torch {torch.__version__}")
+        print(f"{'workers':>8} {'uint8 img/s':>12} {'float32 img/s':>14} {'uint8/float32':>14}")
         for workers in (int(w) for w in args.workers.split(",")):
-            sampler = ResumableSampler(train, Context(), seed=0, batch_size=args.batch_size)
-            loader = DataLoader(SeededDataset(train), batch_size=args.batch_size, sampler=sampler,
-                                **loader_options(workers, torch.device("cpu")))
-            rates = []
+            rates = {name: [] for name in tails}
+            loaders = {}
+            for name, tail in tails.items():
+                dataset = copy.copy(train)
+                dataset.transform = tail
+                sampler = ResumableSampler(dataset, Context(), seed=0, batch_size=args.batch_size)
+                loader = DataLoader(SeededDataset(dataset), batch_size=args.batch_size, sampler=sampler,
+                                    **loader_options(workers, torch.device("cpu")))
+                loaders[name] = sampler, loader
             for epoch in range(args.reps + 1):
-                sampler.start_at(epoch, 0)
-                start, seen = time.perf_counter(), 0
-                for images, _ in loader:
-                    seen += images.shape[0]
-                if epoch:  # the first pass starts the workers
-                    rates.append(seen / (time.perf_counter() - start))
-            print(f"{workers:>8} {statistics.median(rates):>9.1f}")
+                for name, (sampler, loader) in loaders.items():
+                    sampler.start_at(epoch, 0)
+                    start, seen = time.perf_counter(), 0
+                    for images, _ in loader:
+                        seen += images.shape[0]
+                    if epoch:  # the first pass starts the workers
+                        rates[name].append(seen / (time.perf_counter() - start))
+            del loaders
+            uint8, float32 = (statistics.median(rates[name]) for name in tails)
+            print(f"{workers:>8} {uint8:>12.1f} {float32:>14.1f} {uint8 / float32:>14.2f}")
 
 
 if __name__ == "__main__":

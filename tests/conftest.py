@@ -73,6 +73,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def device(request):
+    """A test that takes ``device`` runs on the CPU, and again on CUDA where a GPU
+    is present (the CUDA-only branches: cuDNN batch norm, streams, pinned memory)."""
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)

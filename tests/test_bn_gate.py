@@ -40,11 +40,13 @@ def _gates(n, c, per_example=True, seed=1):
 
 
 def _run(bn, x0, z0, grad, z_grad=True, conv=None, autocast=False):
-    x = x0.clone().requires_grad_()
-    z = z0.clone().requires_grad_(z_grad)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    """One forward and backward on the BN module's device."""
+    device = bn.weight.device
+    x = x0.to(device, copy=True).requires_grad_()
+    z = z0.to(device, copy=True).requires_grad_(z_grad)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         y = bn_gate_relu(bn, conv(x) if conv else x, z)
-    y.backward(grad.to(y.dtype))
+    y.backward(grad.to(device, y.dtype))
     return dict(y=y.detach(), x=x.grad, z=z.grad, weight=bn.weight.grad, bias=bn.bias.grad,
                 running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone(),
                 tracked=bn.num_batches_tracked.clone(), channels_last=y.is_contiguous(memory_format=torch.channels_last))
@@ -52,8 +54,9 @@ def _run(bn, x0, z0, grad, z_grad=True, conv=None, autocast=False):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("per_example", [True, False])
-def test_fused_matches_plain_composition(channels_last, per_example):
-    bn, plain = _pair(6)
+def test_fused_matches_plain_composition(channels_last, per_example, device):
+    """Both paths run the same BN kernels (cuDNN's on a GPU) and the same elementwise ops."""
+    bn, plain = (m.to(device) for m in _pair(6))
     x0 = torch.randn(8, 6, 5, 7) * 2 + 0.3
     if channels_last:
         x0 = x0.to(memory_format=torch.channels_last)
@@ -64,12 +67,12 @@ def test_fused_matches_plain_composition(channels_last, per_example):
         torch.testing.assert_close(fused[key], ref[key], rtol=0, atol=0, msg=key)  # bit for bit
     torch.testing.assert_close(fused["z"], ref["z"], rtol=1e-5, atol=1e-5)
     assert fused["z"].shape == z0.shape
-    closed = z0.expand(8, 6, 1, 1) == 0 if per_example else z0 == 0
+    closed = (z0.expand(8, 6, 1, 1) == 0 if per_example else z0 == 0).to(device)
     assert (fused["z"][closed] == ref["z"][closed]).all()
 
 
-def test_frozen_gates_get_no_gradient_and_match():
-    bn, plain = _pair(4)
+def test_frozen_gates_get_no_gradient_and_match(device):
+    bn, plain = (m.to(device) for m in _pair(4))
     x0, z0, grad = torch.randn(5, 4, 3, 3), _gates(5, 4, per_example=False), torch.randn(5, 4, 3, 3)
     fused, ref = _run(bn, x0, z0, grad, z_grad=False), _run(plain, x0, z0, grad, z_grad=False)
     assert fused["z"] is None
@@ -78,10 +81,10 @@ def test_frozen_gates_get_no_gradient_and_match():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bf16_autocast_matches_to_bf16_precision(channels_last):
-    bn, plain = _pair(6)
+def test_bf16_autocast_matches_to_bf16_precision(channels_last, device):
+    bn, plain = (m.to(device) for m in _pair(6))
     torch.manual_seed(2)
-    conv = nn.Conv2d(3, 6, 3, padding=1)
+    conv = nn.Conv2d(3, 6, 3, padding=1).to(device)
     x0, z0, grad = torch.randn(8, 3, 6, 6), _gates(8, 6), torch.randn(8, 6, 6, 6)
     if channels_last:
         conv = conv.to(memory_format=torch.channels_last)
@@ -143,9 +146,9 @@ def test_fused_path_keeps_one_activation_less():
 
 @pytest.mark.parametrize("shape", [(7, 3, 4, 5), (3, 70, 30, 40), (1, 2, 1, 1)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_spatial_dot(shape, channels_last):
+def test_spatial_dot(shape, channels_last, device):
     """Chunks that do not divide the batch, one example larger than a chunk, bf16 in."""
-    a, b = torch.randn(shape), torch.randn(shape)
+    a, b = torch.randn(shape, device=device), torch.randn(shape, device=device)
     if channels_last:
         a, b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
     expected = (a.double() * b.double()).sum((2, 3), keepdim=True)
@@ -186,10 +189,10 @@ def _model_pair(family):
 
 
 @pytest.mark.parametrize("family", ["vgg", "resnet56", "resnet50"])
-def test_models_train_alike_on_either_path(family):
+def test_models_train_alike_on_either_path(family, device):
     """A whole training step: same loss, same gradient for every parameter, same BN state."""
     model, plain, x = _model_pair(family)
-    model.train(), plain.train()
+    model, plain, x = model.to(device).train(), plain.to(device).train(), x.to(device)
     grads = []
     for m in (model, plain):
         torch.manual_seed(5)  # the same gate noise

@@ -18,10 +18,12 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 from PIL import Image
+from torchvision import transforms
 
 from utils.data import (
     CIFAR_STATS,
     DATASETS,
+    DeviceNormalize,
     IMAGENET_MEAN,
     IMAGENET_STD,
     SyntheticImages,
@@ -116,16 +118,17 @@ def test_cifar_loads_through_torchvision(tmp_path, name, classes, train_len):
     for ds in (train, val):
         labels = [ds[i][1] for i in range(len(ds))]
         assert all(isinstance(y, int) and 0 <= y < classes for y in labels)
-        assert ds[0][0].shape == (3, 32, 32) and ds[0][0].dtype == torch.float32
+        assert ds[0][0].shape == (3, 32, 32) and ds[0][0].dtype == torch.uint8
 
-    # The val image is the raw pixels, scaled and normalised with the CIFAR stats.
+    # The val image is the raw pixels; on the device they are scaled and normalised with the CIFAR stats.
     raw_name = "test_batch" if classes == 10 else "test"
     with open(folder / raw_name, "rb") as f:
-        raw = pickle.load(f)["data"][0].reshape(3, 32, 32).astype(np.float64)
+        raw = pickle.load(f)["data"][0].reshape(3, 32, 32)
+    assert torch.equal(val[0][0], torch.from_numpy(raw))
     mean, std = (np.array(s).reshape(3, 1, 1) for s in CIFAR_STATS[classes])
-    expected = torch.from_numpy((raw / 255 - mean) / std).float()
-    torch.testing.assert_close(val[0][0], expected)
-    assert val[0][0][1, 5, 7].item() == pytest.approx((raw[1, 5, 7] / 255 - mean[1, 0, 0]) / std[1, 0, 0], abs=1e-5)
+    expected = torch.from_numpy((raw.astype(np.float64) / 255 - mean) / std).float()
+    normalized = DeviceNormalize(name, torch.device("cpu"))(val[0][0][None])[0]
+    torch.testing.assert_close(normalized, expected)
 
 
 @pytest.mark.usefixtures("no_md5")
@@ -134,17 +137,35 @@ def test_cifar_train_transform_crops_and_flips(tmp_path):
     train, _, _ = build_datasets("cifar10", str(tmp_path), download=False)
     torch.manual_seed(0)
     draws = [train[0][0] for _ in range(20)]
-    assert all(d.shape == (3, 32, 32) for d in draws)
+    assert all(d.shape == (3, 32, 32) and d.dtype == torch.uint8 for d in draws)
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
-    # RandomCrop(padding=4) shows zero padding, i.e. -mean/std, along some edge.
-    mean, std = CIFAR_STATS[10]
-    pad = torch.tensor(-mean[0] / std[0])
-
+    # RandomCrop(padding=4) shows the zero padding along some edge, which the image itself lacks.
     def has_padding(img):
-        edges = (img[0, 0], img[0, -1], img[0, :, 0], img[0, :, -1])
-        return any(torch.allclose(edge, pad.expand_as(edge)) for edge in edges)
+        return any((edge == 0).all() for edge in (img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]))
 
+    assert not has_padding(torch.from_numpy(train.data[0]).permute(2, 0, 1))
     assert any(has_padding(d) for d in draws)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_device_normalize_is_torchvisions_arithmetic(dataset, channels_last, device):
+    """Pixels normalised on the device equal ToTensor + Normalize of the same image, bit for bit,
+    in the batch's memory format; float (synthetic) batches pass through untouched."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8, generator=g)
+    pixels[0, :, 0, 0] = torch.tensor([0, 255, 128], dtype=torch.uint8)
+    mean, std = CIFAR_STATS[100] if dataset == "cifar100" else CIFAR_STATS[10] if dataset == "cifar10" else (
+        IMAGENET_MEAN, IMAGENET_STD)
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    expected = torch.stack([reference(Image.fromarray(p.permute(1, 2, 0).numpy())) for p in pixels])
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    normalize = DeviceNormalize(dataset, device)
+    out = normalize(pixels.to(device, memory_format=fmt))
+    assert out.dtype == torch.float32 and out.device == device and out.is_contiguous(memory_format=fmt)
+    assert torch.equal(out.cpu(), expected)
+    ready = torch.randn(2, 3, 4, 4, device=device)
+    assert normalize(ready) is ready
 
 
 @pytest.mark.parametrize("download", [False, True])
@@ -212,9 +233,11 @@ def test_folder_val_is_normalised_with_imagenet_stats(tmp_path):
     _, val, num_classes = build_datasets("folder", str(tmp_path))
     assert num_classes == 1
     # A flat colour stays flat through Resize and CenterCrop, so every pixel
-    # is the colour normalised with the ImageNet statistics.
+    # is the colour, normalised on the device with the ImageNet statistics.
+    assert torch.equal(val[0][0], torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32))
     expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, IMAGENET_MEAN, IMAGENET_STD)])
-    torch.testing.assert_close(val[0][0], expected.view(3, 1, 1).expand(3, 32, 32))
+    normalized = DeviceNormalize("folder", torch.device("cpu"))(val[0][0][None])[0]
+    torch.testing.assert_close(normalized, expected.view(3, 1, 1).expand(3, 32, 32))
 
 
 def test_broken_image_is_not_skipped(tmp_path):

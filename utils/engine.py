@@ -44,7 +44,7 @@ from models import build_model, default_arch, load_model_state, save_pruned
 from . import distributed
 from .checkpoint import FORMAT, link_or_copy, load_checkpoint, previous_of, save_checkpoint, write_json
 from .cli import Recipe, parse_args, program_name
-from .data import CIFAR_STATS, build_datasets
+from .data import DeviceNormalize, build_datasets
 from .errors import TrainingDiverged, UsageError, run_reporting_errors
 from .logger import RunLogger, human
 from .sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
@@ -208,17 +208,18 @@ def topk_hits(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_model(model, loader, device, limit_batches=None, ctx=distributed.Context(), amp_dtype=None,
-                   memory_format=torch.contiguous_format) -> dict:
+def evaluate_model(model, loader, normalize: DeviceNormalize, limit_batches=None, ctx=distributed.Context(),
+                   amp_dtype=None, memory_format=torch.contiguous_format) -> dict:
     """Cross-entropy and top-1/top-5 in eval mode (deterministic gates), averaged per example,
-    summed over the ranks of ``ctx``."""
+    summed over the ranks of ``ctx``; batches go to ``normalize``'s device."""
     model.eval()
+    device = normalize.device
     totals = torch.zeros(4, device=device)  # summed loss, top-1 hits, top-5 hits, examples
     autocast = torch.autocast(device.type, amp_dtype) if amp_dtype else nullcontext()
     for step, (images, targets) in enumerate(loader):
         if limit_batches is not None and step >= limit_batches:
             break
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        images = normalize(images.to(device, non_blocking=True, memory_format=memory_format))
         targets = targets.to(device, non_blocking=True)
         with autocast:
             output = model(images).float()
@@ -272,6 +273,7 @@ class Trainer:
         train_set, val_set, num_classes = build_datasets(args.dataset, args.data_dir, dummy=args.dummy,
                                                          num_classes=args.num_classes)
         args.num_classes = num_classes
+        self.normalize = DeviceNormalize(args.dataset, device)
         create_out_dir(self.out_dir)  # every rank: a rank that fails must not leave the others waiting
         torch.manual_seed(args.seed)
         arch = default_arch(recipe.model, num_classes, args.width_mult, net=args.net, back_dep=args.back_dep,
@@ -386,8 +388,7 @@ class Trainer:
         on_device = (self.args.dataset in ("cifar10", "cifar100") and not self.args.dummy
                      and (loader == "device" or (loader == "auto" and self.device.type == "cuda")))
         if on_device:
-            mean, std = CIFAR_STATS[self.args.num_classes]
-            return DeviceCifarLoader(train_set.data, train_set.targets, mean, std, self.sampler, self.device)
+            return DeviceCifarLoader(train_set.data, train_set.targets, self.sampler, self.device)
         return DataLoader(SeededDataset(train_set), batch_size=self.batch_size, sampler=self.sampler,
                           **loader_options(self.args.workers, self.device))
 
@@ -457,7 +458,7 @@ class Trainer:
         for images, targets in self.train_loader:
             if self.step >= steps:
                 break
-            images = images.to(device, non_blocking=True, memory_format=self.memory_format)
+            images = self.normalize(images.to(device, non_blocking=True, memory_format=self.memory_format))
             targets = targets.to(device, non_blocking=True)
             # The gate logits (for Dep-L0 a chain of small matmuls) are computed
             # once and shared by the gates and the penalty.
@@ -555,7 +556,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Validation statistics with deterministic gates, over all ranks."""
-        return evaluate_model(self.model, self.val_loader, self.device, self.args.limit_batches, self.ctx,
+        return evaluate_model(self.model, self.val_loader, self.normalize, self.args.limit_batches, self.ctx,
                               self.amp_dtype, self.memory_format)
 
     def results(self, val_stats: dict) -> dict:

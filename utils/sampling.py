@@ -106,17 +106,17 @@ class DeviceCifarLoader:
     """CIFAR training batches made on the GPU: no DataLoader, no PIL.
 
     Holds the uint8 images (50k x 3 x 32 x 32 = 150 MB) on the device;
-    per batch it gathers, crops, flips and normalises in a few tensor ops.
+    per batch it gathers, crops and flips in a few tensor ops and yields uint8
+    pixels, normalised by the engine like every loader's
+    (:class:`utils.data.DeviceNormalize`).
     The crop offsets (uniform in [0, 2*padding]) and flips (p = 0.5) of the
     epoch are drawn per dataset index from a generator seeded by
     ``(seed, epoch)``: the distribution of torchvision's pipeline.
     """
 
-    def __init__(self, images_hwc_uint8, labels, mean, std, sampler: ResumableSampler, device, padding: int = 4):
+    def __init__(self, images_hwc_uint8, labels, sampler: ResumableSampler, device, padding: int = 4):
         self.images = torch.as_tensor(images_hwc_uint8).permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
         self.sampler = sampler
         self.padding = padding
         self.device = device
@@ -132,5 +132,4 @@ class DeviceCifarLoader:
         flip = (torch.rand(n, generator=g) < 0.5).to(self.device)
         order = torch.tensor([index for index, _ in self.sampler], dtype=torch.long, device=self.device)
         for batch in order.split(self.sampler.batch_size):
-            images = crop_flip(self.images[batch], top[batch], left[batch], flip[batch], self.padding)
-            yield (images.float() - self.mean) / self.std, self.labels[batch]
+            yield crop_flip(self.images[batch], top[batch], left[batch], flip[batch], self.padding), self.labels[batch]
