@@ -73,6 +73,8 @@ def main():
     def timed_end_epoch(trainer):
         end_epoch(trainer)
         ends.append(time.perf_counter())
+        if len(ends) > 1:  # as it happens, so that a run cut short still reports
+            print(f"epoch {len(ends)}: {ends[-1] - ends[-2]:.1f} s", flush=True)
 
     engine.Trainer.end_epoch = timed_end_epoch
     torchvision.datasets.cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)

@@ -58,10 +58,11 @@ def main():
         root = Path(tmp)
         write_folder(root, args.images)
         train, _, _ = build_datasets("imagenet", str(root))
+        assert isinstance(train.transform.transforms[-1], transforms.PILToTensor)
         tails = {
             "uint8": train.transform,
-            "float32": transforms.Compose([train.transform, transforms.ConvertImageDtype(torch.float32),
-                                           transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
+            "float32": transforms.Compose(train.transform.transforms[:-1] + [
+                transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
         }
         print(f"{args.images} JPEGs 500x375 -> RandomResizedCrop(224) + flip, batch {args.batch_size}, "
               f"median of {args.reps} interleaved passes, torch {torch.__version__}")

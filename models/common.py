@@ -55,27 +55,52 @@ def _spatial_dot(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 16
 class _BatchNormGateReLU(torch.autograd.Function):
     r"""Training-mode BN -> gate -> ReLU with a lean backward.
 
-    Forward: :math:`b = \mathrm{BN}(x)` with batch statistics (the same kernel
-    and running-statistics update as ``nn.BatchNorm2d``), then
-    :math:`y = \max(0, z\,b)` in place in ``b``'s buffer.
+    Forward: :math:`b = \gamma\hat x + \beta` with
+    :math:`\hat x = (x - \mu)\,\sigma^{-1}` from batch statistics (the same
+    kernel and running-statistics update as ``nn.BatchNorm2d``), then
+    :math:`y = \max(0, z\,b)` in place in ``b``'s buffer. Only :math:`x`
+    (which BN's backward needs anyway) and :math:`y` (which the ReLU's would)
+    are kept: the plain composition also keeps :math:`b`.
 
     Backward from :math:`g = \partial L/\partial y`. Let
-    :math:`m = g\,[y > 0]`. Because :math:`z \ge 0`, :math:`y = z\max(0, b)`,
-    so wherever :math:`m \ne 0` we have :math:`b = y / z`, and
+    :math:`m = g\,[y > 0]`; then
 
     .. math::
-        \frac{\partial L}{\partial z_{nc}} = \sum_{hw} m\,b
-            = \frac{1}{z_{nc}} \sum_{hw} m\,y \quad (0 \text{ where } z_{nc} = 0),
+        \frac{\partial L}{\partial z_{nc}} = \sum_{hw} m\,b,
         \qquad
         \frac{\partial L}{\partial b} = z\,m,
 
-    and :math:`\partial L/\partial b` goes through BN's own backward. Only
-    :math:`x` (which BN's backward needs anyway) and :math:`y` (which the ReLU's
-    would) are kept: the plain composition also keeps :math:`b`, and its
-    multiply's backward writes the product :math:`g\,b` before summing it.
-    The gradients of :math:`x`, BN's weight and bias are bit-identical to the
-    plain composition's on the CPU (tested); the gate gradient agrees to
-    rounding.
+    and :math:`\partial L/\partial b` goes through BN's backward. Two ways to
+    compute this, chosen by where the tensors are:
+
+    - CPU, NCHW (:func:`_backward_from_sums`): every gradient follows from the
+      per-(example, channel) sums :math:`S_{nc} = \sum_{hw} m` and
+      :math:`T_{nc} = \sum_{hw} m\,\hat x`, formed in one pass by BN's own
+      weight/bias-gradient kernel run over an ``(1, N*C, H, W)`` view:
+
+      .. math::
+          \frac{\partial L}{\partial z_{nc}} = \gamma_c T_{nc} + \beta_c S_{nc},\quad
+          \frac{\partial L}{\partial \beta_c} = \sum_n z_{nc} S_{nc},\quad
+          \frac{\partial L}{\partial \gamma_c} = \sum_n z_{nc} T_{nc},
+
+      .. math::
+          \frac{\partial L}{\partial x} = \gamma_c\sigma_c^{-1}\Big(z_{nc}\,m
+              - \tfrac{1}{M}\frac{\partial L}{\partial \beta_c}
+              - \hat x\,\tfrac{1}{M}\frac{\partial L}{\partial \gamma_c}\Big),
+          \quad M = NHW,
+
+      written in place into :math:`m`'s buffer. Four passes over the feature
+      map after the mask, against six for BN's backward on :math:`z\,m` plus
+      the gate's product and sum; measured on a 2-core CPU it takes ResNet56's
+      gated step from 1.07 to about 1.01x dense.
+    - Otherwise (CUDA, channels-last) :func:`_backward_through_bn`: BN's own
+      backward (cuDNN's on a GPU, one fused kernel, where the small ops above
+      would add launches) on :math:`z\,m`, and the gate gradient from the
+      output, since :math:`z \ge 0` gives :math:`b = y / z` wherever
+      :math:`m \ne 0`: :math:`\sum_{hw} m\,b = \frac{1}{z_{nc}}\sum_{hw} m\,y`
+      (0 where :math:`z_{nc} = 0`).
+
+    Both agree with the plain composition's gradients to rounding (tested).
     """
 
     @staticmethod
@@ -84,28 +109,61 @@ class _BatchNormGateReLU(torch.autograd.Function):
             x, weight, bias, running_mean, running_var, momentum, eps)
         gate = z.to(b.dtype)
         y = b.mul_(gate).relu_()
-        ctx.save_for_backward(x, gate, y, weight, save_mean, save_invstd, reserve)
+        ctx.save_for_backward(x, gate, y, weight, bias, save_mean, save_invstd, reserve)
         ctx.eps = eps
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, gate, y, weight, save_mean, save_invstd, reserve = ctx.saved_tensors
-        if reserve.numel():
-            # cuDNN may overwrite its workspace; autograd's own BN backward clones it
-            # when the graph is retained, and we cannot tell whether it is.
-            reserve = reserve.clone()
+        x, gate, y, weight, bias, save_mean, save_invstd, reserve = ctx.saved_tensors
         masked = torch.ops.aten.threshold_backward(grad_y, y, 0)
-        grad_z = None
-        if ctx.needs_input_grad[1]:
-            dot = _spatial_dot(masked, y)
-            # autograd sums this over broadcast dimensions and casts it to z's dtype
-            grad_z = torch.where(gate > 0, dot / gate, 0.0)
-        grad_x, grad_weight, grad_bias = torch.ops.aten.batch_norm_backward(
-            masked.mul_(gate), x, weight, None, None, save_mean, save_invstd, True, ctx.eps,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]], reserve)
-        return grad_x, grad_z, grad_weight, grad_bias, None, None, None, None
+        want_z = ctx.needs_input_grad[1]
+        if x.device.type == "cpu" and x.is_contiguous() and masked.is_contiguous():
+            grads = _backward_from_sums(masked, x, gate, weight, bias, save_mean, save_invstd, want_z)
+        else:
+            grads = _backward_through_bn(masked, x, gate, y, weight, save_mean, save_invstd, reserve, ctx.eps, want_z,
+                                         ctx.needs_input_grad)
+        return (*grads, None, None, None, None)
+
+
+def _backward_from_sums(masked, x, gate, weight, bias, mean, invstd, want_z):
+    """``(grad_x, grad_z, grad_weight, grad_bias)`` from per-(n, c) sums; ``masked`` becomes ``grad_x``."""
+    n, c, h, w = x.shape
+    # BN's weight and bias gradients over an (1, N*C, H, W) view, with every
+    # example's copy of the channel statistics, are exactly T and S, in one pass.
+    per_example = (1, n * c, h, w)
+    _, t, s = torch.ops.aten.native_batch_norm_backward(
+        masked.view(per_example), x.view(per_example), None, None, None, mean.repeat(n), invstd.repeat(n), True,
+        0.0, [False, True, True])
+    t, s = t.view(n, c, 1, 1), s.view(n, c, 1, 1)
+    z = gate.expand(n, c, 1, 1)
+    gamma, beta, mean, invstd = (v.view(1, c, 1, 1) for v in (weight, bias, mean, invstd))
+    grad_z = gamma * t + beta * s if want_z else None
+    grad_bias = (z * s).sum(0, keepdim=True)
+    grad_weight = (z * t).sum(0, keepdim=True)
+    scale = gamma * invstd
+    count = n * h * w
+    x_coef = -scale * invstd * grad_weight / count
+    constant = -scale * grad_bias / count - x_coef * mean
+    grad_x = masked.mul_(scale * z).addcmul_(x, x_coef).add_(constant)
+    return grad_x, grad_z, grad_weight.view(c), grad_bias.view(c)
+
+
+def _backward_through_bn(masked, x, gate, y, weight, mean, invstd, reserve, eps, want_z, needs_input_grad):
+    """``(grad_x, grad_z, grad_weight, grad_bias)`` through BN's own backward kernel."""
+    if reserve.numel():
+        # cuDNN may overwrite its workspace; autograd's own BN backward clones it
+        # when the graph is retained, and we cannot tell whether it is.
+        reserve = reserve.clone()
+    grad_z = None
+    if want_z:
+        # autograd sums this over broadcast dimensions and casts it to z's dtype
+        grad_z = torch.where(gate > 0, _spatial_dot(masked, y) / gate, 0.0)
+    grad_x, grad_weight, grad_bias = torch.ops.aten.batch_norm_backward(
+        masked.mul_(gate), x, weight, None, None, mean, invstd, True, eps,
+        [needs_input_grad[0], needs_input_grad[2], needs_input_grad[3]], reserve)
+    return grad_x, grad_z, grad_weight, grad_bias
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:

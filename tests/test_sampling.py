@@ -109,9 +109,9 @@ def _coordinate_images(n):
     return images.numpy()
 
 
-def _device_loader(n, seed, batch_size=256, ctx=Context()):
+def _device_loader(n, seed, batch_size=256, ctx=Context(), device=torch.device("cpu")):
     sampler = ResumableSampler(_Indexable(n), ctx, seed, batch_size)
-    loader = DeviceCifarLoader(_coordinate_images(n), list(range(n)), sampler, torch.device("cpu"))
+    loader = DeviceCifarLoader(_coordinate_images(n), list(range(n)), sampler, device)
     return loader, sampler
 
 
@@ -132,17 +132,20 @@ def _decode(images, labels):
 
 def _epoch_draws(loader, sampler, epoch):
     sampler.start_at(epoch, 0)
-    batches = list(loader)
+    batches = [(x.cpu(), y.cpu()) for x, y in loader]
     out = [_decode(x, y) for x, y in batches]
     return batches, [torch.cat(parts) for parts in zip(*out)]
 
 
-def test_device_loader_draw_distribution():
+def test_device_loader_draw_distribution(device):
     n = 18_000
-    loader, sampler = _device_loader(n, seed=7, batch_size=2000)
+    loader, sampler = _device_loader(n, seed=7, batch_size=2000, device=device)
     batches, (index, top, left, flip) = _epoch_draws(loader, sampler, epoch=0)
     assert sorted(index.tolist()) == list(range(n)), "an epoch visits every image once"
     assert len(batches) == len(loader) == math.ceil(n / 2000)
+    if device.type != "cpu":  # the draws are made on the CPU: the same batches on any device
+        cpu_batches, _ = _epoch_draws(*_device_loader(n, seed=7, batch_size=2000), epoch=0)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, cpu_batches))
     # Every output is crop_flip of its source with the decoded draws (the decoding is exact).
     images = torch.as_tensor(_coordinate_images(n)).permute(0, 3, 1, 2)
     x, y = batches[0]
