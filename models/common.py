@@ -32,26 +32,6 @@ def bn_gate_relu(bn: nn.BatchNorm2d, x: torch.Tensor, z: torch.Tensor | None) ->
     return torch.relu_(bn(x) * z.to(x.dtype))
 
 
-def _spatial_dot(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 16) -> torch.Tensor:
-    """``(a * b).sum((2, 3), keepdim=True)`` of two NCHW tensors, accumulated in at least fp32.
-
-    fp32 keeps the gate gradient under autocast as accurate as the plain
-    composition's. On the CPU the product is formed a few examples at a time
-    in one small buffer: a fresh activation-sized temporary costs a page
-    fault per 4 KiB there, which measured more than the multiply itself.
-    """
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    if a.device.type != "cpu":
-        return (a * b).sum((2, 3), keepdim=True, dtype=dtype)
-    per_chunk = max(1, chunk_elements // a[0].numel())
-    dot = a.new_empty((a.shape[0], a.shape[1], 1, 1), dtype=dtype)
-    buffer = torch.empty_like(a[:per_chunk])
-    for a_part, b_part, dot_part in zip(a.split(per_chunk), b.split(per_chunk), dot.split(per_chunk)):
-        product = torch.mul(a_part, b_part, out=buffer[:len(a_part)])
-        torch.sum(product, (2, 3), keepdim=True, dtype=dtype, out=dot_part)
-    return dot
-
-
 class _BatchNormGateReLU(torch.autograd.Function):
     r"""Training-mode BN -> gate -> ReLU with a lean backward.
 
@@ -89,10 +69,11 @@ class _BatchNormGateReLU(torch.autograd.Function):
               - \hat x\,\tfrac{1}{M}\frac{\partial L}{\partial \gamma_c}\Big),
           \quad M = NHW,
 
-      written in place into :math:`m`'s buffer. Four passes over the feature
-      map after the mask, against six for BN's backward on :math:`z\,m` plus
-      the gate's product and sum; measured on a 2-core CPU it takes ResNet56's
-      gated step from 1.07 to about 1.01x dense.
+      written in place into :math:`m`'s buffer. It moves about as many bytes
+      as BN's backward on :math:`z\,m` plus the gate's product and sum, but
+      in faster CPU kernels and with no new activation-sized buffer: measured
+      on a 2-core CPU, ResNet56's gated step went from 1.07-1.08x to
+      0.98-1.03x dense (``bench/RESULTS.md``).
     - Otherwise (CUDA, channels-last) :func:`_backward_through_bn`: BN's own
       backward (cuDNN's on a GPU, one fused kernel, where the small ops above
       would add launches) on :math:`z\,m`, and the gate gradient from the
@@ -158,8 +139,10 @@ def _backward_through_bn(masked, x, gate, y, weight, mean, invstd, reserve, eps,
         reserve = reserve.clone()
     grad_z = None
     if want_z:
-        # autograd sums this over broadcast dimensions and casts it to z's dtype
-        grad_z = torch.where(gate > 0, _spatial_dot(masked, y) / gate, 0.0)
+        # Summed in at least fp32, which keeps it under autocast as accurate as the plain
+        # composition's; autograd sums it over broadcast dimensions and casts it to z's dtype.
+        dot = (masked * y).sum((2, 3), keepdim=True, dtype=torch.promote_types(masked.dtype, torch.float32))
+        grad_z = torch.where(gate > 0, dot / gate, 0.0)
     grad_x, grad_weight, grad_bias = torch.ops.aten.batch_norm_backward(
         masked.mul_(gate), x, weight, None, None, mean, invstd, True, eps,
         [needs_input_grad[0], needs_input_grad[2], needs_input_grad[3]], reserve)

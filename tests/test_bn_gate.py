@@ -13,7 +13,7 @@ from torch import nn
 
 from models import VGG, CifarResNet, ImageNetResNet
 from models import common
-from models.common import _spatial_dot, bn_gate_relu
+from models.common import bn_gate_relu
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,21 +161,6 @@ def test_fused_path_keeps_one_activation_less():
     z = _gates(3, 4).requires_grad_()
     assert _saved_activation_count(bn, x, z) == 2  # BN's input and the output
     assert _saved_activation_count(plain, x, z) == 3
-
-
-@pytest.mark.parametrize("shape", [(7, 3, 4, 5), (3, 70, 30, 40), (1, 2, 1, 1)])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_spatial_dot(shape, channels_last, device):
-    """Chunks that do not divide the batch, one example larger than a chunk, bf16 in."""
-    a, b = torch.randn(shape, device=device), torch.randn(shape, device=device)
-    if channels_last:
-        a, b = a.to(memory_format=torch.channels_last), b.to(memory_format=torch.channels_last)
-    expected = (a.double() * b.double()).sum((2, 3), keepdim=True)
-    for chunk in (1 << 16, 50, 1):
-        got = _spatial_dot(a, b, chunk)
-        assert got.dtype == torch.float32 and got.shape == expected.shape
-        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
-    assert _spatial_dot(a.bfloat16(), b.bfloat16()).dtype == torch.float32
 
 
 def test_compiling_takes_the_plain_composition(monkeypatch):
