@@ -126,7 +126,7 @@ class DeviceNormalize:
     The loaders hand over real images as uint8 rather than normalised float32:
     a quarter of the bytes through the workers' shared memory, the pinned
     buffers and the host-to-device copy, and no float arithmetic in the
-    workers (1.2-1.5x the images/s of float32 batches with 1-2 loader
+    workers (1.2-1.3x the images/s of float32 batches with 1-2 loader
     processes on a 2-core CPU, ``bench/input_pipeline.py``). The arithmetic is torchvision's ``ToTensor``
     + ``Normalize``, elementwise and in the same order (``x / 255``,
     ``- mean``, ``/ std``, in float32), so the model sees the same values bit
