@@ -53,8 +53,8 @@ class _BatchNormGateReLU(torch.autograd.Function):
     and :math:`\partial L/\partial b` goes through BN's backward. Two ways to
     compute this, chosen by where the tensors are:
 
-    - CPU, NCHW (:func:`_backward_from_sums`): every gradient follows from the
-      per-(example, channel) sums :math:`S_{nc} = \sum_{hw} m` and
+    - CPU, fp32/fp64, NCHW (:func:`_backward_from_sums`): every gradient
+      follows from the per-(example, channel) sums :math:`S_{nc} = \sum_{hw} m` and
       :math:`T_{nc} = \sum_{hw} m\,\hat x`, formed in one pass by BN's own
       weight/bias-gradient kernel run over an ``(1, N*C, H, W)`` view:
 
@@ -74,12 +74,17 @@ class _BatchNormGateReLU(torch.autograd.Function):
       in faster CPU kernels and with no new activation-sized buffer: measured
       on a 2-core CPU, ResNet56's gated step went from 1.07-1.08x to
       0.98-1.03x dense (``bench/RESULTS.md``).
-    - Otherwise (CUDA, channels-last) :func:`_backward_through_bn`: BN's own
-      backward (cuDNN's on a GPU, one fused kernel, where the small ops above
-      would add launches) on :math:`z\,m`, and the gate gradient from the
-      output, since :math:`z \ge 0` gives :math:`b = y / z` wherever
-      :math:`m \ne 0`: :math:`\sum_{hw} m\,b = \frac{1}{z_{nc}}\sum_{hw} m\,y`
-      (0 where :math:`z_{nc} = 0`).
+    - Otherwise (CUDA, bf16/fp16, or a layout such as channels-last)
+      :func:`_backward_through_bn`: BN's own backward on :math:`z\,m`, and the
+      gate gradient from the output, since :math:`z \ge 0` gives
+      :math:`b = y / z` wherever :math:`m \ne 0`:
+      :math:`\sum_{hw} m\,b = \frac{1}{z_{nc}}\sum_{hw} m\,y` (0 where
+      :math:`z_{nc} = 0`). On a GPU BN's backward is one fused cuDNN kernel,
+      where the dozen small per-channel ops of the sums would add launches.
+      In half precision the in-place affine of the first path would store
+      :math:`m\,\gamma_c\sigma_c^{-1}z_{nc} + c_1 x` rounded before the
+      constant :math:`c_0 \approx -c_1\mu_c` cancels most of it, losing
+      accuracy when :math:`|\mu_c|/\sigma_c` is large.
 
     Both agree with the plain composition's gradients to rounding (tested).
     """
@@ -100,7 +105,8 @@ class _BatchNormGateReLU(torch.autograd.Function):
         x, gate, y, weight, bias, save_mean, save_invstd, reserve = ctx.saved_tensors
         masked = torch.ops.aten.threshold_backward(grad_y, y, 0)
         want_z = ctx.needs_input_grad[1]
-        if x.device.type == "cpu" and x.is_contiguous() and masked.is_contiguous():
+        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+                and masked.is_contiguous()):
             grads = _backward_from_sums(masked, x, gate, weight, bias, save_mean, save_invstd, want_z)
         else:
             grads = _backward_through_bn(masked, x, gate, y, weight, save_mean, save_invstd, reserve, ctx.eps, want_z,

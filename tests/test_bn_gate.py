@@ -84,12 +84,22 @@ def test_frozen_gates_get_no_gradient_and_match(device):
         torch.testing.assert_close(fused[key], ref[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
+@pytest.mark.parametrize("offset", [0.0, 30.0])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bf16_autocast_matches_to_bf16_precision(channels_last, device):
+def test_bf16_autocast_matches_to_bf16_precision(channels_last, offset, device):
+    """An offset makes BN's input mean large against its spread, where an affine
+    stored in bf16 before its constant cancels would lose the input gradient's
+    accuracy (most visibly with an output gradient correlated with BN's xhat)."""
     bn, plain = (m.to(device) for m in _pair(6))
     torch.manual_seed(2)
     conv = nn.Conv2d(3, 6, 3, padding=1).to(device)
-    x0, z0, grad = torch.randn(8, 3, 6, 6), _gates(8, 6), torch.randn(8, 6, 6, 6)
+    with torch.no_grad():
+        conv.bias.add_(offset)
+    x0, z0 = torch.randn(8, 3, 6, 6), _gates(8, 6)
+    with torch.no_grad():
+        features = conv(x0.to(device)).cpu()
+    grad = (features - features.mean((0, 2, 3), keepdim=True)) / features.std((0, 2, 3), keepdim=True)
+    grad += 0.1 * torch.randn(8, 6, 6, 6)
     if channels_last:
         conv = conv.to(memory_format=torch.channels_last)
         x0 = x0.to(memory_format=torch.channels_last)
@@ -232,9 +242,31 @@ def test_forward_hooks_on_bn_still_fire_and_see_bn_output(gated):
     assert (seen[0] < 0).any() and (y >= 0).all()
 
 
-def test_gate_gradient_in_float64_is_float64_accurate():
+def test_gradients_in_float64_are_float64_accurate():
     bn, plain = _pair(4)
     bn.double(), plain.double()
     x0, z0, grad = torch.randn(5, 4, 6, 6).double(), _gates(5, 4).double(), torch.randn(5, 4, 6, 6).double()
     fused, ref = _run(bn, x0, z0, grad), _run(plain, x0, z0, grad)
-    torch.testing.assert_close(fused["z"], ref["z"], rtol=1e-12, atol=1e-12)
+    for key in ("x", "z", "weight", "bias"):
+        torch.testing.assert_close(fused[key], ref[key], rtol=1e-12, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 5, 3), (6, 4, 1, 1)], ids=["one-example", "one-pixel"])
+@pytest.mark.parametrize("frozen", ["none", "x", "bn"])
+def test_small_shapes_and_inputs_without_gradient(shape, frozen):
+    """One example per batch, 1x1 maps; x, or BN's weight and bias, not requiring gradients."""
+    bn, plain = _pair(4)
+    for module in (bn, plain):
+        module.weight.requires_grad_(frozen != "bn")
+        module.bias.requires_grad_(frozen != "bn")
+    x0, z0, grad = torch.randn(shape) + 2.0, _gates(shape[0], 4), torch.randn(shape)
+    results = []
+    for module in (bn, plain):
+        x = x0.clone().requires_grad_(frozen != "x")
+        z = z0.clone().requires_grad_()
+        bn_gate_relu(module, x, z).backward(grad)
+        results.append((x.grad, z.grad, module.weight.grad, module.bias.grad))
+    for got, want in zip(*results):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
