@@ -104,12 +104,11 @@ class _BatchNormGateReLU(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, gate, y, weight, bias, save_mean, save_invstd, reserve = ctx.saved_tensors
         masked = torch.ops.aten.threshold_backward(grad_y, y, 0)
-        want_z = ctx.needs_input_grad[1]
         if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
                 and masked.is_contiguous()):
-            grads = _backward_from_sums(masked, x, gate, weight, bias, save_mean, save_invstd, want_z)
+            grads = _backward_from_sums(masked, x, gate, weight, bias, save_mean, save_invstd, ctx.needs_input_grad[1])
         else:
-            grads = _backward_through_bn(masked, x, gate, y, weight, save_mean, save_invstd, reserve, ctx.eps, want_z,
+            grads = _backward_through_bn(masked, x, gate, y, weight, save_mean, save_invstd, reserve, ctx.eps,
                                          ctx.needs_input_grad)
         return (*grads, None, None, None, None)
 
@@ -137,14 +136,15 @@ def _backward_from_sums(masked, x, gate, weight, bias, mean, invstd, want_z):
     return grad_x, grad_z, grad_weight.view(c), grad_bias.view(c)
 
 
-def _backward_through_bn(masked, x, gate, y, weight, mean, invstd, reserve, eps, want_z, needs_input_grad):
-    """``(grad_x, grad_z, grad_weight, grad_bias)`` through BN's own backward kernel."""
+def _backward_through_bn(masked, x, gate, y, weight, mean, invstd, reserve, eps, needs_input_grad):
+    """``(grad_x, grad_z, grad_weight, grad_bias)`` through BN's own backward kernel; ``needs_input_grad``
+    is the function's, whose inputs are ``(x, z, weight, bias, ...)``."""
     if reserve.numel():
         # cuDNN may overwrite its workspace; autograd's own BN backward clones it
         # when the graph is retained, and we cannot tell whether it is.
         reserve = reserve.clone()
     grad_z = None
-    if want_z:
+    if needs_input_grad[1]:
         # Summed in at least fp32, which keeps it under autocast as accurate as the plain
         # composition's; autograd sums it over broadcast dimensions and casts it to z's dtype.
         dot = (masked * y).sum((2, 3), keepdim=True, dtype=torch.promote_types(masked.dtype, torch.float32))

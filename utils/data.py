@@ -127,11 +127,12 @@ class DeviceNormalize:
     a quarter of the bytes through the workers' shared memory, the pinned
     buffers and the host-to-device copy, and no float arithmetic in the
     workers (1.2-1.3x the images/s of float32 batches with 1-2 loader
-    processes on a 2-core CPU, ``bench/input_pipeline.py``). The arithmetic is torchvision's ``ToTensor``
-    + ``Normalize``, elementwise and in the same order (``x / 255``,
-    ``- mean``, ``/ std``, in float32), so the model sees the same values bit
-    for bit. The memory format of the batch is kept. ``--dummy`` batches are
-    already normalised floats and pass through unchanged.
+    processes on a 2-core CPU, ``bench/input_pipeline.py``). The arithmetic is
+    torchvision's ``ToTensor`` + ``Normalize``, elementwise and in the same
+    order (``x / 255``, ``- mean``, ``/ std``, in float32), so the model sees
+    the same values bit for bit. The memory format of the batch is kept.
+    ``--dummy`` batches are already normalised floats and pass through
+    unchanged.
     """
 
     def __init__(self, dataset: str, device: torch.device):
