@@ -51,7 +51,7 @@ def write_cifar10(root: Path, train_images: int, test_images: int) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", choices=sorted(RECIPES), default="resnet56")
     p.add_argument("--net", choices=["dense", "hc", "dep"], default="dep")
     p.add_argument("--back_dep", action="store_true")

@@ -115,7 +115,7 @@ def machine(device) -> str:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", choices=sorted(DEFAULTS), default="resnet56")
     p.add_argument("--checkpoint", metavar="PRUNED_PT", help="a pruned.pt (else: random gates at --keep)")
     p.add_argument("--keep", type=float, default=0.5, help="fraction of each gated layer kept (random gates)")

@@ -48,7 +48,7 @@ def write_folder(root: Path, images: int, classes: int = 4) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
     p.add_argument("--images", type=int, default=400, help="training images in the synthetic folder")
     p.add_argument("-b", "--batch-size", type=int, default=32)

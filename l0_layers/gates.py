@@ -70,14 +70,36 @@ class DependencyMLP(nn.Module):
         self.register_buffer("a0", torch.ones(dims[0]), persistent=False)
 
     def forward(self) -> torch.Tensor:
-        a = self.a0
-        outputs = []
+        return self._chain()[0]
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimiser groups in which each weight matrix has the learning rate ``lr / d_in`` and
+        each bias ``lr``: a pre-activation then moves by at most about ``lr * (1 + log 100)``
+        per Adam step, whatever its fan-in (see l0_layers/budget.py)."""
+        groups = []
         for layer in self.layers:
-            a = DEP_SCALE * torch.tanh(layer(a))
-            outputs.append(a)
+            groups.append(dict(params=[layer.weight], lr=lr / layer.in_features))
+            groups.append(dict(params=[layer.bias], lr=lr))
+        return groups
+
+    def pre_activations(self) -> torch.Tensor:
+        r"""The chain's :math:`W_i a_{i-1} + b_i`, flat in the layers' order: unlike the logits,
+        they still tell channels apart where the tanh has saturated to exactly
+        :math:`\pm\log 100` in floating point."""
+        return self._chain()[1]
+
+    def _chain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.a0
+        logits, pre = [], []
+        for layer in self.layers:
+            h = layer(a)
+            a = DEP_SCALE * torch.tanh(h)
+            logits.append(a)
+            pre.append(h)
         if self.backward:
-            outputs.reverse()
-        return torch.cat(outputs)
+            logits.reverse()
+            pre.reverse()
+        return torch.cat(logits), torch.cat(pre)
 
 
 class ChannelGates(nn.Module):
@@ -121,6 +143,22 @@ class ChannelGates(nn.Module):
         if self.logits is None:
             raise RuntimeError("a dense network has no gate logits")
         return self.logits()
+
+    def param_groups(self, lr: float, fan_in_scaled: bool = False) -> list[dict]:
+        """Optimiser groups of the gate parameters, all at ``lr``; with ``fan_in_scaled`` (budget
+        runs) Dep-L0's generator weights at ``lr / fan_in`` (:meth:`DependencyMLP.param_groups`)."""
+        if fan_in_scaled and isinstance(self.logits, DependencyMLP):
+            return self.logits.param_groups(lr)
+        return [dict(params=list(self.parameters()), lr=lr)]
+
+    @torch.no_grad()
+    def tie_key(self) -> torch.Tensor:
+        """A per-channel key that orders channels as their logits do and separates equal logits:
+        Dep-L0's generator pre-activations (monotone in the logit, distinct where the tanh has
+        saturated), L0-HC's logits themselves."""
+        if isinstance(self.logits, DependencyMLP):
+            return self.logits.pre_activations()
+        return self.log_alpha()
 
     def freeze(self, gates: torch.Tensor | None = None) -> None:
         """Fix the gates for fine-tuning and stop their gradients.

@@ -169,9 +169,10 @@ class LayerRecorder:
         self.records: list[WeightLayer] = []
 
     def conv(self, name, c_in, c_out, kernel, stride=1, padding=0, *, bias=False, in_gate=None, out_gate=None,
-             bn=None, input_size=None):
+             bn=None, input_size=None, closable=False):
         size = conv_out(self.size if input_size is None else input_size, kernel, stride, padding)
-        self.records.append(WeightLayer(name, c_in, c_out, kernel, size * size, in_gate, out_gate, bias, bn))
+        self.records.append(WeightLayer(name, c_in, c_out, kernel, size * size, in_gate, out_gate, bias, bn,
+                                        closable))
         return nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias), size
 
     def linear(self, name, c_in, c_out, *, in_gate=None):
@@ -205,8 +206,36 @@ class GatedNetwork(nn.Module):
         self.weight_layers = tuple(records)
         self.gated_layers = gated_layers_of(self.weight_layers)
         assert tuple(g.width for g in self.gated_layers) == tuple(widths)
+        self.init_weights()
         self.gates = ChannelGates(widths, net, back_dep, temperature, self.dep_input_dim)
         self.cost = CostModel(self.weight_layers, len(widths))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        r"""The reference's initialisation (spec 3b), for ``hc``, ``dep`` and ``dense`` alike.
+
+        Every conv, shortcuts included, is Kaiming-normal with fan-in,
+        :math:`\mathcal{N}(0, 2 / (C_{in} k^2))`, its bias (if any)
+        :math:`\mathcal{N}(0, 0.01)`; the head is
+        :math:`\mathcal{N}(0, 2 / C_{in})` with bias :math:`\mathcal{N}(0, 0.01)`
+        (the reference stores it as (in, out) and uses fan-out there); BatchNorm
+        keeps weight 1, bias 0. PyTorch's own default (std :math:`1/\sqrt{3 C_{in} k^2}`)
+        would start the ResNets' activations at a third of the variance the
+        published runs started from. The gate parameters are initialised by
+        :class:`~l0_layers.ChannelGates`.
+        """
+        for record in self.weight_layers:
+            layer = self.get_submodule(record.name)
+            std = (2.0 / (record.in_channels * record.kernel ** 2)) ** 0.5
+            layer.weight.normal_(0.0, std)
+            if layer.bias is not None:
+                layer.bias.normal_(0.0, 0.01)
+
+    def disconnected_layers(self) -> list[str]:
+        """Gated layers with no open channel whose closure cuts the network (the input of
+        everything after them is zero); a residual block's inner layer may close."""
+        kept = self.gates.kept().tolist()
+        return [g.name for g, n in zip(self.gated_layers, kept) if n == 0 and not g.closable]
 
     def gate_parameters(self):
         return list(self.gates.parameters())

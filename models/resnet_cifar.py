@@ -45,7 +45,7 @@ class BasicBlock(nn.Module):
         inner = planes if inner is None else inner
         c_read = c_in if in_index is None else len(in_index)
         self.conv1, size = recorder.conv(f"{name}.conv1", c_read, inner, 3, stride, 1, in_gate=stream_gate,
-                                         out_gate=gate, bn=f"{name}.bn1")
+                                         out_gate=gate, bn=f"{name}.bn1", closable=True)
         self.bn1 = nn.BatchNorm2d(inner)
         recorder.size = size
         self.conv2, _ = recorder.conv(f"{name}.conv2", inner, planes, 3, 1, 1, in_gate=gate, bn=f"{name}.bn2")

@@ -41,11 +41,11 @@ class Bottleneck(nn.Module):
         c_out = width * self.expansion
         w1, w2 = (width, width) if inner is None else inner
         self.conv1, size = recorder.conv(f"{name}.conv1", c_in, w1, 1, in_gate=stream_gate, out_gate=gate,
-                                         bn=f"{name}.bn1")
+                                         bn=f"{name}.bn1", closable=True)
         self.bn1 = nn.BatchNorm2d(w1)
         recorder.size = size
         self.conv2, size = recorder.conv(f"{name}.conv2", w1, w2, 3, stride, 1, in_gate=gate,
-                                         out_gate=gate + 1, bn=f"{name}.bn2")
+                                         out_gate=gate + 1, bn=f"{name}.bn2", closable=True)
         self.bn2 = nn.BatchNorm2d(w2)
         recorder.size = size
         self.conv3, _ = recorder.conv(f"{name}.conv3", w2, c_out, 1, in_gate=gate + 1, bn=f"{name}.bn3")

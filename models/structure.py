@@ -31,6 +31,9 @@ class WeightLayer:
     out_gate: int | None = None  # gated layer that gates this layer's outputs
     bias: bool = False
     bn: str | None = None        # module path of the BatchNorm on its output
+    # Closing every output channel leaves the network connected: a residual block's
+    # inner conv, whose block then passes its shortcut on (only meaningful when gated).
+    closable: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class GatedLayer:
     kernel: int                  # the producing conv's kernel side
     in_channels: int             # the producing conv's dense input width
     consumers: tuple[str, ...]   # layers that lose an input channel when a gate closes
+    closable: bool = False       # may close fully (a residual block's inner layer); else closing it cuts the network
 
 
 def gated_layers_of(weight_layers) -> tuple[GatedLayer, ...]:
@@ -53,7 +57,7 @@ def gated_layers_of(weight_layers) -> tuple[GatedLayer, ...]:
     return tuple(
         GatedLayer(name=w.name, width=w.out_channels, conv=w.name, bn=w.bn, kernel=w.kernel,
                    in_channels=w.in_channels,
-                   consumers=tuple(c.name for c in weight_layers if c.in_gate == w.out_gate))
+                   consumers=tuple(c.name for c in weight_layers if c.in_gate == w.out_gate), closable=w.closable)
         for w in producers)
 
 

@@ -13,6 +13,7 @@ are 14.72 M for CIFAR-10. ``tests/test_models.py`` checks this table.)
 A closed channel removes the conv filter, its BN entry and the next conv's
 input channel (or the classifier's input column).
 """
+import torch
 from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
@@ -69,6 +70,17 @@ class VGG(GatedNetwork):
         self._finish(dict(model="vgg16", cfg=cfg, num_classes=num_classes, net=net, back_dep=back_dep,
                           temperature=temperature, input_size=input_size),
                      recorder.records, widths, net, back_dep, temperature)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        r"""The reference's VGG re-initialisation, over its generic one (spec 3b): every conv
+        :math:`\mathcal{N}(0, 2 / (k^2 C_{out}))` with bias 0, the head :math:`\mathcal{N}(0, 0.01^2)`
+        with bias 0, BatchNorm weight 1 and bias 0."""
+        for record in self.weight_layers:
+            layer = self.get_submodule(record.name)
+            std = (2.0 / (record.kernel ** 2 * record.out_channels)) ** 0.5 if isinstance(layer, nn.Conv2d) else 0.01
+            layer.weight.normal_(0.0, std)
+            layer.bias.zero_()
 
     def forward(self, x, log_alpha=None):
         for stage, z in zip(self.features, self.gates(x.shape[0], log_alpha)):

@@ -70,7 +70,7 @@ def test_default_warmup_is_a_quarter_of_the_epochs(recipe, epoch_flags, warmup):
     args = parse_args(recipe, ["--target-macs", "0.5", *epoch_flags])
     assert args.target_warmup == pytest.approx(warmup)
     assert args.target_macs == 0.5 and args.target_params is None
-    assert args.lr_lagrangian == 0.01
+    assert args.lr_lagrangian == 0.003
 
 
 def test_explicit_warmup_is_kept():

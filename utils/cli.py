@@ -33,6 +33,7 @@ class Recipe:
     lamba: float
     workers: int
     gate_lr: float = 1e-3
+    gate_decay_is_lr_decay: bool = False  # the gate lr decays by --lr_decay (ResNet56), not gate_decay
     print_freq: int = 100
 
 
@@ -46,7 +47,13 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a user mistake is one line on stderr (and exit status 2)."""
+    """argparse, but a user mistake is one line on stderr (and exit status 2), and no
+    abbreviation of a long flag is accepted: a prefix such as ``-w`` for ``-wd`` or
+    ``--mom`` for ``--momentum`` must never land on another flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -110,7 +117,7 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     target.add_argument("--target-params", type=_fraction, metavar="F", help="prune to F times the dense parameters")
     g.add_argument("--target-warmup", type=nonneg_float, metavar="EPOCHS",
                    help="epochs over which the target falls linearly from 1.0 to F (default: a quarter of --epoch)")
-    g.add_argument("--lr-lagrangian", type=positive_float, default=0.01,
+    g.add_argument("--lr-lagrangian", type=positive_float, default=0.003,
                    help="Adam lr of the two multipliers (gradient ascent)")
 
     g = p.add_argument_group("data")
@@ -126,7 +133,8 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--num_classes", type=positive_int,
                    help="number of classes (CIFAR: 10 or 100 selects the dataset; default: from the data)")
     g.add_argument("--dummy", action="store_true", help="synthetic data of the right shape: no download, runs anywhere")
-    g.add_argument("-j", "--workers", type=nonneg_int, default=recipe.workers, help="data-loading processes")
+    g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=recipe.workers,
+                   help="data-loading processes (-w is the reference CIFAR scripts' spelling)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("-b", "--batch-size", type=positive_int, default=recipe.batch_size,
@@ -139,7 +147,10 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--milestones", type=_milestones, default=recipe.milestones,
                    help="comma-separated epochs at which the learning rates decay")
     g.add_argument("--gen_optim", choices=("Adam", "SGD"), default="Adam",
-                   help="optimiser of the gate parameters (SGD: the weights' lr and schedule, no weight decay)")
+                   help="optimiser of the gate parameters (SGD: one SGD over all parameters, as the reference's "
+                        "ResNet50 script: the gates get the weights' lr, momentum, schedule and weight decay)")
+    g.add_argument("--momentum", "---momentum", dest="momentum", type=nonneg_float, default=0.9,
+                   help="SGD momentum of the weights (---momentum: the reference CIFAR scripts' spelling)")
     g.add_argument("-wd", "--weight-decay", "--wd", dest="weight_decay", type=nonneg_float,
                    default=recipe.weight_decay, help="weight decay of all non-gate parameters")
     g.add_argument("--epoch", "--epochs", dest="epochs", type=nonneg_int, default=recipe.epochs,

@@ -154,23 +154,28 @@ def git_commit() -> str | None:
 
 
 def make_optimizers(model, args, recipe: Recipe):
-    """SGD (weight decay) for weights; Adam (no decay) or SGD (no decay) for the gates."""
-    weights = torch.optim.SGD(model.weight_parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    weight_schedule = MultiStepLR(weights, list(args.milestones), args.lr_decay)
+    """SGD (weight decay) for the weights; Adam (no decay) for the gates, or with ``--gen_optim SGD``
+    one SGD over every parameter, gates included, as the reference's ResNet50 script builds it."""
+    budget = bool(args.target_macs or args.target_params)
     gate_params = model.gate_parameters()
-    if not gate_params:
-        return weights, weight_schedule, None, None
-    if args.gen_optim == "SGD":
-        gates = torch.optim.SGD(gate_params, lr=args.lr, momentum=0.9, weight_decay=0.0)
-        gate_schedule = MultiStepLR(gates, list(args.milestones), args.lr_decay)
+    if args.gen_optim == "SGD" or not gate_params:
+        # --gen_optim SGD exists only for fidelity: the reference's single SGD gives the gate
+        # parameters the weights' lr, momentum, schedule and weight decay.
+        weights = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                  weight_decay=args.weight_decay)
+        return weights, MultiStepLR(weights, list(args.milestones), args.lr_decay), None, None
+    weights = torch.optim.SGD(model.weight_parameters(), lr=args.lr, momentum=args.momentum,
+                              weight_decay=args.weight_decay)
+    weight_schedule = MultiStepLR(weights, list(args.milestones), args.lr_decay)
+    gates = torch.optim.Adam(model.gates.param_groups(args.lr_gate, fan_in_scaled=budget), lr=args.lr_gate,
+                             weight_decay=0.0, fused=True)
+    gate_decay = args.lr_decay if recipe.gate_decay_is_lr_decay else recipe.gate_decay
+    if gate_decay is None:
+        # Deliberately constant (the VGG recipe); the reference got this by
+        # binding the gate scheduler to the weight optimiser by mistake.
+        gate_schedule = LambdaLR(gates, lambda epoch: 1.0)
     else:
-        gates = torch.optim.Adam(gate_params, lr=args.lr_gate, weight_decay=0.0, fused=True)
-        if recipe.gate_decay is None:
-            # Deliberately constant (the VGG recipe); the reference got this by
-            # binding the gate scheduler to the weight optimiser by mistake.
-            gate_schedule = LambdaLR(gates, lambda epoch: 1.0)
-        else:
-            gate_schedule = MultiStepLR(gates, list(args.milestones), recipe.gate_decay)
+        gate_schedule = MultiStepLR(gates, list(args.milestones), gate_decay)
     return weights, weight_schedule, gates, gate_schedule
 
 
@@ -294,6 +299,9 @@ class Trainer:
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
         self.epoch, self.step, self.best_top1, self.wall_before = 0, 0, 0.0, 0.0
+        # best_top1 / best.pt range over the epochs since the open channels last changed (from
+        # best_since on): only networks of the architecture and cost the run ends with compete.
+        self.best_since, self.best_channels = 1, None
         # Summed over this rank's examples of the epoch: loss, penalty, top-1 hits, top-5 hits, examples.
         self.train_totals = torch.zeros(5, device=device)
         self.resume_rank_state = None
@@ -360,10 +368,17 @@ class Trainer:
     def _load_state(self, state: dict) -> None:
         model = self.model
         load_model_state(model, state, state["path"])
-        self.weights.load_state_dict(state["weight_optimizer"])
+        try:
+            self.weights.load_state_dict(state["weight_optimizer"])
+            if self.gates is not None:
+                self.gates.load_state_dict(state["gate_optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            # An optimiser laid out differently: an earlier version's (e.g. --gen_optim SGD's second
+            # optimiser, one learning rate for a budget run's generator), or another --gen_optim.
+            raise UsageError(f"{state['path']}: its optimiser state does not fit this version's optimisers "
+                             f"({str(e).splitlines()[0][:100]}); start the run afresh") from e
         self.weight_schedule.load_state_dict(state["weight_scheduler"])
         if self.gates is not None:
-            self.gates.load_state_dict(state["gate_optimizer"])
             self.gate_schedule.load_state_dict(state["gate_scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -374,6 +389,8 @@ class Trainer:
                       "from their saved values with a fresh Adam", file=sys.stderr)
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_top1, self.wall_before = state["best_top1"], state["wall_time_s"]
+        self.best_since = state.get("best_since", 1)
+        self.best_channels = state.get("best_channels")  # None in older checkpoints: the next epoch starts afresh
         if self.step:
             mine = state["rank_states"][self.ctx.rank] if len(state["rank_states"]) == self.ctx.world_size else None
             if mine is None:
@@ -541,6 +558,10 @@ class Trainer:
             self.end_pruning()
         val_stats = self.evaluate()
         self.epoch, self.step = self.epoch + 1, 0
+        open_channels = self.model.gates.test_gates().cpu() > 0
+        if self.best_channels is None or not torch.equal(open_channels, self.best_channels):
+            # Another network than the one best_top1 was measured on: the comparison starts afresh.
+            self.best_top1, self.best_since, self.best_channels = float("-inf"), self.epoch, open_channels
         new_best = val_stats["top1"] >= self.best_top1
         self.best_top1 = max(self.best_top1, val_stats["top1"])
         results = self.results(val_stats)
@@ -567,11 +588,15 @@ class Trainer:
         results = dict(
             model=recipe.model, dataset=args.dataset, net=args.net, back_dep=args.back_dep, lamba=args.lamba,
             reg=args.reg, seed=args.seed, epochs_done=self.epoch, epochs_total=args.epochs + args.fine_tune_epoch,
-            top1=val_stats["top1"], best_top1=self.best_top1, val_loss=val_stats["loss"],
+            top1=val_stats["top1"], best_top1=self.best_top1, best_top1_epochs=[self.best_since, self.epoch],
+            best_top1_over=(f"epochs {self.best_since}-{self.epoch}: those whose open channels are the last "
+                            f"epoch's (the channels last changed in epoch {self.best_since})"
+                            if self.best_since > 1 else f"epochs 1-{self.epoch}: the open channels never changed"),
+            val_loss=val_stats["loss"],
             macs_dense=macs_dense, macs_pruned=macs, macs_reduction=100 * (1 - macs / macs_dense),
             params_dense=params_dense, params_pruned=params, params_reduction=100 * (1 - params / params_dense),
             channels=[dict(name=g.name, kept=int(k), total=g.width) for g, k in zip(model.gated_layers, kept.tolist())],
-            wall_time_s=round(self.wall_time(), 3), device=str(self.device), world_size=self.ctx.world_size,
+            disconnected=model.disconnected_layers(), wall_time_s=round(self.wall_time(), 3), device=str(self.device), world_size=self.ctx.world_size,
             torch_version=str(torch.__version__), git_commit=self.commit)
         if recipe.imagenet:
             results["top5"] = val_stats["top5"]
@@ -613,7 +638,8 @@ class Trainer:
                      scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
                      budget=self.budget.state_dict() if self.budget else None,
                      lagrangian=self.lagrangian.state_dict() if self.lagrangian else None,
-                     gates_frozen=self.model.gates.frozen, best_top1=self.best_top1,
+                     gates_frozen=self.model.gates.frozen, best_top1=self.best_top1, best_since=self.best_since,
+                     best_channels=self.best_channels,
                      wall_time_s=self.wall_time(), rank_states=rank_states, results=results)
         last = self.out_dir / "last.pt"
         save_checkpoint(state, last, keep_previous=True)
@@ -632,4 +658,9 @@ class Trainer:
             _, pruned = save_pruned(self.model, path, dict(dataset=self.args.dataset, data_dir=self.args.data_dir,
                                                            epoch=self.epoch))
             self.log.message(f"pruned model: {path} (MACs {human(pruned['macs'])}, params {human(pruned['params'])})")
+            cut = self.model.disconnected_layers()
+            if cut:
+                self.log.message(f"warning: the pruned network is disconnected: {', '.join(cut)} "
+                                 f"{'has' if len(cut) == 1 else 'have'} no open channel, so every layer after "
+                                 f"{'it' if len(cut) == 1 else 'them'} sees zeros and the output is constant")
         self.log.message(f"done: {self.out_dir}")

@@ -67,10 +67,15 @@ def save_channels_png(channels, path, title: str = "") -> Path:
 
 
 def run_title(results: dict) -> str:
-    """A short figure title from a results dict: model, dataset, method, lambda."""
+    """A short figure title from a results dict: model, dataset, method, and what set the
+    pruning level: lambda, or the budget target that replaced it (``macs≤0.5``)."""
     net = results.get("net", "")
     method = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}.get(net, net)
     if net == "dep":
         method += " (backward)" if results.get("back_dep") else " (forward)"
-    lamba = f", lambda {results['lamba']:g}" if net != "dense" and "lamba" in results else ""
-    return f"{results.get('model', '')} {results.get('dataset', '')} {method}{lamba}"
+    level = ""
+    if results.get("budget"):
+        level = f", {results['budget']['kind']}≤{results['budget']['target']:g}"
+    elif net != "dense" and "lamba" in results:
+        level = f", lambda {results['lamba']:g}"
+    return f"{results.get('model', '')} {results.get('dataset', '')} {method}{level}"
