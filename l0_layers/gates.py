@@ -39,6 +39,8 @@ NETS = ("hc", "dep", "dense")
 LOGIT_INIT_MEAN = 3.0
 LOGIT_INIT_STD = 0.01
 DEP_SCALE = math.log(100.0)
+# Budget runs keep Dep-L0's pre-activations within this: tanh's gradient there is 2.5e-5, not 0.
+PRE_ACTIVATION_LIMIT = 6.0
 
 
 class FreeLogits(nn.Module):
@@ -71,6 +73,20 @@ class DependencyMLP(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self._chain()[0]
+
+    @torch.no_grad()
+    def bound_pre_activations_(self, limit: float) -> None:
+        """Rescale every row ``(W_i[j], b_i[j])`` whose pre-activation exceeds ``limit`` in size
+        so that it equals ``limit``, layer after layer along the chain: beyond about 9 the tanh
+        is exactly 1 in float32 and passes no gradient, so a gate pushed there could never move
+        again. Within the limit the logit lies within ``log(100) tanh(limit)`` of its bound."""
+        a = self.a0
+        for layer in self.layers:
+            pre = layer(a)
+            scale = (limit / pre.abs()).clamp(max=1.0)
+            layer.weight.mul_(scale[:, None])
+            layer.bias.mul_(scale)
+            a = DEP_SCALE * torch.tanh(pre * scale)
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimiser groups in which each weight matrix has the learning rate ``lr / d_in`` and
@@ -150,6 +166,13 @@ class ChannelGates(nn.Module):
         if fan_in_scaled and isinstance(self.logits, DependencyMLP):
             return self.logits.param_groups(lr)
         return [dict(params=list(self.parameters()), lr=lr)]
+
+    def bound_pre_activations_(self) -> None:
+        """Budget runs, after each gate step: Dep-L0's pre-activations back within
+        ``PRE_ACTIVATION_LIMIT`` (:meth:`DependencyMLP.bound_pre_activations_`); nothing for L0-HC,
+        whose free logits never stop receiving gradient."""
+        if isinstance(self.logits, DependencyMLP):
+            self.logits.bound_pre_activations_(PRE_ACTIVATION_LIMIT)
 
     @torch.no_grad()
     def tie_key(self) -> torch.Tensor:

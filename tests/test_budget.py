@@ -32,7 +32,7 @@ from models import build_model, default_arch
 from utils.cli import parse_args
 
 BUDGET_KEYS = {"kind", "target", "achieved", "trained", "expected", "lambda1", "lambda2", "within_tolerance",
-               "projection", "message"}
+               "projection", "disconnected", "message"}
 BUDGET_TAGS = {"budget/target", "budget/expected", "budget/deterministic", "budget/lambda1", "budget/lambda2"}
 
 
@@ -130,7 +130,9 @@ def test_term_is_lambda1_gap_plus_lambda2_gap_squared(progress):
     t = annealed_target(0.4, progress, 2.0)
     assert budget.target_at(progress) == pytest.approx(t)
     gap = c.item() - t
-    assert term.item() == pytest.approx(budget.lambda1.item() * gap + budget.lambda2.item() * gap ** 2, rel=1e-5)
+    channels = sum(model.gates.widths)  # the multipliers are prices per channel: the term is N times the gap's
+    assert term.item() == pytest.approx(channels * (budget.lambda1.item() * gap + budget.lambda2.item() * gap ** 2),
+                                        rel=1e-5)
 
 
 def test_budget_rejects_bad_kind_and_target():
@@ -467,8 +469,11 @@ def test_results_json_has_the_budget_block(name, budget_runs):
     if projection is None:
         assert block["trained"] == block["achieved"]
     else:
-        assert set(projection) == {"closed", "reopened"} and projection["closed"] + projection["reopened"] > 0
+        assert set(projection) == {"closed", "reopened", "share"} and projection["closed"] + projection["reopened"] > 0
+        total = sum(c["total"] for c in run.results["channels"])
+        assert projection["share"] == (projection["closed"] + projection["reopened"]) / total
     assert block["lambda2"] >= 0.0
+    assert block["disconnected"] == run.results["disconnected"] == []
     assert block["within_tolerance"] is (abs(block["achieved"] - block["target"]) <= TOLERANCE)
     # achieved is the deterministic cost of the network in results.json.
     pruned = run.results[f"{kind}_pruned"] / run.results[f"{kind}_dense"]
@@ -572,8 +577,10 @@ def test_projection_when_training_cannot_make_it(budget_runs):
     assert block["trained"] > block["target"] + TOLERANCE
     assert block["target"] - TOLERANCE <= block["achieved"] <= block["target"] + TOLERANCE
     message = block["message"]
+    share = closed / sum(c["total"] for c in run.results["channels"])
     assert message.startswith(f"macs at {block['achieved']:.3f} of dense, target 0.300 (within 2%) after the budget "
-                              f"projection closed {closed} channels: training ended at {block['trained']:.3f}"), message
+                              f"projection closed {closed} channels ({share:.1%} of "), message
+    assert f"): training ended at {block['trained']:.3f}" in message, message
     assert "still being annealed (--target-warmup 2 >= --epoch 1)" in message, message
     assert "--fine_tune_epoch" not in message  # one follows
     # The fine-tuning epoch ran with the projected gates, and the saved model is the projected network.

@@ -506,6 +506,8 @@ class Trainer:
                 self.scaler.step(gates)
             if budget is not None:
                 self.scaler.step(self.lagrangian)
+                if gates is not None:
+                    self.model.gates.bound_pre_activations_()
             self.scaler.update()
             n = images.shape[0]
             with torch.no_grad():
