@@ -63,6 +63,9 @@ from . import hard_concrete
 KINDS = ("macs", "params")
 # How close (absolute, as a fraction of dense) the pruned cost must end to the target.
 TOLERANCE = 0.02
+# A channel the projection reopens gets at least the test gate of a logit this far above the pruning
+# threshold (about 0.14).
+REOPEN_MARGIN = 1.0
 
 
 def annealed_target(final: float, progress: float, warmup: float) -> float:
@@ -171,7 +174,7 @@ class BudgetConstraint(nn.Module):
         marginal = marginal[self.layer_of_channel]
         key = (log_alpha.double() - hard_concrete.PRUNE_THRESHOLD) / marginal
         order = torch.arange(len(key), device=key.device)
-        order = order[torch.sort(self.tie_key().double()[order], descending=True, stable=True).indices]
+        order = order[torch.sort(self.tie_key(log_alpha).double()[order], descending=True, stable=True).indices]
         order = order[torch.sort(key[order], descending=True, stable=True).indices]
         # The first position of each layer in the order (the minimum position per layer).
         position = torch.arange(len(order), device=order.device)
@@ -193,12 +196,16 @@ class BudgetConstraint(nn.Module):
 
         Kept channels keep their own test gate, so the network changes only where the
         budget demands; a reopened channel (test gate 0, when training ended under the
-        target) takes the test gate of its logit shifted by the multiple of its cost
-        that puts the threshold midway between the keys of the last kept and the first
-        closed channel. Returns ``None`` where the cheapest connected network costs more
-        than the target and the tolerance, or where the best network in that order
-        misses the tolerance and is further from the target than the network of the
-        logits' own test gates (:meth:`why_not_projected` says which).
+        target, or a layer's forced channel) takes the test gate of its logit shifted by
+        the multiple of its cost that puts the threshold midway between the keys of the
+        last kept and the first closed channel, and at least the gate of a logit
+        ``REOPEN_MARGIN`` above the threshold (about 0.14): the gates stay frozen through
+        fine-tuning, and a channel reopened at a gate of 1e-38 would be counted in the
+        cost while passing nothing on. Returns ``None`` where the cheapest connected
+        network costs more than the target and the tolerance, or where the best network
+        in that order misses the tolerance and is further from the target than the
+        network of the logits' own test gates, if that one is connected
+        (:meth:`why_not_projected` says which).
         """
         choice = self._choose(log_alpha)
         if choice is None:
@@ -208,13 +215,13 @@ class BudgetConstraint(nn.Module):
         kept = torch.zeros_like(log_alpha, dtype=torch.bool)
         kept[order[:k]] = True
         if k == len(order):
-            boundary = key[order[forced:]].min() - 1.0 if forced < k else key.min() - 1.0
+            boundary = key[order[forced:]].min() if forced < k else key.min()
         elif k <= forced:
             boundary = key[order[k]]
         else:
             boundary = (key[order[k - 1]] + key[order[k]]) / 2
-        shifted = (log_alpha.double() - boundary * marginal).to(log_alpha.dtype)
-        reopened = hard_concrete.deterministic(shifted).clamp(min=torch.finfo(own.dtype).tiny)
+        shifted = (log_alpha.double() - boundary * marginal).clamp(min=hard_concrete.PRUNE_THRESHOLD + REOPEN_MARGIN)
+        reopened = hard_concrete.deterministic(shifted.to(log_alpha.dtype))
         return torch.where(kept, torch.where(own > 0, own, reopened), torch.zeros_like(own))
 
     def _choose(self, log_alpha: torch.Tensor):
@@ -233,7 +240,8 @@ class BudgetConstraint(nn.Module):
         if k is None:
             return None
         gap = abs(float(fractions[k]) - self.target)
-        if gap > TOLERANCE and gap > abs(self.deterministic(hard_concrete.deterministic(log_alpha)) - self.target):
+        own = hard_concrete.deterministic(log_alpha)
+        if gap > TOLERANCE and gap > abs(self.deterministic(own) - self.target) and not self.disconnected(own):
             return None  # outside the tolerance and further from the target than the logits' own network
         return order, key, marginal, forced, k
 

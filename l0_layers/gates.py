@@ -175,13 +175,14 @@ class ChannelGates(nn.Module):
             self.logits.bound_pre_activations_(PRE_ACTIVATION_LIMIT)
 
     @torch.no_grad()
-    def tie_key(self) -> torch.Tensor:
-        """A per-channel key that orders channels as their logits do and separates equal logits:
-        Dep-L0's generator pre-activations (monotone in the logit, distinct where the tanh has
-        saturated), L0-HC's logits themselves."""
+    def tie_key(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """A per-channel key that orders channels as their logits ``log_alpha`` do and separates
+        equal logits: for Dep-L0 the generator's current pre-activations (monotone in the logit,
+        distinct where the tanh has saturated; ``log_alpha`` must be the generator's own), for
+        L0-HC the logits themselves."""
         if isinstance(self.logits, DependencyMLP):
             return self.logits.pre_activations()
-        return self.log_alpha()
+        return log_alpha
 
     def freeze(self, gates: torch.Tensor | None = None) -> None:
         """Fix the gates for fine-tuning and stop their gradients.

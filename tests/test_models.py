@@ -354,6 +354,11 @@ def _check_gates_applied(model, x, gate_values, training):
     """Each gated layer's first consumer reads relu(BN output * gate) (max-pooled
     where a pooling sits in between), so a closed gate gives exact zeros."""
     named = dict(model.named_modules())
+    with torch.no_grad():
+        # BN biases of 1: an open channel whose inputs are all non-negative (after a ReLU) and
+        # whose weights happen to be all negative would otherwise be zero after the ReLU too.
+        for g in model.gated_layers:
+            named[g.bn].bias.fill_(1.0)
     conv_out, consumer_in, handles = {}, {}, []
     for g in model.gated_layers:
         # The conv's output, not the BN's: in training mode BN, gate and ReLU run

@@ -5,15 +5,21 @@
   the cost-aware key of every channel (its logit's margin over the pruning
   threshold per unit of the marginal cost of its layer, the marginal taken as
   a finite difference of a plain-Python cost at the expected open counts),
-  the strict order (key, then :meth:`ChannelGates.tie_key`, then index) with
+  the strict order (key, then the tie key: for L0-HC the logits given to
+  ``project``, for Dep-L0 the generator's pre-activations; then index) with
   the first channel of every layer that may not close moved to the front,
   per-layer counts priced with ``model.cost.pruned`` (never the batched
   ``CostModel`` path the projection uses); the largest k at most the target,
   or the smallest k above it when that one is within the tolerance and the
-  one below is not; the values of kept and reopened channels; unreachable
-  targets; what the order does with cost (expensive layers close first), ties
-  (saturated Dep-L0 logits) and connectivity (no VGG layer, no ResNet stem
-  closes; a residual block's inner layer may); :meth:`final_gates`.
+  one below is not; ``None`` where that misses the tolerance and is further
+  from the target than the logits' own network, unless that one is cut; the
+  values of kept and reopened channels (a reopened one at least the test gate
+  of a logit ``REOPEN_MARGIN`` above the threshold, so a frozen network passes
+  its input on); unreachable targets; what the order does with cost
+  (expensive layers close first), ties (saturated Dep-L0 logits; L0-HC ties
+  split by the logits given, not the model's own) and connectivity (no VGG
+  layer, no ResNet stem closes; a residual block's inner layer may);
+  :meth:`final_gates`.
 * :meth:`ChannelGates.freeze` with given gates or the current test gates, and
   a checkpoint of frozen gates restored by :func:`models.load_model_state`.
 * A model frozen at a projection exports (models/export.py) to a network whose
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 
 from l0_layers import hard_concrete
-from l0_layers.budget import TOLERANCE, BudgetConstraint
+from l0_layers.budget import REOPEN_MARGIN, TOLERANCE, BudgetConstraint
 from models import VGG, build_model, default_arch, export_pruned, load_model_state
 
 NAMES = ("resnet56", "vgg16")
@@ -37,7 +43,8 @@ NETS = (("hc", False), ("dep", False), ("dep", True))
 NET_IDS = ("hc", "dep", "dep-back")
 # Written out here, not read from l0_layers: a test gate is 0 iff log_alpha <= log(1/11).
 THRESHOLD = math.log(1.0 / 11.0)
-FLOAT32_TINY = 2.0 ** -126
+# The least test gate of a reopened channel (about 0.14): that of a logit REOPEN_MARGIN above the threshold.
+REOPEN_FLOOR = min(1.0, max(0.0, 1.2 / (1.0 + math.exp(-(THRESHOLD + REOPEN_MARGIN))) - 0.1))
 # Keys of two layers this close (relative) may come in either order (see _reference_order).
 NEAR = 1e-5
 
@@ -141,7 +148,10 @@ def _reference_order(model, log_alpha, kind, budget=None):
     """``(order, key, marginal, forced)`` with loops: key and marginal per channel (Fractions).
 
     Descending key, then descending tie key, then ascending index; then the first channel of
-    every layer that may not close fully moves to the front (in that same order).
+    every layer that may not close fully moves to the front (in that same order). The tie key
+    is ``log_alpha`` itself for L0-HC (the logits given, whatever the model's own), the
+    generator's pre-activations for Dep-L0 (as the generator computes them, in float32;
+    test_saturated_dep_logits_are_ordered_by_pre_activation checks them against loops).
 
     With ``budget``, its :meth:`channel_order` is checked against this and taken where it differs
     only by swapping channels of different layers whose keys are within NEAR of each other (or
@@ -154,7 +164,7 @@ def _reference_order(model, log_alpha, kind, budget=None):
     per_layer = _marginals(model, kind, _expected_open(model, values))
     marginal = [per_layer[layer] for layer in layers]
     key = [Fraction(value - THRESHOLD) / m for value, m in zip(values, marginal)]
-    tie = model.gates.tie_key().tolist()
+    tie = model.gates.logits.pre_activations().tolist() if model.gates.net == "dep" else values
 
     def rank(c):
         return -key[c], -tie[c], c
@@ -188,7 +198,12 @@ def _reference(model, log_alpha, kind, target, budget=None):
     longest one whose cost is at most the target; if there is none, or it is more than
     TOLERANCE below, the longest one at the cost of the shortest one above the target when that
     is within TOLERANCE above; ``None`` if that is outside the tolerance and further from the
-    target than the logits' own network (channels with log_alpha > THRESHOLD).
+    target than the logits' own network (channels with log_alpha > THRESHOLD), unless that
+    network is cut (a layer that may not close has none of them).
+
+    The boundary: midway between the keys of the last kept and the first closed channel; the
+    first closed one's key where only forced channels are kept; where every channel is kept,
+    the least key of the channels not forced (of all, if every channel is forced).
     """
     order, key, marginal, forced = _reference_order(model, log_alpha, kind, budget)
     n, layers = len(order), _layers(model)
@@ -205,13 +220,14 @@ def _reference(model, log_alpha, kind, target, budget=None):
         k = max(j for j in usable if costs[j] <= costs[above[0]])
     if k is None:
         return None
-    trained = _python_fraction(model, kind, _counts(model, [c for c, v in enumerate(log_alpha.tolist())
-                                                           if v > THRESHOLD]))
+    own = _counts(model, [c for c, v in enumerate(log_alpha.tolist()) if v > THRESHOLD])
+    trained = _python_fraction(model, kind, own)
+    cut = any(count == 0 and not record.closable for count, record in zip(own, model.gated_layers))
     gap = abs(costs[k] - target)
-    if gap > TOLERANCE and gap > abs(trained - target):
-        return None  # no better than the network the logits give on their own
+    if gap > TOLERANCE and gap > abs(trained - target) and not cut:
+        return None  # no better than the (connected) network the logits give on their own
     if k == n:
-        boundary = min(key[c] for c in (order[forced:] if forced < n else order)) - 1
+        boundary = min(key[c] for c in (order[forced:] if forced < n else order))
     elif k <= forced:
         boundary = key[order[k]]
     else:
@@ -262,18 +278,22 @@ def _check_projection(model, budget, log_alpha, kind, target):
         below = [j for j in range(ref.forced, n + 1) if ref.costs[j] <= target]
         assert not below or target - ref.costs[below[-1]] > TOLERANCE, (kind, target, k)
 
-    # Values: a channel open on its own keeps its test gate; a reopened one takes the test
-    # gate of its logit minus the boundary key times its marginal, at least float32's tiny.
-    # The budget's boundary and marginal each carry a relative error up to about NEAR (S in
-    # float32), and the test gate moves by at most 0.3 per unit of logit.
+    # Values: a channel open on its own keeps its test gate; a reopened one (forced ones
+    # included) takes the test gate of its logit minus the boundary key times its marginal, or
+    # of a logit REOPEN_MARGIN above the threshold if that is more. The budget's boundary and
+    # marginal each carry a relative error up to about NEAR (S in float32), and the test gate
+    # moves by at most 0.3 per unit of logit.
     own = hard_concrete.deterministic(log_alpha)
     assert torch.equal(gates[kept & (own > 0)], own[kept & (own > 0)])
     reopened = kept & (own == 0)
     for c in reopened.nonzero().flatten().tolist():
         shift = ref.boundary * ref.marginal[c]
-        want = max(FLOAT32_TINY, _test_gate(float(Fraction(values[c]) - shift)))
+        want = _test_gate(max(float(Fraction(values[c]) - shift), THRESHOLD + REOPEN_MARGIN))
         assert abs(float(gates[c]) - want) <= 1e-6 + 0.6 * NEAR * abs(float(shift)), (kind, target, c)
-    assert bool((gates[reopened] > 0).all())
+    # Never below the floor (as the budget computes it: the floor's logit in the logits' dtype).
+    floor = hard_concrete.deterministic(torch.tensor(THRESHOLD + REOPEN_MARGIN, dtype=log_alpha.dtype))
+    assert abs(float(floor) - REOPEN_FLOOR) <= 1e-6
+    assert bool((gates[reopened] >= floor).all()), (kind, target)
     return gates, int(reopened.sum()), int((~kept & (own > 0)).sum()), ref
 
 
@@ -379,7 +399,8 @@ def test_reopened_channel_next_to_its_neighbour_is_open(tied):
     """The cut between two closed channels of one layer whose logits are equal (the order splits
     ties) or one float32 step apart: the kept one's logit shifted by the boundary key times
     its marginal lands on, or one float step off, the threshold, where its test gate is 0 or
-    about 1e-8 in float32, yet it must be kept (gate > 0) and the other closed."""
+    about 1e-8 in float32, yet it must be kept and the other closed; it gets the floor, the test
+    gate of a logit REOPEN_MARGIN above the threshold (about 0.14)."""
     model = _model("vgg16")
     n = sum(model.gates.widths)
     a, b = 40, 41  # both in layer 3 (channels 32..47), which channel 32 leads
@@ -408,6 +429,7 @@ def test_reopened_channel_next_to_its_neighbour_is_open(tied):
     gates, reopened, _, _ = _check_projection(model, budget, la, "macs", budget.target)
     assert reopened == p + 1 and int((gates > 0).sum()) == p + 1
     assert gates[a] > 0 and gates[b] == 0
+    assert abs(float(gates[a]) - REOPEN_FLOOR) <= 1e-6
 
 
 @pytest.mark.parametrize("kind", ["macs", "params"])
@@ -445,6 +467,52 @@ def test_equal_keys_are_split_by_index(kind):
     assert split > 0 and across_layers > 0, (split, across_layers)
 
 
+def test_hc_ties_are_split_by_the_logits_given():
+    """L0-HC, ``project(x)`` with x not the model's own logits: equal keys are ordered by x
+    (then index), never by the model's own logits.
+
+    The five-layer VGG, three channels a layer, in float64: channel 13 (last layer, x = -3) and
+    channel 1 (first layer, x tuned to about -259 so that the budget's keys are exactly equal:
+    the first layer's marginal is some 400 times the last's). By x, 13 comes first; by index, or
+    by the model's own logits (set to rank 1 above 13), 1 would, and the expensive channel 1 does
+    not fit the target that channel 13 does. Channels 4 and 5 (x = 2, one layer, equal keys) split
+    by index, though the model's own logits rank 5 above 4."""
+    model = _hand_vgg(3)
+    c1, c13 = 1, 13
+    x = torch.tensor([3.0, -200.0, -8.0] + [3.0, 2.0, 2.0] + [3.0, 2.0, -8.0] * 2 + [3.0, -3.0, -8.0],
+                     dtype=torch.float64)
+    budget = BudgetConstraint(model, "macs", 0.5, warmup=1.0)
+    # Channel 1's marginal does not depend on its own logit (no self term): place its key on 13's.
+    _, key, marginal, _ = budget.channel_order(x)
+    x[c1] = THRESHOLD + float(key[c13] * marginal[c1])
+    start = float(x[c1])
+    for step in range(20):
+        x[c1] = start + (-1) ** step * (step // 2) * math.ulp(start)
+        _, key, _, _ = budget.channel_order(x)
+        if key[c1] == key[c13]:
+            break
+    assert key[c1] == key[c13] and key[c1] < 0 < x[c13] - x[c1], "no exact tie"
+    assert key[4] == key[5]
+    # The model's own logits rank 1 above 13 and 5 above 4.
+    own = 1.0 + 0.1 * torch.arange(15.0)
+    own[c1], own[c13] = 5.0, -5.0
+    _set_hc(model, own)
+    order = budget.channel_order(x)[0].tolist()
+    assert order.index(c13) + 1 == order.index(c1) and order.index(4) + 1 == order.index(5)
+    for first, second in ((c13, c1), (4, 5)):
+        p = order.index(first)
+        with_first = _fraction(model, "macs", _counts(model, order[:p + 1]))
+        with_both = _fraction(model, "macs", _counts(model, order[:p + 2]))
+        assert with_both - with_first > TOLERANCE, (first, second)
+        budget.target = with_first + TOLERANCE / 4
+        gates, _, _, _ = _check_projection(model, budget, x, "macs", budget.target)
+        assert gates[first] > 0 and gates[second] == 0, (first, second)
+        # The same whatever the model's own logits.
+        _set_hc(model, x.flip(0))
+        assert torch.equal(budget.project(x), gates)
+        _set_hc(model, own)
+
+
 def _dep_pre_activations(model):
     """The Dep-L0 generator's W_i a_{i-1} + b_i with loops in double precision, in the layers' order."""
     generator = model.gates.logits
@@ -476,7 +544,7 @@ def test_saturated_dep_logits_are_ordered_by_pre_activation(back_dep):
     assert la.max() == top and la.min() == -top
     assert (la == top).sum() > 20 and (la == -top).sum() > 20
     pre = _dep_pre_activations(model)
-    torch.testing.assert_close(model.gates.tie_key().double(), torch.tensor(pre, dtype=torch.float64),
+    torch.testing.assert_close(model.gates.tie_key(la).double(), torch.tensor(pre, dtype=torch.float64),
                                rtol=1e-5, atol=1e-4)
     layers = _layers(model)
     split = 0
@@ -600,6 +668,41 @@ def test_projection_never_moves_further_from_the_target():
     budget.target = (low + 1.0) / 2 - 0.005
     gates = budget.project(la)
     assert gates is not None and budget.deterministic(gates) == low
+
+
+def test_a_cut_network_is_projected_even_further_from_the_target():
+    """The rule above holds only for a connected network of the logits' own: a cut one is
+    projected even where the projection ends further from the target.
+
+    The five-layer VGG, two channels a layer, its last layer fully closed; the first layer's
+    second channel is last but one in the order and adds about half the MACs. The cut network
+    lies more than the tolerance above a target 60% of the way up that jump, so no network of
+    the order is within the tolerance above, and the one below (the jump's foot) is further
+    from the target than the cut one. project() and final_gates() still take it, connected,
+    where the rule for a connected network would give None and leave the cut one in place.
+
+    (A cut network within the tolerance never comes to this: the forced channels and those
+    open on their own make a prefix of the order at its very cost, a closed layer being priced
+    as one channel, so the projection lands within the tolerance.)"""
+    model = _hand_vgg(2)
+    la = _set_hc(model, torch.tensor([3.0, 2.5, 2.0, 0.5, 1.5, 1.4, 1.3, 1.2, -5.0, -5.5]))
+    budget = BudgetConstraint(model, "macs", 0.5, warmup=1.0)
+    order, _, _, forced = _reference_order(model, la, "macs", budget)
+    assert forced == 5 and order[-2:] == [1, 9] and 8 in order[:forced]
+    assert budget.disconnected() == [4]
+    cut = budget.deterministic()
+    assert cut == _fraction(model, "macs", [2, 2, 2, 2, 0]) == _fraction(model, "macs", _counts(model, order[:-1]))
+    low = _fraction(model, "macs", _counts(model, order[:-2]))
+    assert low == _fraction(model, "macs", [1, 2, 2, 2, 1]) and cut - low > 0.4
+    budget.target = target = low + 0.6 * (cut - low)
+    assert cut - target > TOLERANCE and target - low > cut - target
+    gates = budget.project(la)
+    assert gates is not None and budget.disconnected(gates) == []
+    assert torch.equal(gates > 0, torch.tensor([True, False] + [True] * 7 + [False]))
+    assert budget.deterministic(gates) == low
+    gates, reopened, closed, _ = _check_projection(model, budget, la, "macs", target)
+    assert (reopened, closed) == (1, 1)  # layer 4's forced channel, and the jump
+    assert torch.equal(budget.final_gates(), gates)
 
 
 @pytest.mark.parametrize("kind", ["macs", "params"])
@@ -764,6 +867,45 @@ def test_final_gates_reconnects_a_network_within_the_tolerance():
     gates = budget.final_gates()
     assert gates is not None and torch.equal(gates, budget.project(la))
     assert abs(budget.deterministic(gates) - budget.target) <= TOLERANCE
+
+
+def test_a_reopened_layer_passes_its_input_on():
+    """VGG16 with layer 5 fully closed, on target: final_gates() reopens that layer's largest
+    logit (-8), its only channel, whose logit shifted by the boundary lies far below the
+    threshold; it gets the floor (the test gate of a logit REOPEN_MARGIN above the threshold,
+    about 0.14). Frozen there, the network's output varies with its input about that fraction as
+    much as with the channel fully open, where at a gate of 1e-38 it would vary by about 1e-41:
+    every later layer would see constants."""
+    model = _model("vgg16")
+    n, width = sum(model.gates.widths), model.gates.widths[5]
+    layer = _layer_slice(model, 5)
+    la = torch.full((n,), 3.0)
+    la[layer] = torch.linspace(-8.0, -9.0, width)
+    la = _set_hc(model, la)
+    budget = BudgetConstraint(model, "macs", 0.5, warmup=1.0)
+    budget.target = budget.deterministic()
+    gates = budget.final_gates()
+    assert gates is not None and budget.disconnected(gates) == []
+    assert (gates[layer] > 0).tolist() == [True] + [False] * (width - 1)
+    _, reopened, _, ref = _check_projection(model, budget, la, "macs", budget.target)
+    c = layer.start
+    assert reopened == 1 and Fraction(float(la[c])) - ref.boundary * ref.marginal[c] < THRESHOLD
+    assert abs(float(gates[c]) - REOPEN_FLOOR) <= 1e-6 and REOPEN_FLOOR > 0.13
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def spread(z):
+        """How much the frozen model's output differs between the two inputs."""
+        frozen = _model("vgg16")
+        frozen.gates.freeze(z)
+        frozen.eval()
+        with torch.no_grad():
+            out = frozen(x)
+        return float((out[0] - out[1]).abs().max())
+
+    fully_open = gates.clone()
+    fully_open[c] = 1.0
+    assert spread(fully_open) > 0 and spread(gates) >= 0.05 * spread(fully_open), (spread(gates), spread(fully_open))
 
 
 def test_old_frozen_checkpoint_without_the_buffer_loads():
