@@ -31,7 +31,7 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_datasets  # noqa: E402
 from utils.distributed import Context  # noqa: E402
-from utils.engine import loader_options  # noqa: E402
+from utils.run import loader_options  # noqa: E402
 from utils.sampling import ResumableSampler, SeededDataset  # noqa: E402
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from l0_layers.penalty import L0Penalty  # noqa: E402
+from pruning.penalty import L0Penalty  # noqa: E402
 from models import build_model, default_arch  # noqa: E402
 
 VARIANTS = {"dense": dict(net="dense"), "hc": dict(net="hc"), "dep": dict(net="dep"),

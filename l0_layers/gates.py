@@ -91,7 +91,7 @@ class DependencyMLP(nn.Module):
     def param_groups(self, lr: float) -> list[dict]:
         """Optimiser groups in which each weight matrix has the learning rate ``lr / d_in`` and
         each bias ``lr``: a pre-activation then moves by at most about ``lr * (1 + log 100)``
-        per Adam step, whatever its fan-in (see l0_layers/budget.py)."""
+        per Adam step, whatever its fan-in (see pruning/budget.py)."""
         groups = []
         for layer in self.layers:
             groups.append(dict(params=[layer.weight], lr=lr / layer.in_features))

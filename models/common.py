@@ -231,10 +231,11 @@ class GatedNetwork(nn.Module):
             if layer.bias is not None:
                 layer.bias.normal_(0.0, 0.01)
 
-    def disconnected_layers(self) -> list[str]:
-        """Gated layers with no open channel whose closure cuts the network (the input of
-        everything after them is zero); a residual block's inner layer may close."""
-        kept = self.gates.kept().tolist()
+    def disconnected_layers(self, kept: torch.Tensor | None = None) -> list[str]:
+        """Gated layers with no open channel (``kept`` per layer, default the gates' own) whose
+        closure cuts the network (the input of everything after them is zero); a residual
+        block's inner layer may close."""
+        kept = (self.gates.kept() if kept is None else kept).tolist()
         return [g.name for g, n in zip(self.gated_layers, kept) if n == 0 and not g.closable]
 
     def gate_parameters(self):

@@ -54,10 +54,11 @@ FORMAT = "dep-l0-pruned/1"
 
 
 @torch.no_grad()
-def kept_indices(model: GatedNetwork) -> list[torch.Tensor]:
+def kept_indices(model: GatedNetwork, gates: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per gated layer, the indices of the channels the compact model keeps
-    (the open ones, or ``[0]`` where every gate is closed)."""
-    z = model.gates.test_gates().detach().float().cpu()
+    (the open ones, or ``[0]`` where every gate is closed); ``gates`` (``(total,)``)
+    defaults to the model's test gates."""
+    z = (model.gates.test_gates() if gates is None else gates).detach().float().cpu()
     out = []
     for gates in z.split(model.gates.widths):
         index = gates.nonzero().flatten()
@@ -97,10 +98,10 @@ def compact_arch(model: GatedNetwork, keep: list[torch.Tensor]) -> dict:
 
 
 @torch.no_grad()
-def compact_state_dict(model: GatedNetwork, keep: list[torch.Tensor]) -> dict:
+def compact_state_dict(model: GatedNetwork, keep: list[torch.Tensor], gates: torch.Tensor | None = None) -> dict:
     """The compact model's state dict: kept slices, gates folded into BN."""
     source = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    z = model.gates.test_gates().detach().cpu().split(model.gates.widths)
+    z = (model.gates.test_gates() if gates is None else gates).detach().cpu().split(model.gates.widths)
     closed = [bool((zl == 0).all()) for zl in z]
     out = {}
     for w in model.weight_layers:
@@ -140,19 +141,21 @@ def _count_params(model) -> int:
 
 
 @torch.no_grad()
-def export_pruned(model: GatedNetwork, source_info: dict | None = None):
+def export_pruned(model: GatedNetwork, source_info: dict | None = None, gates: torch.Tensor | None = None):
     """Return ``(compact_model, payload)``: the compact model (CPU, eval mode)
     and the dict that :func:`save_pruned` writes.
 
     ``source_info`` adds plain values (dataset, epoch, checkpoint path, ...)
-    to ``arch['source']``.
+    to ``arch['source']``. ``gates`` (``(total,)``) is the decision to export, default the
+    model's test gates: a pruning method's (``PruningMethod.channel_gates``) for a dense model.
     """
-    keep = kept_indices(model)
+    gates = model.gates.test_gates() if gates is None else gates
+    keep = kept_indices(model, gates)
     arch = compact_arch(model, keep)
     compact = build_model(arch)
-    compact.load_state_dict(compact_state_dict(model, keep), strict=True)
+    compact.load_state_dict(compact_state_dict(model, keep, gates), strict=True)
     compact.eval()
-    kept_counts = model.gates.kept().cpu()
+    kept_counts = model.gates.per_layer_sum((gates > 0).float()).long().cpu()
     macs, params = model.cost.pruned(kept_counts)
     # The compact model's own structure must price exactly as the gated model's
     # pruned cost, and its real parameters must number the same (a cheap guard;
@@ -173,11 +176,12 @@ def export_pruned(model: GatedNetwork, source_info: dict | None = None):
     return compact, payload
 
 
-def save_pruned(model: GatedNetwork, path, source_info: dict | None = None):
-    """Export ``model`` and write ``pruned.pt`` atomically; returns ``(compact, payload)``."""
+def save_pruned(model: GatedNetwork, path, source_info: dict | None = None, gates: torch.Tensor | None = None):
+    """Export ``model`` (at ``gates``, default its test gates) and write ``pruned.pt`` atomically;
+    returns ``(compact, payload)``."""
     from utils.checkpoint import save_checkpoint
 
-    compact, payload = export_pruned(model, source_info)
+    compact, payload = export_pruned(model, source_info, gates)
     save_checkpoint(payload, Path(path))
     return compact, payload
 

@@ -1,4 +1,4 @@
-"""Prune to a budget: ``--target-macs F`` / ``--target-params F`` (l0_layers/budget.py, utils/engine.py).
+"""Prune to a budget: ``--target-macs F`` / ``--target-params F`` (pruning/budget.py, utils/engine.py).
 
 * the annealed target (linear from 1.0 to F over the warm-up, then F; default
   warm-up a quarter of ``--epoch``);
@@ -26,7 +26,7 @@ import train_resnet56
 import train_vgg
 import utils.engine as engine
 from conftest import read_tb_events, run_script
-from l0_layers.budget import (TOLERANCE, BudgetConstraint, annealed_target, load_multiplier_state,
+from pruning.budget import (TOLERANCE, BudgetConstraint, annealed_target, load_multiplier_state,
                               multiplier_optimizer)
 from models import build_model, default_arch
 from utils.cli import parse_args
@@ -278,7 +278,7 @@ def test_engine_wires_the_budget(tmp_path, monkeypatch):
                                          "--out-dir", str(tmp_path / "run")])
     trainer = engine.Trainer(train_vgg.RECIPE, args)
     try:
-        budget, lagrangian = trainer.budget, trainer.lagrangian
+        budget, lagrangian = trainer.method.budget, trainer.method.lagrangian
         assert budget is not None and budget.kind == "params" and budget.target == 0.6 and budget.warmup == 1.0
         assert isinstance(lagrangian, torch.optim.Adam)
         (group,) = lagrangian.param_groups
@@ -287,7 +287,7 @@ def test_engine_wires_the_budget(tmp_path, monkeypatch):
         assert ids == {id(budget.lambda1), id(budget.lambda2)}, \
             f"the Lagrangian optimiser ascends {len(ids)} tensors, not just lambda1 and lambda2"
         gate_ids = {id(p) for p in trainer.model.gate_parameters()}
-        assert gate_ids <= {id(p) for g in trainer.gates.param_groups for p in g["params"]}
+        assert gate_ids <= {id(p) for g in trainer.method.gates.param_groups for p in g["params"]}
     finally:
         trainer.log.close()
 
@@ -300,7 +300,7 @@ def test_no_target_no_budget(tmp_path, monkeypatch):
                                          "--out-dir", str(tmp_path / "run")])
     trainer = engine.Trainer(train_vgg.RECIPE, args)
     trainer.log.close()
-    assert trainer.budget is None and trainer.lagrangian is None
+    assert trainer.method.budget is None and trainer.method.lagrangian is None
     assert "budget" not in trainer.results(dict(top1=0.0, loss=1.0, top5=0.0))
 
 

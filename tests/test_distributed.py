@@ -169,8 +169,9 @@ HELPER = textwrap.dedent("""
     code = trainer.fit()
     rank = int(os.environ["RANK"])
     extra = {{}}
-    if trainer.budget is not None:
-        extra = dict(lambda1=trainer.budget.lambda1.detach().clone(), lambda2=trainer.budget.lambda2.detach().clone())
+    budget = getattr(trainer.method, "budget", None)
+    if budget is not None:
+        extra = dict(lambda1=budget.lambda1.detach().clone(), lambda2=budget.lambda2.detach().clone())
     torch.save(dict(code=code, rank=rank, world_size=trainer.ctx.world_size, batch_size=trainer.batch_size,
                     model=trainer.model.state_dict(), initial=initial, **extra),
                os.path.join(out, f"rank_{{rank}}.pt"))

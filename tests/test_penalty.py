@@ -1,4 +1,4 @@
-"""The L0 penalty (l0_layers/penalty.py) against hand computations (spec section 4)."""
+"""The L0 penalty (pruning/penalty.py) against hand computations (spec section 4)."""
 import re
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from l0_layers import hard_concrete
-from l0_layers.penalty import L0Penalty
+from pruning.penalty import L0Penalty
 from models import CifarResNet, ImageNetResNet, VGG, resnet50, resnet56, vgg16
 
 TEMP = 0.5  # not the default, so a penalty that ignores the model's temperature fails

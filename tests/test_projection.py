@@ -1,6 +1,6 @@
 """The budget projection and what follows it: frozen gates and the export.
 
-* :meth:`BudgetConstraint.project` (l0_layers/budget.py) against an
+* :meth:`BudgetConstraint.project` (pruning/budget.py) against an
   independent reference written here with Python loops and exact rationals:
   the cost-aware key of every channel (its logit's margin over the pruning
   threshold per unit of the marginal cost of its layer, the marginal taken as
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from l0_layers import hard_concrete
-from l0_layers.budget import REOPEN_MARGIN, TOLERANCE, BudgetConstraint
+from pruning.budget import REOPEN_MARGIN, TOLERANCE, BudgetConstraint
 from models import VGG, build_model, default_arch, export_pruned, load_model_state
 
 NAMES = ("resnet56", "vgg16")

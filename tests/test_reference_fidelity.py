@@ -29,11 +29,12 @@ import train_resnet56
 import train_vgg
 from conftest import REPO_ROOT, run_parallel, run_script
 from l0_layers import DependencyMLP
-from l0_layers.budget import TOLERANCE, BudgetConstraint
+from pruning.budget import TOLERANCE, BudgetConstraint
 from l0_layers.gates import DEP_SCALE, PRE_ACTIVATION_LIMIT
 from models import build_model, default_arch
 from utils.cli import parse_args
-from utils.engine import make_optimizers
+from pruning import L0Method
+from utils.engine import weight_optimizer
 
 RECIPES = {"vgg16": train_vgg.RECIPE, "resnet56": train_resnet56.RECIPE, "resnet50": train_resnet50.RECIPE}
 CLASSES = {"vgg16": 10, "resnet56": 10, "resnet50": 1000}
@@ -186,6 +187,13 @@ def test_other_command_lines_refuse_abbreviations(main, argv, capsys):
 
 
 # ---------------------------------------------------------------------- schedules
+
+
+def make_optimizers(model, args, recipe):
+    """(weights, weight schedule, gate optimiser, gate schedule) as the training scripts build them."""
+    method = L0Method(model, args, args.lr_decay if recipe.gate_decay_is_lr_decay else recipe.gate_decay)
+    weights, schedule = weight_optimizer(method.weight_parameters(), args)
+    return weights, schedule, method.gates, method.gate_schedule
 
 
 def _lrs_after(optimizer, schedule, epochs):

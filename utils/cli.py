@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from l0_layers import NETS
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
-from l0_layers.penalty import REGS
+from pruning.penalty import REGS
 
 
 @dataclass(frozen=True)

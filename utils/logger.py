@@ -1,11 +1,13 @@
 """Console lines and TensorBoard events of a run.
 
 TensorBoard tags are the reference's (``Train/loss``, ``Test/Accuracy``,
-``Test/Average loss``, ``z/<layer>``, ``mode_z/<layer>``, ``qz_loga/<layer>``,
-text ``z``; for ImageNet also ``train/acc1``, ``train/acc5``, ``test/acc1``,
-``test/acc5``) plus ``train/l0_penalty``, ``train/lr``, ``sparsity/macs``,
-``sparsity/params`` and ``sparsity/macs_reduction``, and each epoch the image
-``channels``: kept vs original channels per gated layer (utils/plots.py).
+``Test/Average loss``, text ``z``; for ImageNet also ``train/acc1``,
+``train/acc5``, ``test/acc1``, ``test/acc5``) plus ``train/l0_penalty`` (the
+method's loss term), ``train/lr``, ``sparsity/macs``, ``sparsity/params`` and
+``sparsity/macs_reduction``, each epoch the image ``channels``: kept vs
+original channels per gated layer (utils/plots.py), and whatever the pruning
+method logs itself (L0's ``z/``, ``mode_z/``, ``qz_loga/`` per layer and
+``budget/*``; GReg's ``greg/*``).
 """
 import datetime
 import json
@@ -68,9 +70,9 @@ class EventFile:
 class RunLogger:
     """Writes the console lines and TensorBoard events of rank 0; silent on other ranks."""
 
-    def __init__(self, out_dir, model, imagenet: bool, enabled: bool = True):
-        self.model = model
+    def __init__(self, out_dir, imagenet: bool, enabled: bool = True, loss_name: str = "l0"):
         self.imagenet = imagenet
+        self.loss_name = loss_name
         self.enabled = enabled
         self.writer = EventFile(out_dir) if enabled else None
 
@@ -93,20 +95,20 @@ class RunLogger:
             return
         global_step = epoch * steps + step
         eta = datetime.timedelta(seconds=round(eta_s))
-        print(f"Epoch [{epoch + 1}][{step:>{len(str(steps))}}/{steps}]  loss {loss:.4f}  l0 {penalty:.4f}  "
+        print(f"Epoch [{epoch + 1}][{step:>{len(str(steps))}}/{steps}]  loss {loss:.4f}  {self.loss_name} {penalty:.4f}  "
               f"lr {lr:.4g}  {images_per_s:.0f} img/s  ETA {eta}", flush=True)
         self.writer.add_scalar("Train/loss", loss, global_step)
         self.writer.add_scalar("train/l0_penalty", penalty, global_step)
         self.writer.add_scalar("train/lr", lr, global_step)
 
-    def budget(self, global_step, target, expected, deterministic, lambda1, lambda2):
+    def scalars(self, global_step, values: dict) -> None:
+        """TensorBoard scalars ``{tag: value}`` (a pruning method's progress scalars)."""
         if not self.enabled:
             return
-        for tag, value in (("target", target), ("expected", expected), ("deterministic", deterministic),
-                           ("lambda1", lambda1), ("lambda2", lambda2)):
-            self.writer.add_scalar(f"budget/{tag}", value, global_step)
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, global_step)
 
-    def epoch(self, epoch, train_stats, val_stats, results):
+    def epoch(self, epoch, train_stats, val_stats, results, method=None):
         if not self.enabled:
             return
         w, step = self.writer, epoch + 1
@@ -120,15 +122,9 @@ class RunLogger:
         w.add_scalar("sparsity/macs", results["macs_pruned"], step)
         w.add_scalar("sparsity/params", results["params_pruned"], step)
         w.add_scalar("sparsity/macs_reduction", results["macs_reduction"], step)
-        gates = self.model.gates
         kept = [c["kept"] for c in results["channels"]]
-        if gates.logits is not None:
-            log_alpha = gates.log_alpha().detach().float().cpu().split(gates.widths)
-            test_gates = gates.test_gates().float().cpu().split(gates.widths)
-            for layer, n, la, z in zip(self.model.gated_layers, kept, log_alpha, test_gates):
-                w.add_scalar(f"z/{layer.name}", n, step)
-                w.add_histogram(f"mode_z/{layer.name}", z.numpy(), step)
-                w.add_histogram(f"qz_loga/{layer.name}", la.numpy(), step)
+        if method is not None:
+            method.log_epoch(w, step, kept)
         w.add_text("z", str(kept), step)
         w.add_image("channels", channels_image(results["channels"], run_title(results)), step)
         w.flush()

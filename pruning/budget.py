@@ -56,9 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l0_layers import hard_concrete
 from models.structure import CostModel
-
-from . import hard_concrete
 
 KINDS = ("macs", "params")
 # How close (absolute, as a fraction of dense) the pruned cost must end to the target.

@@ -1,0 +1,10 @@
+"""Pruning methods: one small class each behind :class:`PruningMethod`, the interface the engine calls.
+
+Between the models (below) and the engine (above): a method reads the models'
+gated-layer records and gates, and the engine reads only the interface.
+"""
+from .greg import GReg
+from .l0 import L0Method
+from .method import PruningMethod
+
+__all__ = ["GReg", "L0Method", "PruningMethod"]

@@ -1,0 +1,121 @@
+"""The interface between a pruning method and the shared training loop.
+
+The engine (``utils/engine.py``) owns the model, the weights' SGD, the data,
+checkpoints and resume, signals, logging, ``results.json``, evaluation, cost
+accounting and export; it calls a method only through :class:`PruningMethod`.
+One training step, in this order::
+
+    method.before_step(iteration)             # e.g. GReg's coefficient update every K_u iterations
+    output = model(images, **method.forward_args())
+    loss = cross_entropy + method.loss(progress)
+    loss.backward()
+    method.after_backward()                   # e.g. GReg adds lambda * W to the gradients
+    weights.step(); method's own optimisers step
+    method.after_step(iteration)              # e.g. masks re-applied, Dep-L0's bounded pre-activations
+
+and per epoch ``method.start_epoch(epoch)`` before it and ``method.end_epoch(epoch)``
+after its last step, before the evaluation. ``method.finished()`` ends the run
+early (a method whose phase ends by its own rule, not after a number of epochs).
+
+What a method decides is expressed on the model's gated-layer records
+(``models/structure.py``): :meth:`PruningMethod.channel_gates` is one value per
+channel of every gated layer, 0 for a removed channel (L0 methods: the test
+gates, which may also scale a channel). Cost, the ``channels`` figure,
+``best.pt``'s comparison and the export read only that.
+"""
+import torch
+
+
+class PruningMethod:
+    """A method that prunes nothing: dense training, or fine-tuning a compact network.
+
+    Subclasses override what they need; every hook has a do-nothing default, so a
+    method is one small class and adding one touches no other.
+    """
+
+    name = "dense"
+    # The column name of :meth:`loss` in the progress lines.
+    loss_name = "reg"
+
+    def __init__(self, model):
+        self.model = model
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def weight_parameters(self) -> list:
+        """The parameters the engine's SGD trains (with weight decay)."""
+        return self.model.weight_parameters()
+
+    def optimizers(self) -> dict:
+        """The method's own optimisers, ``{name: (optimizer, scheduler or None)}``: stepped after the
+        weights' in every step the method is active (:meth:`steps_optimizers`), schedulers after
+        each epoch, all checkpointed."""
+        return {}
+
+    def steps_optimizers(self, epoch: int) -> bool:
+        """Whether the method's optimisers step in ``epoch`` (0-based)."""
+        return True
+
+    def forward_args(self, epoch: int) -> dict:
+        """Keyword arguments of the model's forward in a training step."""
+        return {}
+
+    def loss(self, progress: float) -> torch.Tensor | None:
+        """The method's term of the training loss at ``progress`` epochs (None: no term)."""
+        return None
+
+    def changes_gradients(self) -> bool:
+        """True if :meth:`after_backward` edits gradients (the engine unscales them first under AMP)."""
+        return False
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before the first step of ``epoch`` (0-based), also when resuming into it."""
+
+    def before_step(self, iteration: int) -> None:
+        """Before the forward of global training step ``iteration`` (0-based, counted over epochs)."""
+
+    def after_backward(self) -> None:
+        """After ``backward()``, before any optimiser steps."""
+
+    def after_step(self, iteration: int) -> None:
+        """After every optimiser of step ``iteration`` has stepped."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """After the last step of ``epoch`` (0-based), before it is evaluated and checkpointed."""
+
+    def finished(self) -> bool:
+        """True once the method's work is done and the run should end (checked after every step)."""
+        return False
+
+    # -- what it decides -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def channel_gates(self) -> torch.Tensor:
+        """One value per channel of every gated layer, 0 where the channel is removed."""
+        return self.model.gates.test_gates()
+
+    # -- state and reporting -------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly, mid-phase included (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def progress_scalars(self, progress: float) -> dict:
+        """TensorBoard scalars ``{tag: value}`` for a progress line at ``progress`` epochs."""
+        return {}
+
+    def log_epoch(self, writer, step: int, kept: list[int]) -> None:
+        """Method-specific TensorBoard events of an evaluated epoch (``writer``: utils.logger.EventFile)."""
+
+    def results(self) -> dict:
+        """Keys this method adds to ``results.json``."""
+        return {}
+
+    def epoch_message(self, epoch: int) -> str | None:
+        """A line for the console after ``epoch`` (0-based) has been evaluated, or None."""
+        return None

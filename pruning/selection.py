@@ -1,0 +1,186 @@
+r"""Which filters to remove: per-layer ratios, their GReg spelling, the L1 score, a MACs target.
+
+The peers that prune filters by hand-set ratios (L1, GReg-1, GReg-2) name them
+as GReg's code does (``--stage_pr``):
+
+- ResNets: one ratio per stage, stem first and classifier last: ResNet56
+  ``[stem, stage1, stage2, stage3, fc]``, ResNet50 ``[stem, l1, l2, l3, l4, fc]``.
+  A stage's ratio applies to every *non-last* conv of its blocks (ResNet56:
+  conv1; ResNet50: conv1 and conv2), i.e. to this project's gated layers; the
+  last conv of a block, the shortcuts and the classifier are never pruned.
+- VGG: a ratio per layer index (convs 0..12, the classifier 13), written
+  ``1-12:0.5,0:0.2`` (inclusive ranges, unlisted = 0) or as a plain list.
+
+A layer of N filters with ratio r loses :math:`\min(\lceil rN \rceil, N - 1)`
+filters, those with the smallest score :math:`\frac{1}{|W_f|}\sum |W_f|` (the
+mean absolute weight of the filter, GReg's ``_get_score``; the same ranking as
+Li et al.'s L1 norm). All of it is read from and written to the gated-layer
+records of ``models/structure.py``: a decision is one gate value per channel.
+"""
+import math
+import re
+
+import torch
+
+from utils.errors import UsageError
+
+# Picking rules of GReg's --pick_pruned: the lowest scores (the method), the highest, or at random.
+PICK_RULES = ("min", "max", "rand")
+# How close (absolute, as a fraction of dense) --target-macs must be met.
+TARGET_TOLERANCE = 0.01
+
+
+def parse_ratio_list(text: str) -> list[float] | dict[int, float]:
+    """GReg's ``--stage_pr``: ``[0,0.75,0.75,0.32,0]`` (brackets optional) as a list, or the VGG
+    form ``1-12:0.5,0:0.2`` as ``{layer index: ratio}``."""
+    body = text.strip().removeprefix("[").removesuffix("]").strip()
+    if not body:
+        raise UsageError("--stage_pr is empty")
+    items = [item.strip() for item in body.split(",") if item.strip()]
+    if any(":" in item for item in items):
+        out = {}
+        for item in items:
+            match = re.fullmatch(r"(\d+)(?:-(\d+))?:(.+)", item)
+            if not match:
+                raise UsageError(f"--stage_pr item {item!r}: expected INDEX:RATIO or FIRST-LAST:RATIO")
+            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+            if last < first:
+                raise UsageError(f"--stage_pr item {item!r}: the range runs backwards")
+            ratio = _ratio(match.group(3), item)
+            for index in range(first, last + 1):
+                out[index] = ratio
+        return out
+    return [_ratio(item, item) for item in items]
+
+
+def _ratio(text: str, item: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--stage_pr: {item!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise UsageError(f"--stage_pr: a ratio must be in [0, 1), got {text}")
+    return value
+
+
+def stage_of_layers(model) -> tuple[list[int], int, str]:
+    """``(stage of each gated layer, number of entries a stage list has, what they are)``.
+
+    VGG's "stages" are its layer indices; the classifier is the list's last entry."""
+    family = model.arch["model"]
+    layers = model.gated_layers
+    if family == "vgg16":
+        return list(range(len(layers))), len(layers) + 1, f"one per layer index, 0-{len(layers) - 1} convs, " \
+                                                           f"{len(layers)} the classifier"
+    if family == "resnet56":
+        per_stage = model.arch["blocks_per_stage"]
+        stages = [0] + [1 + b // per_stage for b in range(len(layers) - 1)]
+        n = len(model.arch["widths"]) + 2
+        return stages, n, "stem, one per stage, fc"
+    if family == "resnet50":
+        stages = [0]
+        for stage, n_blocks in enumerate(model.arch["blocks"]):
+            stages += [1 + stage] * (2 * n_blocks)
+        n = len(model.arch["blocks"]) + 2
+        return stages, n, "stem, one per stage, fc"
+    raise UsageError(f"no stage rule for {family}")
+
+
+def layer_ratios(model, ratios) -> list[float]:
+    """The ratio of each gated layer from a parsed ``--stage_pr`` (one-line errors for a list of the
+    wrong length, a classifier ratio, or the VGG form on a ResNet)."""
+    stages, entries, what = stage_of_layers(model)
+    family = model.arch["model"]
+    if isinstance(ratios, dict):
+        if family != "vgg16":
+            raise UsageError(f"--stage_pr INDEX:RATIO is VGG's form; {family} takes {entries} ratios ({what})")
+        bad = [i for i in ratios if i >= entries]
+        if bad:
+            raise UsageError(f"--stage_pr: {family} has layer indices 0-{entries - 1}, got {bad[0]}")
+        ratios = [ratios.get(i, 0.0) for i in range(entries)]
+    if len(ratios) != entries:
+        raise UsageError(f"--stage_pr: {family} takes {entries} ratios ({what}), got {len(ratios)}")
+    if ratios[-1] != 0.0:
+        raise UsageError("--stage_pr: the classifier's ratio must be 0 (its outputs are the classes; GReg's code "
+                         "would shrink them towards zero and never remove one)")
+    return [ratios[s] for s in stages]
+
+
+def uniform_layers(model) -> list[bool]:
+    """The gated layers a single global ratio prunes: every stage but the stem (ResNets), every
+    conv but the first (VGG; GReg's published VGG command, ``[1-15:0.7]``, spares it too)."""
+    stages, _, _ = stage_of_layers(model)
+    return [s != 0 for s in stages]
+
+
+def pruned_count(width: int, ratio: float) -> int:
+    """GReg's and Li et al.'s count: ``min(ceil(ratio * width), width - 1)``."""
+    return min(math.ceil(ratio * width), width - 1)
+
+
+@torch.no_grad()
+def filter_scores(model) -> list[torch.Tensor]:
+    """Per gated layer, the mean absolute weight of each filter of the producing conv."""
+    return [model.get_submodule(g.conv).weight.detach().abs().flatten(1).mean(1).float().cpu()
+            for g in model.gated_layers]
+
+
+def pick(scores: torch.Tensor, n: int, rule: str = "min", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices of the ``n`` filters to remove: the lowest scores (``min``, ties by index), the
+    highest (``max``), or ``n`` at random (``rand``)."""
+    if rule == "rand":
+        return torch.randperm(len(scores), generator=generator)[:n].sort().values
+    order = torch.sort(scores, descending=rule == "max", stable=True).indices
+    return order[:n].sort().values
+
+
+def decision(model, ratios: list[float], scores: list[torch.Tensor] | None = None, rule: str = "min",
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gate values (``(total,)``, 1 kept, 0 removed) of removing, per gated layer, its ratio's count
+    of filters by ``rule`` on ``scores`` (default: the model's current :func:`filter_scores`)."""
+    scores = filter_scores(model) if scores is None else scores
+    gates = []
+    for layer, ratio, score in zip(model.gated_layers, ratios, scores):
+        z = torch.ones(layer.width)
+        z[pick(score, pruned_count(layer.width, ratio), rule, generator)] = 0.0
+        gates.append(z)
+    return torch.cat(gates)
+
+
+def macs_fraction(model, ratios: list[float]) -> float:
+    """MACs of the network these ratios leave, as a fraction of dense (counts only, no weights)."""
+    kept = torch.tensor([g.width - pruned_count(g.width, r) for g, r in zip(model.gated_layers, ratios)])
+    dense, _ = model.cost.dense()
+    return model.cost.pruned(kept)[0] / dense
+
+
+def ratios_for_macs(model, target: float) -> tuple[float, list[float]]:
+    """``(r, per-layer ratios)``: one global ratio r on the :func:`uniform_layers`, found by
+    bisection, whose network's MACs are within ``TARGET_TOLERANCE`` of ``target`` times dense.
+
+    The MACs fall as r grows, in steps (counts are whole filters); a target that no r reaches
+    within the tolerance is a one-line error naming the closest r."""
+    prunable = uniform_layers(model)
+
+    def ratios(r):
+        return [r if p else 0.0 for p in prunable]
+
+    floor = macs_fraction(model, ratios(1.0 - 1e-12))
+    if target < floor - TARGET_TOLERANCE:
+        raise UsageError(f"--target-macs {target:g}: the smallest network of this rule (one filter per pruned layer) "
+                         f"keeps {floor:.3f} of the dense MACs")
+    low, high = 0.0, 1.0 - 1e-12
+    best = (abs(macs_fraction(model, ratios(low)) - target), low)
+    for _ in range(80):
+        middle = (low + high) / 2
+        fraction = macs_fraction(model, ratios(middle))
+        best = min(best, (abs(fraction - target), middle))
+        if fraction > target:
+            low = middle
+        else:
+            high = middle
+    gap, r = best
+    if gap > TARGET_TOLERANCE:
+        raise UsageError(f"--target-macs {target:g}: no global ratio lands within {TARGET_TOLERANCE} of it; the "
+                         f"closest, {r:.4f}, keeps {macs_fraction(model, ratios(r)):.3f}")
+    return r, ratios(r)
