@@ -18,6 +18,8 @@ RECIPE = Recipe(
     model="resnet50", imagenet=True,
     lr=0.1, weight_decay=1e-4, milestones=(30, 60, 90), lr_decay=0.1,
     gate_decay=0.2,
+    # --net dense: torchvision's recipe (lr 0.1, x0.1 every 30 epochs, 90 epochs), no fine-tune phase.
+    dense=(("milestones", (30, 60)), ("fine_tune_epochs", 0)),
     epochs=90, fine_tune_epochs=10, batch_size=256, lamba=1e-7, workers=8,
 )
 

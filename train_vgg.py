@@ -17,6 +17,8 @@ RECIPE = Recipe(
     model="vgg16", imagenet=False,
     lr=0.05, weight_decay=5e-4, milestones=(60, 120, 180, 240), lr_decay=0.2,
     gate_decay=None,  # the gate lr stays constant for VGG
+    # --net dense: the peers' base training (GReg's ResNet56 recipe; its VGG has none published).
+    dense=(("lr", 0.1), ("milestones", (100, 150)), ("lr_decay", 0.1), ("epochs", 200), ("weight_decay", 5e-4)),
     epochs=300, fine_tune_epochs=0, batch_size=128, lamba=1e-6, workers=4,
 )
 

@@ -45,8 +45,7 @@ VARIANTS = {
                                               "--epoch", "1", "--fine_tune_epoch", "2")),
 }
 KILLED_VARIANTS = ("resnet56-dep", "vgg16-dep")
-CHECKPOINT_KEYS = {"model", "weight_optimizer", "gate_optimizer", "weight_scheduler", "gate_scheduler", "epoch",
-                   "best_top1", "args", "arch"}
+CHECKPOINT_KEYS = {"model", "weight_optimizer", "weight_scheduler", "method", "epoch", "best_top1", "args", "arch"}
 # Arguments that legitimately differ between the runs compared here.
 RUN_LOCAL_ARGS = {"resume", "out_dir", "save_epoch"}
 
@@ -66,7 +65,7 @@ def _without(d, keys):
 def assert_same_final_state(dir_a: Path, dir_b: Path):
     a, b = _load(dir_a / "last.pt"), _load(dir_b / "last.pt")
     assert a["epoch"] == b["epoch"] == 3
-    for key in ("model", "weight_optimizer", "gate_optimizer", "weight_scheduler", "gate_scheduler"):
+    for key in ("model", "weight_optimizer", "weight_scheduler", "method"):
         assert_equal_states(a[key], b[key], key)
     for key in ("best_top1", "gates_frozen", "arch"):
         assert a[key] == b[key], key
@@ -284,7 +283,7 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(reference):
     assert last["args"]["seed"] == 3
     assert last["arch"]["net"] == (reference["extra"][1] if reference["extra"] else "dep")
     assert all(isinstance(v, torch.Tensor) for v in last["model"].values())
-    assert isinstance(last["weight_optimizer"], dict) and isinstance(last["gate_optimizer"], dict)
+    assert isinstance(last["weight_optimizer"], dict) and isinstance(last["method"]["gate_optimizer"], dict)
 
 
 # ---------------------------------------------------------------- code on load

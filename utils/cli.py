@@ -8,6 +8,7 @@ reference uses in different scripts map to one destination: ``--epoch`` and
 ``--gpu`` and ``--gpu_id``.
 """
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -34,6 +35,13 @@ class Recipe:
     workers: int
     gate_lr: float = 1e-3
     gate_decay_is_lr_decay: bool = False  # the gate lr decays by --lr_decay (ResNet56), not gate_decay
+    # The dense baseline's recipe (``--net dense``): the fields it changes, e.g. the peers' own
+    # base training (GReg's ResNet56: 200 epochs, lr 0.1 / 0.01 / 0.001 at 0 / 100 / 150, wd 5e-4).
+    dense: tuple[tuple[str, object], ...] = ()
+
+    def for_net(self, net: str | None) -> "Recipe":
+        """This recipe, or with ``--net dense`` the dense baseline's."""
+        return dataclasses.replace(self, **dict(self.dense)) if net == "dense" else self
     print_freq: int = 100
 
 
@@ -183,7 +191,10 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
 
 
 def parse_args(recipe: Recipe, argv=None, prog=None) -> argparse.Namespace:
-    parser = build_parser(recipe, prog)
+    # --net dense selects the dense baseline's recipe: its defaults, unless a flag overrides them.
+    net = OneLineParser(prog=prog, add_help=False)
+    net.add_argument("--net")
+    parser = build_parser(recipe.for_net(net.parse_known_args(argv)[0].net), prog)
     args = parser.parse_args(argv)
     if recipe.imagenet:
         if args.data and args.data_dir_flag and args.data != args.data_dir_flag:

@@ -136,13 +136,14 @@ class Trainer:
     fine-tune); ``baseline`` (``{'macs', 'params', 'widths'}``) is the network that reductions and
     the channel totals are reported against (default: the model's own dense cost). ``identity``
     names the arguments a checkpoint must agree on to be resumed; ``extra_results`` are added to
-    every ``results.json``.
+    every results file, ``results_file`` (default ``results.json``, which summarize.py collects).
     """
 
     def __init__(self, recipe: Recipe, args, method=None, start: dict | None = None, baseline: dict | None = None,
-                 identity: tuple[str, ...] = IDENTITY, extra_results: dict | None = None):
+                 identity: tuple[str, ...] = IDENTITY, extra_results: dict | None = None,
+                 results_file: str = "results.json"):
         self.started = time.time()
-        self.recipe, self.args, self.identity = recipe, args, identity
+        self.recipe, self.args, self.identity, self.results_file = recipe, args, identity, results_file
         self.extra_results = dict(extra_results or {})
         self.commit = git_commit()
         self.ctx = ctx = distributed.init()
@@ -518,15 +519,18 @@ class Trainer:
             link_or_copy(last, self.out_dir / "best.pt")
         if args.save_epoch and self.epoch % args.save_epoch == 0:
             link_or_copy(last, self.out_dir / f"epoch_{self.epoch}.pt")
-        write_json(results, self.out_dir / "results.json")
+        write_json(results, self.out_dir / self.results_file)
 
     def finish(self) -> None:
         """After the last epoch: export the network the method's decision leaves to ``pruned.pt``
         (models/export.py)."""
         if self.ctx.is_main:
             path = self.out_dir / "pruned.pt"
-            _, pruned = save_pruned(self.model, path, dict(dataset=self.args.dataset, data_dir=self.args.data_dir,
-                                                           epoch=self.epoch), gates=self.method.channel_gates())
+            # The reductions are against the network this run started from (prune.py's fine-tuning
+            # starts from an already cut one).
+            info = dict(dataset=self.args.dataset, data_dir=self.args.data_dir, epoch=self.epoch, seed=self.args.seed,
+                        macs_dense=self.baseline["macs"], params_dense=self.baseline["params"])
+            _, pruned = save_pruned(self.model, path, info, gates=self.method.channel_gates())
             self.log.message(f"pruned model: {path} (MACs {human(pruned['macs'])}, params {human(pruned['params'])})")
             cut = self.model.disconnected_layers(self.kept())
             if cut:
