@@ -215,7 +215,8 @@ def regularize(args, recipe: Recipe, source: dict, run_dir: Path) -> int:
                     args.pick_pruned, generator)
 
     trainer = Trainer(recipe, phase, method=method, start=source, identity=IDENTITY,
-                      extra_results=dict(phase="regularize"), results_file="regularize.json")
+                      extra_results=dict(phase="regularize", stage_pr=args.stage_pr, target_macs=args.target_macs,
+                                         layer_ratios=args.layer_ratios), results_file="regularize.json")
     args.seed = phase.seed
     return trainer.fit()
 

@@ -21,6 +21,15 @@ from utils.logger import human
 from utils.plots import run_title, save_channels_png
 
 METHOD = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}
+# results.json's "method" (every run since the pruning-method interface; older runs have only "net").
+METHOD_NAMES = {"l0-hc": "L0-HC", "dep-l0": "Dep-L0", "dense": "dense", "l1": "L1", "greg1": "GReg-1",
+                "greg2": "GReg-2"}
+
+
+def method_cell(r: dict) -> str:
+    if "method" in r:
+        return METHOD_NAMES.get(r["method"], r["method"])
+    return METHOD.get(r.get("net", "?"), r.get("net", "?"))
 DATASET = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet", "folder": "folder"}
 
 
@@ -55,7 +64,12 @@ def read_results(run: Path, warnings: list) -> dict | None:
 
 
 def penalty_cell(r: dict) -> str:
-    """What set the pruning level: lambda, or the budget (``macs<=0.5``) that replaced it."""
+    """What set the pruning level: lambda, the budget (``macs<=0.5``) that replaced it, or a peer's
+    ratios (``--stage_pr``) or MACs target (``macs≈0.5``)."""
+    if r.get("stage_pr"):
+        return f"pr {r['stage_pr']}"
+    if r.get("target_macs") and r.get("method") not in ("l0-hc", "dep-l0"):
+        return f"macs≈{r['target_macs']:g}"
     if r.get("net") == "dense":
         return "–"
     if r.get("budget"):
@@ -65,13 +79,13 @@ def penalty_cell(r: dict) -> str:
 
 def table(rows) -> str:
     imagenet = any("top5" in r for _, r in rows)
-    head = ["model", "dataset", "method", "direction", "lambda", "epochs", "top-1 (%)"]
+    head = ["model", "dataset", "method", "direction", "lambda / setting", "epochs", "top-1 (%)"]
     head += ["top-5 (%)"] if imagenet else []
     head += ["MACs", "MACs ↓", "params", "params ↓", "run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for run, r in rows:
         net = r.get("net", "?")
-        cells = [r.get("model", "?"), DATASET.get(r.get("dataset"), str(r.get("dataset"))), METHOD.get(net, net),
+        cells = [r.get("model", "?"), DATASET.get(r.get("dataset"), str(r.get("dataset"))), method_cell(r),
                  ("backward" if r.get("back_dep") else "forward") if net == "dep" else "–",
                  penalty_cell(r),
                  f"{r.get('epochs_done', '?')}/{r.get('epochs_total', '?')}", f"{r.get('top1', float('nan')):.2f}"]
@@ -89,8 +103,8 @@ def summarize(paths) -> str:
         raise UsageError(f"no run with a readable results.json in {' '.join(map(str, paths))}")
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    rows.sort(key=lambda x: (x[1].get("model", ""), x[1].get("dataset", ""), x[1].get("net", ""),
-                             bool(x[1].get("back_dep")), x[1].get("lamba", 0.0), x[0].name))
+    rows.sort(key=lambda x: (x[1].get("model", ""), x[1].get("dataset", ""), method_cell(x[1]),
+                             bool(x[1].get("back_dep")), x[1].get("lamba") or 0.0, x[0].name))
     for run, r in rows:
         try:
             save_channels_png(r["channels"], run / "channels.png", run_title(r))

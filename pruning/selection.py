@@ -158,8 +158,12 @@ def ratios_for_macs(model, target: float) -> tuple[float, list[float]]:
     """``(r, per-layer ratios)``: one global ratio r on the :func:`uniform_layers`, found by
     bisection, whose network's MACs are within ``TARGET_TOLERANCE`` of ``target`` times dense.
 
-    The MACs fall as r grows, in steps (counts are whole filters); a target that no r reaches
-    within the tolerance is a one-line error naming the closest r."""
+    The MACs fall as r grows, in steps (counts are whole filters, and at one r every layer of a
+    width loses its next filter together). Where that step jumps over the tolerance band, the
+    layers whose count differs between the two sides of the step take the larger count one at a
+    time, in network order, as many as bring the MACs closest to the target (so a few layers prune
+    one filter more than r gives). A target that still cannot be met is a one-line error naming
+    the closest network."""
     prunable = uniform_layers(model)
 
     def ratios(r):
@@ -169,18 +173,30 @@ def ratios_for_macs(model, target: float) -> tuple[float, list[float]]:
     if target < floor - TARGET_TOLERANCE:
         raise UsageError(f"--target-macs {target:g}: the smallest network of this rule (one filter per pruned layer) "
                          f"keeps {floor:.3f} of the dense MACs")
-    low, high = 0.0, 1.0 - 1e-12
-    best = (abs(macs_fraction(model, ratios(low)) - target), low)
+    low, high = 0.0, 1.0 - 1e-12  # MACs(low) > target >= MACs(high), once the target is below dense
     for _ in range(80):
         middle = (low + high) / 2
-        fraction = macs_fraction(model, ratios(middle))
-        best = min(best, (abs(fraction - target), middle))
-        if fraction > target:
+        if macs_fraction(model, ratios(middle)) > target:
             low = middle
         else:
             high = middle
-    gap, r = best
-    if gap > TARGET_TOLERANCE:
-        raise UsageError(f"--target-macs {target:g}: no global ratio lands within {TARGET_TOLERANCE} of it; the "
-                         f"closest, {r:.4f}, keeps {macs_fraction(model, ratios(r)):.3f}")
-    return r, ratios(r)
+    widths = [g.width for g in model.gated_layers]
+    counts_low = [pruned_count(w, r) for w, r in zip(widths, ratios(low))]
+    counts_high = [pruned_count(w, r) for w, r in zip(widths, ratios(high))]
+    candidates, counts = [], list(counts_low)
+    candidates.append(list(counts))
+    for layer in range(len(widths)):
+        if counts_high[layer] != counts[layer]:
+            counts[layer] = counts_high[layer]
+            candidates.append(list(counts))
+
+    def as_ratios(counts):
+        # A ratio whose count is exactly this one: ceil((c - 0.5) / N * N) = c.
+        return [0.0 if c == 0 else (c - 0.5) / w for c, w in zip(counts, widths)]
+
+    best = min(candidates, key=lambda c: abs(macs_fraction(model, as_ratios(c)) - target))
+    fraction = macs_fraction(model, as_ratios(best))
+    if abs(fraction - target) > TARGET_TOLERANCE:
+        raise UsageError(f"--target-macs {target:g}: no network of this rule lands within {TARGET_TOLERANCE} of it; "
+                         f"the closest keeps {fraction:.3f}")
+    return low, as_ratios(best)

@@ -71,10 +71,17 @@ def run_title(results: dict) -> str:
     pruning level: lambda, or the budget target that replaced it (``macs≤0.5``)."""
     net = results.get("net", "")
     method = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}.get(net, net)
+    peer = {"l1": "L1", "greg1": "GReg-1", "greg2": "GReg-2"}.get(results.get("method"))
     if net == "dep":
         method += " (backward)" if results.get("back_dep") else " (forward)"
     level = ""
-    if results.get("budget"):
+    if peer:
+        method = peer
+        if results.get("stage_pr"):
+            level = f", pr {results['stage_pr']}"
+        elif results.get("target_macs"):
+            level = f", macs≈{results['target_macs']:g}"
+    elif results.get("budget"):
         level = f", {results['budget']['kind']}≤{results['budget']['target']:g}"
     elif net != "dense" and "lamba" in results:
         level = f", lambda {results['lamba']:g}"
