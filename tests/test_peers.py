@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import prune
 import train_resnet56
-from conftest import run_parallel, run_script
+from conftest import read_tb_events, run_parallel, run_script
 from models import build_model, default_arch, export_pruned, load_pruned
 from pruning import GReg, PruningMethod
 from pruning.selection import (decision, filter_scores, layer_ratios, macs_fraction, parse_ratio_list,
@@ -149,7 +149,8 @@ def test_greg_resnet56_keeps_4_8_43_filters_per_stage():
     kept = [g.width - pruned_count(g.width, r) for g, r in zip(model.gated_layers, ratios)]
     assert kept == [16] + [4] * 9 + [8] * 9 + [43] * 9
     # Option-B shortcuts (this repository) add their 1x1 convs to both sides of the ratio.
-    assert macs_fraction(model, ratios) == pytest.approx(49.38e6 / 125.75e6, abs=0.002)
+    dense, _ = model.cost.dense()
+    assert dense == 125_747_840 and round(macs_fraction(model, ratios) * dense) == 49_384_064
 
 
 def test_l1_removes_exactly_the_smallest_mean_abs_filters():
@@ -392,6 +393,10 @@ def test_prune_runs_end_to_end(name, prune_runs):
         assert phase["done"] and phase["stopped_at_iteration"] is not None and phase["iterations"] > 0
         assert (base / name / "regularize" / "pruned.pt").is_file()
         assert "greg: iteration" in proc.stdout
+        tags = {tag for path in (base / name / "regularize").glob("events.out.tfevents*")
+                for _, tag, _, _ in read_tb_events(path)}
+        assert {"greg/reg_pruned", "greg/reg_kept", "greg/mag_ratio_min", "channels", "Test/Accuracy",
+                "Train/loss"} <= tags, tags
     if name == "l1-macs":
         assert abs(results["macs_pruned"] / results["macs_dense"] - 0.6) <= 0.01
 
