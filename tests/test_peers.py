@@ -237,8 +237,8 @@ def test_greg_magnitude_ratio_is_an_ema_of_kept_over_pruned():
     conv = model.get_submodule(model.gated_layers[layer].conv)
     history = []
     for iteration in range(4):
-        with torch.no_grad():
-            conv.weight.mul_(1.0 + 0.1 * iteration)  # change the scores between updates
+        with torch.no_grad():  # change the kept/pruned ratio between updates
+            conv.weight[~method.pruned[layer]] *= 1.0 + 0.3 * iteration
         score = conv.weight.detach().abs().flatten(1).mean(1)
         pruned = method.pruned[layer]
         ratio = float(score[~pruned].mean() / score[pruned].mean())
@@ -258,11 +258,13 @@ def test_greg1_stops_every_layer_when_all_magnitude_ratios_pass_the_limit():
 def test_greg2_phase_switch_pick_and_recover():
     model = _dense("resnet56", 0.25)
     ratios = [0.0] + [0.5] * 27
-    method = GReg(model, ratios, 2, update_interval=1, stabilize_interval=2, upper_limit_pick=3.5e-5,
+    step = torch.tensor(1e-5, dtype=torch.float32)
+    pick_at = float(step + step + step + step)  # exactly the float32 coefficient after 4 updates: >=, not >
+    method = GReg(model, ratios, 2, update_interval=1, stabilize_interval=2, upper_limit_pick=pick_at,
                   upper_limit=0.00025)
     layer, conv = 3, model.get_submodule(model.gated_layers[3].conv)
     assert torch.equal(method.channel_gates(), torch.ones(sum(model.gates.widths)))  # nothing decided yet
-    for iteration in range(3):  # phase 1: +1e-5 on every filter; picks when max >= 3.5e-5 (update 4)
+    for iteration in range(3):  # phase 1: +1e-5 on every filter; picks when max >= pick_at (update 4)
         _fake_step(model, method, iteration)
         assert torch.equal(method.reg[layer], torch.full_like(method.reg[layer], float(
             sum([torch.tensor(1e-5, dtype=torch.float32)] * (iteration + 1)))))
