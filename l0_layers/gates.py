@@ -98,6 +98,7 @@ class DependencyMLP(nn.Module):
             groups.append(dict(params=[layer.bias], lr=lr))
         return groups
 
+    @torch.no_grad()
     def pre_activations(self) -> torch.Tensor:
         r"""The chain's :math:`W_i a_{i-1} + b_i`, flat in the layers' order: unlike the logits,
         they still tell channels apart where the tanh has saturated to exactly

@@ -375,7 +375,7 @@ def budget_target(model):
 
 TINY = ("--dummy", "-j", "0", "--width-mult", "0.125", "--seed", "0")
 SHORT = ("-b", "16", "--epoch", "8", "--target-warmup", "4", "--lr_gate", "0.05", "--lr-lagrangian", "0.03")
-LONG = ("-b", "4", "--epoch", "16", "--target-warmup", "8", "--lr-lagrangian", "0.03")  # 2048 steps, default lr
+LONG = ("-b", "4", "--epoch", "12", "--target-warmup", "6", "--lr-lagrangian", "0.03")  # 1536 steps, default lr
 LANDING = {
     "resnet56-high-lr": ("train_resnet56.py", [*TINY, *SHORT, "--net", "dep", "--target-macs", "0.5"]),
     "vgg16-high-lr": ("train_vgg.py", [*TINY, *SHORT, "--net", "dep", "--target-macs", "0.35"]),

@@ -218,7 +218,7 @@ def test_summarize_table_and_plots(run_dir, tmp_path, capsys):
     assert summarize_tool.main([str(runs)]) == 0
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
-    assert lines[0].startswith("| model | dataset | method | direction | lambda |") and "MACs ↓" in lines[0]
+    assert lines[0].startswith("| model | dataset | method | direction | lambda / setting |") and "MACs ↓" in lines[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [r[-1] for r in rows] == ["a_fwd", "d_budget", "c_back", "b_vgg"]  # model, dataset, method, direction
     assert rows[0][:5] == ["resnet56", "CIFAR-10", "Dep-L0", "forward", "5e-07"]
