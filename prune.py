@@ -40,6 +40,7 @@ from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, Recipe, nonneg_int, positive_float, positive_int
 from utils.data import DATASETS
+from utils import distributed
 from utils.engine import Trainer
 from utils.errors import UsageError, run_reporting_errors
 from utils.run import fresh_out_dir
@@ -54,7 +55,11 @@ DEFAULTS = {
 }
 # A regularisation phase ends by its own rule; this only bounds the epoch loop.
 REGULARIZE_EPOCHS = 1_000_000
-IDENTITY = ("method", "dataset", "num_classes", "layer_ratios")
+IDENTITY = ("method", "dataset", "num_classes", "layer_ratios", "pick_pruned")
+# The regularisation phase also continues only with the settings it started with.
+GREG_SETTINGS = ("update_reg_interval", "stabilize_reg_interval", "reg_upper_limit", "reg_upper_limit_pick",
+                 "reg_granularity_pick", "reg_granularity_prune", "reg_granularity_recover", "mag_ratio_limit",
+                 "batch_size_prune", "lr_prune")
 
 
 def _lr_schedule(text: str) -> dict[int, float]:
@@ -195,7 +200,8 @@ def _common_args(args, **overrides) -> Namespace:
                   gpu=args.gpu, seed=args.seed, print_freq=args.print_freq, save_epoch=args.save_epoch,
                   amp=args.amp, channels_last=args.channels_last, loader=args.loader, method=args.method,
                   stage_pr=args.stage_pr, target_macs=args.target_macs, layer_ratios=args.layer_ratios,
-                  source=str(Path(args.checkpoint).resolve()))
+                  pick_pruned=args.pick_pruned, source=str(Path(args.checkpoint).resolve()),
+                  **{key: getattr(args, key) for key in GREG_SETTINGS})
     values.update(overrides)
     return Namespace(**values)
 
@@ -214,21 +220,26 @@ def regularize(args, recipe: Recipe, source: dict, run_dir: Path) -> int:
                     args.reg_granularity_prune, args.reg_granularity_recover, args.mag_ratio_limit,
                     args.pick_pruned, generator)
 
-    trainer = Trainer(recipe, phase, method=method, start=source, identity=IDENTITY,
+    trainer = Trainer(recipe, phase, method=method, start=source, identity=IDENTITY + GREG_SETTINGS,
                       extra_results=dict(phase="regularize", stage_pr=args.stage_pr, target_macs=args.target_macs,
                                          layer_ratios=args.layer_ratios), results_file="regularize.json")
     args.seed = phase.seed
     return trainer.fit()
 
 
-def cut_l1(args, source: dict, run_dir: Path) -> None:
-    """L1: remove the filters now, from the pretrained weights; ``run_dir/cut.pt`` is the network."""
+def cut_l1(args, source: dict, run_dir: Path, ctx: distributed.Context) -> None:
+    """L1: remove the filters now, from the pretrained weights; ``run_dir/cut.pt`` is the network
+    (written by rank 0, there for every rank on return)."""
+    if not ctx.is_main:
+        ctx.barrier()
+        return
     model = dense_model(source)
     generator = torch.Generator().manual_seed(args.seed)
     gates = decision(model, args.layer_ratios, rule=args.pick_pruned, generator=generator)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_pruned(model, run_dir / "cut.pt", dict(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed),
                 gates=gates)
+    ctx.barrier()
 
 
 def fine_tune(args, recipe: Recipe, cut: Path, baseline: dict, run_dir: Path, extra: dict) -> int:
@@ -243,6 +254,15 @@ def fine_tune(args, recipe: Recipe, cut: Path, baseline: dict, run_dir: Path, ex
 
 
 def run(args) -> int:
+    """Every phase of the run, under one process group when torchrun starts several processes."""
+    ctx = distributed.init()
+    try:
+        return run_phases(args, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def run_phases(args, ctx: distributed.Context) -> int:
     args.method = METHODS[args.method]
     source = load_source(args.checkpoint)
     arch = source["arch"]
@@ -280,9 +300,12 @@ def run(args) -> int:
             raise UsageError(f"{run_dir} already holds a run; continue it with --resume auto --out-dir {run_dir}")
     else:
         run_dir = Path("runs") / name if args.resume == "auto" else fresh_out_dir(Path("runs") / name)
+    # Rank 0's choices, for every rank.
+    run_dir = Path(ctx.gather(str(run_dir))[0])
     if args.seed is None:
-        args.seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
-    print(f"{args.method} on {source['kind']} {args.checkpoint}: {how}")
+        args.seed = ctx.gather(int(torch.randint(0, 2 ** 31 - 1, ()).item()))[0]
+    if ctx.is_main:
+        print(f"{args.method} on {source['kind']} {args.checkpoint}: {how}")
     macs, params = model.cost.dense()
     baseline = dict(macs=macs, params=params, widths=list(model.gates.widths))
     extra = dict(method=args.method, stage_pr=args.stage_pr, target_macs=args.target_macs,
@@ -290,7 +313,7 @@ def run(args) -> int:
     if args.method == "l1":
         cut = run_dir / "cut.pt"
         if not cut.exists():
-            cut_l1(args, source, run_dir)
+            cut_l1(args, source, run_dir, ctx)
         args.seed = load_checkpoint(cut, PRUNED_FORMAT)["arch"]["source"]["seed"]  # the run's, when continued
     else:
         cut = run_dir / "regularize" / "pruned.pt"

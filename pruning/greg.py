@@ -142,11 +142,13 @@ class GReg(PruningMethod):
             tentative = torch.zeros(width, dtype=torch.bool, device=reg.device)
             tentative[pick(score, pruned_count(width, self.ratios[layer])).to(reg.device)] = True
             self._mag_ratio(layer, score, tentative)
-            if float(reg.max()) >= self.upper_limit_pick:
-                self.pruned[layer] = tentative
-                self.picked[layer] = True
-                self.picked_at = self.updates
-            return False
+            if float(reg.max()) < self.upper_limit_pick:
+                return False
+            self.pruned[layer] = tentative
+            self.picked[layer] = True
+            self.picked_at = self.updates
+            # The code checks the stop in the same call: a layer already apart stops at its pick.
+            return self.hist[layer] >= self.mag_ratio_limit or float(reg.max()) > self.upper_limit
         pruned = self.pruned[layer]
         reg[pruned] += self.granularity_prune
         reg[~pruned] = self.granularity_recover

@@ -255,6 +255,15 @@ def test_greg1_stops_every_layer_when_all_magnitude_ratios_pass_the_limit():
     assert all(method.finished_layers) and method.stopped_at == 0 and method.done
 
 
+def test_greg2_a_layer_already_apart_stops_at_its_pick():
+    """As in the authors' code, the stop is checked in the same update as the pick."""
+    model = _dense("resnet56", 0.25)
+    method = GReg(model, [0.0] + [0.5] * 27, 2, update_interval=1, stabilize_interval=0, upper_limit_pick=1e-5,
+                  mag_ratio_limit=0.5)
+    _fake_step(model, method, 0)
+    assert method.picked_at == 1 and all(method.finished_layers) and method.done
+
+
 def test_greg2_phase_switch_pick_and_recover():
     model = _dense("resnet56", 0.25)
     ratios = [0.0] + [0.5] * 27
@@ -516,3 +525,20 @@ def test_bad_input_is_one_line(case, error_inputs):
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("method", ["greg1", "l1"])
+def test_prune_under_torchrun_with_two_processes(method, dense_run, tmp_path):
+    """Both ranks use rank 0's seed and run directory, wait for rank 0's cut, and finish together."""
+    from test_distributed import torchrun
+
+    fast = GREG_FAST if method == "greg1" else ("--epochs", "1", "-b", "64")
+    proc = torchrun(prune.__file__, str(dense_run / "dense" / "best.pt"), "--method", method, "--stage_pr",
+                    "0,0.5,0.5,0.5,0", "--pick_pruned", "rand", *fast, "--dummy", "-j", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["method"] == method
+    if method == "greg1":
+        phase = torch.load(run_dir / "regularize" / "last.pt", weights_only=True)
+        assert phase["args"]["seed"] == results["seed"]

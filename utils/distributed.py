@@ -117,10 +117,14 @@ class LaggedAny:
 
 
 def init() -> Context:
+    """This process's place among torchrun's; creates the process group unless one exists (prune.py
+    holds one across its phases, each a training of its own)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Context()
     ctx = Context(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return ctx
     if torch.cuda.is_available():
         torch.cuda.set_device(ctx.local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", ctx.local_rank))

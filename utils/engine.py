@@ -146,6 +146,7 @@ class Trainer:
         self.recipe, self.args, self.identity, self.results_file = recipe, args, identity, results_file
         self.extra_results = dict(extra_results or {})
         self.commit = git_commit()
+        self.owns_process_group = not torch.distributed.is_initialized()
         self.ctx = ctx = distributed.init()
         self.device = device = select_device(args.gpu, ctx)
         if args.batch_size % ctx.world_size:
@@ -325,11 +326,15 @@ class Trainer:
                     if self.ctx.any(stop.received is not None, self.device) and not self.method.finished():
                         self.log.message(f"stopped by signal after epoch {self.epoch}; saved {self.out_dir / 'last.pt'}")
                         return EXIT_PREEMPTED
-            self.finish()
-            return 0
+                self.finish()
+                self.ctx.barrier()  # rank 0's files (pruned.pt) exist for every rank once fit returns
+                # A signal during the last epoch's evaluation or the export: the work is saved, but
+                # whoever sent it (a scheduler) asked this job to stop, not to go on to a next phase.
+                return EXIT_PREEMPTED if self.ctx.any(stop.received is not None, self.device) else 0
         finally:
             self.log.close()
-            distributed.shutdown(self.ctx)
+            if self.owns_process_group:
+                distributed.shutdown(self.ctx)
 
     def train_epoch(self, stop: StopSignals, stop_vote: distributed.LaggedAny) -> bool:
         """Train from ``self.step`` to the end of the epoch (or until the method is finished); True if
