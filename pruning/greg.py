@@ -34,7 +34,8 @@ Layers with ratio 0 stop at once with :math:`\lambda = 0`; a stopped layer's
 coefficients stay as they are. When every layer has stopped the coefficients
 stay fixed for ``--stabilize_reg_interval`` (:math:`K_s`) more iterations; the
 phase ends after the step of iteration (stop + :math:`K_s`). The coefficients are
-float32 and accumulate as in the code, so the counts match it exactly: GReg-1
+float32, accumulate and are compared with the limits in float32 as in the code
+(a float32 tensor against a Python number), so the counts match it exactly: GReg-1
 exceeds 1 after 10,000 updates; GReg-2 picks at update 1,001 (1000 additions of
 1e-5 fall just short of 0.01 in float32) and ends after 10,901.
 """
@@ -133,7 +134,7 @@ class GReg(PruningMethod):
         self._mag_ratio(layer, score, pruned)
         self.reg[layer][pruned] += self.granularity_prune
         every_layer_apart = all(h >= self.mag_ratio_limit for h in self.hist if h is not None)
-        return every_layer_apart or float(self.reg[layer].max()) > self.upper_limit
+        return every_layer_apart or bool(self.reg[layer].max() > self.upper_limit)
 
     def _greg2(self, layer: int, score: torch.Tensor) -> bool:
         reg, width = self.reg[layer], len(self.reg[layer])
@@ -142,18 +143,18 @@ class GReg(PruningMethod):
             tentative = torch.zeros(width, dtype=torch.bool, device=reg.device)
             tentative[pick(score, pruned_count(width, self.ratios[layer])).to(reg.device)] = True
             self._mag_ratio(layer, score, tentative)
-            if float(reg.max()) < self.upper_limit_pick:
+            if bool(reg.max() < self.upper_limit_pick):
                 return False
             self.pruned[layer] = tentative
             self.picked[layer] = True
             self.picked_at = self.updates
             # The code checks the stop in the same call: a layer already apart stops at its pick.
-            return self.hist[layer] >= self.mag_ratio_limit or float(reg.max()) > self.upper_limit
+            return self.hist[layer] >= self.mag_ratio_limit or bool(reg.max() > self.upper_limit)
         pruned = self.pruned[layer]
         reg[pruned] += self.granularity_prune
         reg[~pruned] = self.granularity_recover
         self._mag_ratio(layer, score, pruned)
-        return self.hist[layer] >= self.mag_ratio_limit or float(reg.max()) > self.upper_limit
+        return self.hist[layer] >= self.mag_ratio_limit or bool(reg.max() > self.upper_limit)
 
     # -- what it decides, state, reporting -----------------------------------------------------
 
