@@ -542,3 +542,24 @@ def test_prune_under_torchrun_with_two_processes(method, dense_run, tmp_path):
     if method == "greg1":
         phase = torch.load(run_dir / "regularize" / "last.pt", weights_only=True)
         assert phase["args"]["seed"] == results["seed"]
+
+
+def test_torchvision_resnet50_weights_are_a_dense_source(tmp_path):
+    """torchvision's ResNet50 state dict (a local file) loads into this project's ResNet50 with
+    the same eval-mode outputs: the input of prune.py for GReg's ImageNet rows."""
+    import torchvision
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50(weights=None).eval()
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    state = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "resnet50.pth")
+    source = prune.load_source(str(tmp_path / "resnet50.pth"))
+    assert source["dataset"] == "imagenet" and source["arch"]["net"] == "dense"
+    model = prune.dense_model(source).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)

@@ -470,3 +470,11 @@ def test_the_first_minute_learns_and_prunes(runs):
     readme = (REPO_ROOT / "README.md").read_text()
     command = "python train_resnet56.py " + " ".join(a for a in OTHER["quickstart"][1] if a not in ("--seed", "1"))
     assert command in readme
+
+
+def test_the_channel_plot_of_a_budget_run_names_its_target():
+    from utils.plots import run_title
+    results = dict(model="resnet56", dataset="cifar10", net="dep", back_dep=False, lamba=1e-6,
+                   budget=dict(kind="macs", target=0.4))
+    assert run_title(results).endswith("Dep-L0 (forward), macs≤0.4") and "lambda" not in run_title(results)
+    assert run_title({**results, "budget": None}).endswith("lambda 1e-06")
