@@ -207,7 +207,7 @@ def fake_run(parent: Path, source: Path, name: str, **changes) -> Path:
 def test_summarize_table_and_plots(run_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
     runs.mkdir()
-    fake_run(runs, run_dir, "b_vgg", model="vgg16", net="hc", back_dep=False)
+    fake_run(runs, run_dir, "b_vgg", model="vgg16", net="hc", method="l0-hc", back_dep=False)
     fake_run(runs, run_dir, "c_back", net="dep", back_dep=True)
     fake_run(runs, run_dir, "a_fwd")
     fake_run(runs, run_dir, "d_budget", budget=dict(kind="macs", target=0.35), lamba=1e-6)
