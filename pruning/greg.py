@@ -208,7 +208,7 @@ class GReg(PruningMethod):
             stopped_at_iteration=self.stopped_at, done=self.done, reg_pruned_mean=pruned, reg_kept_mean=kept,
             mag_ratio=[h for h in self.hist], reg_max=[float(r.max()) for r in self.reg]))
 
-    def epoch_message(self, epoch: int) -> str | None:
+    def epoch_message(self, epoch: int, results: dict) -> str | None:
         pruned, kept, ratio = self._means()
         state = ("done" if self.done else f"stabilising since iteration {self.stopped_at}" if self.stopped_at is not None
                  else f"{sum(self.finished_layers)}/{len(self.finished_layers)} layers stopped")

@@ -155,7 +155,7 @@ class L0Method(PruningMethod):
             out["budget"] = self.report()
         return out
 
-    def epoch_message(self, epoch: int) -> str | None:
+    def epoch_message(self, epoch: int, results: dict) -> str | None:
         if self.budget is not None and epoch + 1 == self.epochs:
-            return f"budget: {self.report()['message']}"
+            return f"budget: {results['budget']['message']}"  # the report results.json has, not a second one
         return None

@@ -116,6 +116,7 @@ class PruningMethod:
         """Keys this method adds to ``results.json``."""
         return {}
 
-    def epoch_message(self, epoch: int) -> str | None:
-        """A line for the console after ``epoch`` (0-based) has been evaluated, or None."""
+    def epoch_message(self, epoch: int, results: dict) -> str | None:
+        """A line for the console after ``epoch`` (0-based) has been evaluated (``results``: what
+        results.json now says, :meth:`results` included), or None."""
         return None

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import prune
 import train_resnet56
-from conftest import read_tb_events, run_parallel, run_script
+from conftest import assert_equal_states, read_tb_events, run_parallel, run_script
 from models import build_model, default_arch, export_pruned, load_pruned
 from pruning import GReg, PruningMethod
 from pruning.selection import (decision, filter_scores, layer_ratios, macs_fraction, parse_ratio_list,
@@ -451,23 +451,8 @@ def test_sigterm_mid_regularisation_resumes_exactly(dense_run, tmp_path, monkeyp
         a = torch.load(tmp_path / "ref" / part, weights_only=True)
         b = torch.load(tmp_path / "cut" / part, weights_only=True)
         for key in ("model", "weight_optimizer", "method"):
-            _equal(a[key], b[key], f"{part}:{key}")
+            assert_equal_states(a[key], b[key], f"{part}:{key}")
     capsys.readouterr()
-
-
-def _equal(a, b, where):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), where
 
 
 def test_folder_dataset_end_to_end(tmp_path):

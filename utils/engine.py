@@ -446,7 +446,7 @@ class Trainer:
         self.best_top1 = max(self.best_top1, val_stats["top1"])
         results = self.results(val_stats)
         self.log.epoch(self.epoch - 1, train_stats, val_stats, results, self.method)
-        message = self.method.epoch_message(finished_epoch)
+        message = self.method.epoch_message(finished_epoch, results)
         if message:
             self.log.message(message)
         self.save(results, new_best)
