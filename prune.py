@@ -1,4 +1,4 @@
-"""Prune a dense baseline with a peer method of Dep-L0, then fine-tune it: L1, GReg-1, GReg-2.
+"""Prune a dense baseline with a peer method of Dep-L0, then fine-tune it: L1, GReg-1, GReg-2, HSIC-Lasso.
 
 The input is a dense training checkpoint (``train_*.py --net dense``, its
 ``best.pt``), or for ResNet50 torchvision's pretrained weights from a local
@@ -11,12 +11,17 @@ file. The ratios are GReg's (``--stage_pr``), or found for a MACs target:
     python prune.py resnet50-0676ba61.pth --data-dir /path/to/imagenet --method GReg-1 --stage_pr [0,0.6,0.6,0.6,0.21,0]
     # At the MACs of a Dep-L0 run (one global ratio; see pruning/selection.py):
     python prune.py runs/resnet56_cifar10_dense/best.pt --method l1 --target-macs 0.5
+    # HSIC-Lasso's published commands (absolute MACs; pruning/hsic.py):
+    python prune.py runs/vgg16_cifar10_dense/best.pt --method hsic --target 107000000 --omega 40 --alpha 5e-5 --tolerance 0.01
+    python prune.py runs/resnet56_cifar10_dense/best.pt --method hsic --target 57000000 --omega 5 --alpha 8e-4 --tolerance 0.01
+    python prune.py resnet50-0676ba61.pth --data-dir /path/to/imagenet --method hsic --target 1550000000 --omega 1 --alpha 7e-5 --tolerance 0.01
 
 Every option of GReg's own code keeps its spelling and its per-dataset value
 (CIFAR: its README's commands; ImageNet: its defaults). L1 removes the filters
 with the smallest mean absolute weight at once; GReg first runs its
-regularisation phase (pruning/greg.py) in ``<run>/regularize/``. The cut is the
-project's export (``pruned.pt`` there, and ``<run>/cut.pt`` for L1), and the
+regularisation phase (pruning/greg.py) in ``<run>/regularize/``; HSIC-Lasso
+searches one Lasso penalty on a calibration batch for the MACs target. The cut is
+the project's export (``pruned.pt`` there, ``<run>/cut.pt`` for L1 and HSIC), and the
 fine-tuning runs through the same engine as every training, into ``<run>``:
 ``results.json`` (the keys of a Dep-L0 run plus ``method``, the ratios and the
 pruning phase's statistics), ``best.pt``, ``pruned.pt``, TensorBoard events.
@@ -25,8 +30,10 @@ pruning phase's statistics), ``best.pt``, ``pruned.pt``, TensorBoard events.
 Without data: ``python prune.py CHECKPOINT --dummy ...``.
 """
 import argparse
+import os
 import re
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -34,28 +41,40 @@ import torch
 
 from models import build_model, default_arch, save_pruned
 from models.export import FORMAT as PRUNED_FORMAT
-from pruning import GReg, PruningMethod
+from pruning import GReg, PruningMethod, hsic
 from pruning.selection import PICK_RULES, decision, layer_ratios, parse_ratio_list, ratios_for_macs
 from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, Recipe, nonneg_int, positive_float, positive_int
-from utils.data import DATASETS
+from utils.data import DATASETS, DeviceNormalize, build_datasets
 from utils import distributed
 from utils.engine import Trainer
 from utils.errors import UsageError, run_reporting_errors
-from utils.run import fresh_out_dir
+from utils.logger import EventFile
+from utils.run import EXIT_PREEMPTED, StopSignals, fresh_out_dir, select_device
+from utils.sampling import ResumableSampler, SeededDataset
 
-METHODS = {"l1": "l1", "L1": "l1", "greg1": "greg1", "GReg-1": "greg1", "greg2": "greg2", "GReg-2": "greg2"}
-# GReg's settings per kind of data: CIFAR from its README's ResNet56 commands, ImageNet its defaults.
-DEFAULTS = {
+METHODS = {"l1": "l1", "L1": "l1", "greg1": "greg1", "GReg-1": "greg1", "greg2": "greg2", "GReg-2": "greg2",
+           "hsic": "hsic", "HSIC-Lasso": "hsic"}
+# GReg's settings per kind of data (L1 fine-tunes as GReg does): CIFAR from its README's ResNet56
+# commands, ImageNet its defaults.
+GREG_DEFAULTS = {
     "cifar": dict(update_reg_interval=10, stabilize_reg_interval=10000, batch_size_prune=128, epochs=120,
                   lr_ft="0:0.01,60:0.001,90:0.0001", batch_size=128, weight_decay=5e-4),
     "imagenet": dict(update_reg_interval=5, stabilize_reg_interval=40000, batch_size_prune=64, epochs=90,
                      lr_ft="0:0.01,30:0.001,60:0.0001,75:0.00001", batch_size=256, weight_decay=1e-4),
 }
+# HSIC-Lasso's code: a calibration batch of its loaders' size, then 350 cosine epochs (its train.py's
+# defaults; CIFAR lr and batch from its README's VGG16 command, ImageNet its loader's batch of 64).
+HSIC_DEFAULTS = {
+    "cifar": dict(calib_batch_size=128, epochs=350, lr=0.1, batch_size=256, weight_decay=2e-4),
+    "imagenet": dict(calib_batch_size=64, epochs=350, lr=0.01, batch_size=64, weight_decay=2e-4),
+}
 # A regularisation phase ends by its own rule; this only bounds the epoch loop.
 REGULARIZE_EPOCHS = 1_000_000
 IDENTITY = ("method", "dataset", "num_classes", "layer_ratios", "pick_pruned")
+# HSIC-Lasso's cut is decided by these; a continued run must have been started with the same.
+HSIC_SETTINGS = ("target", "omega", "alpha", "tolerance", "calib_batch_size", "resnet50_y")
 # The regularisation phase also continues only with the settings it started with.
 GREG_SETTINGS = ("update_reg_interval", "stabilize_reg_interval", "reg_upper_limit", "reg_upper_limit_pick",
                  "reg_granularity_pick", "reg_granularity_prune", "reg_granularity_recover", "mag_ratio_limit",
@@ -75,19 +94,22 @@ def _lr_schedule(text: str) -> dict[int, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="prune.py", description="Prune a dense baseline with L1, GReg-1 or GReg-2, then fine-tune.",
+    p = OneLineParser(prog="prune.py", description="Prune a dense baseline with L1, GReg-1, GReg-2 or HSIC-Lasso, "
+                                                   "then fine-tune.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a dense training checkpoint (best.pt of --net dense), or torchvision ResNet50 weights")
     g = p.add_argument_group("method")
-    g.add_argument("--method", required=True, choices=sorted(METHODS), metavar="{l1,greg1,greg2}",
-                   help="L1 (Li et al. 2017), GReg-1 or GReg-2 (Wang et al. 2021); GReg's spellings L1, GReg-1, "
-                        "GReg-2 too")
+    g.add_argument("--method", required=True, choices=sorted(METHODS), metavar="{l1,greg1,greg2,hsic}",
+                   help="L1 (Li et al. 2017), GReg-1 or GReg-2 (Wang et al. 2021), HSIC-Lasso (Guo et al. 2023); "
+                        "the spellings L1, GReg-1, GReg-2, HSIC-Lasso too")
     which = g.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage_pr", metavar="LIST", help="GReg's ratios: ResNet56 [stem,s1,s2,s3,fc], ResNet50 "
                                                           "[stem,l1,l2,l3,l4,fc], VGG 1-12:0.5 or one per layer")
     which.add_argument("--target-macs", type=positive_float, metavar="F",
-                       help="one global ratio whose network keeps F of the dense MACs (within 0.01)")
+                       help="keep F of the dense MACs (L1/GReg: one global ratio, within 0.01; HSIC: its search)")
+    which.add_argument("--target", type=positive_int, metavar="MACS",
+                       help="the same in absolute MACs (conv + linear multiply-accumulates), HSIC's --target")
     g.add_argument("--pick_pruned", choices=PICK_RULES, default="min",
                    help="which filters L1 and GReg-1 remove: the smallest mean |W| (min), the largest, at random")
     g = p.add_argument_group("GReg's regularisation phase (defaults: CIFAR / ImageNet)")
@@ -101,14 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mag_ratio_limit", type=positive_float, default=1000.0, help="the magnitude-ratio stop")
     g.add_argument("--batch_size_prune", type=positive_int, help="batch of the regularisation phase (128 / 64)")
     g.add_argument("--lr_prune", type=positive_float, default=1e-3, help="constant SGD lr of the regularisation phase")
-    g = p.add_argument_group("fine-tuning (defaults: CIFAR / ImageNet)")
-    g.add_argument("--epochs", "--ft-epochs", dest="epochs", type=nonneg_int, help="fine-tune epochs (120 / 90)")
-    g.add_argument("--lr_ft", type=_lr_schedule, help="lr from each epoch on, GReg's {0:0.01,60:0.001,90:0.0001} "
-                                                      "(CIFAR) / {0:0.01,30:0.001,60:0.0001,75:0.00001} (ImageNet)")
+    g = p.add_argument_group("HSIC-Lasso's search (defaults: its code's; CIFAR / ImageNet)")
+    g.add_argument("--omega", type=positive_int, default=1, help="ω: channels every group keeps at least")
+    g.add_argument("--alpha", type=positive_float, default=1e-6,
+                   help="α₀: the Lasso penalty the search starts from (its first upper bracket)")
+    g.add_argument("--tolerance", type=positive_float, default=0.01, help="the search stops within target·(1 ± tol)")
+    g.add_argument("--calib-batch-size", type=positive_int, metavar="N",
+                   help="N: calibration images (128 / 64); the kernels hold 8·N²·(channels + groups) bytes")
+    g.add_argument("--resnet50-y", choices=hsic.Y_SOURCES, default="fc",
+                   help="what ResNet50's conv2 channels are judged against: the pooled classifier input, as the "
+                        "authors' code does, or conv3's output")
+    g.add_argument("--lasso-threads", type=positive_int, default=min(8, os.cpu_count() or 1),
+                   help="groups solved at once (the result does not depend on it)")
+    g = p.add_argument_group("fine-tuning (defaults: CIFAR / ImageNet; GReg and L1, then HSIC)")
+    g.add_argument("--epochs", "--ft-epochs", dest="epochs", type=nonneg_int,
+                   help="fine-tune epochs (120 / 90; HSIC 350 / 350)")
+    g.add_argument("--lr_ft", type=_lr_schedule, help="GReg and L1: lr from each epoch on, {0:0.01,60:0.001,"
+                                                      "90:0.0001} (CIFAR) / {0:0.01,30:0.001,60:0.0001,75:0.00001}")
+    g.add_argument("--lr", type=positive_float, help="HSIC: lr₀ of the cosine ½lr₀(1 + cos(π·epoch/epochs)) (0.1 / 0.01)")
     g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=positive_int,
-                   help="fine-tune batch (128 / 256), split over torchrun processes")
+                   help="fine-tune batch (128 / 256; HSIC 256 / 64), split over torchrun processes")
     g.add_argument("--wd", "--weight-decay", "-wd", dest="weight_decay", type=float,
-                   help="weight decay of both phases (5e-4 / 1e-4)")
+                   help="weight decay of both phases (5e-4 / 1e-4; HSIC 2e-4)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of both phases")
     g = p.add_argument_group("data (default: the checkpoint's)")
     g.add_argument("--dataset", choices=DATASETS)
@@ -200,8 +236,8 @@ def _common_args(args, **overrides) -> Namespace:
                   gpu=args.gpu, seed=args.seed, print_freq=args.print_freq, save_epoch=args.save_epoch,
                   amp=args.amp, channels_last=args.channels_last, loader=args.loader, method=args.method,
                   stage_pr=args.stage_pr, target_macs=args.target_macs, layer_ratios=args.layer_ratios,
-                  pick_pruned=args.pick_pruned, source=str(Path(args.checkpoint).resolve()),
-                  **{key: getattr(args, key) for key in GREG_SETTINGS})
+                  pick_pruned=args.pick_pruned, source=str(Path(args.checkpoint).resolve()), lr_cosine=False,
+                  **{key: getattr(args, key) for key in GREG_SETTINGS + HSIC_SETTINGS})
     values.update(overrides)
     return Namespace(**values)
 
@@ -242,14 +278,99 @@ def cut_l1(args, source: dict, run_dir: Path, ctx: distributed.Context) -> None:
     ctx.barrier()
 
 
+def calibration_batch(args, device: torch.device) -> torch.Tensor:
+    """HSIC-Lasso's calibration images: the first ``--calib-batch-size`` of the training set's epoch 0
+    under the run's seed, with the training augmentation, normalised, on ``device``."""
+    train_set, _, _ = build_datasets(args.dataset, args.data_dir, dummy=args.dummy, num_classes=args.num_classes)
+    n = args.calib_batch_size
+    if len(train_set) < n:
+        raise UsageError(f"--calib-batch-size {n}: the training set has only {len(train_set)} images")
+    sampler = ResumableSampler(train_set, distributed.Context(), args.seed, n)
+    sampler.start_at(0, 0)
+    dataset = SeededDataset(train_set)
+    images = torch.stack([dataset[key][0] for key, _ in zip(sampler, range(n))])
+    return DeviceNormalize(args.dataset, device)(images.to(device))
+
+
+def cut_hsic(args, source: dict, run_dir: Path, target: int, ctx: distributed.Context) -> int:
+    """HSIC-Lasso: calibrate, search alpha, slice the kept channels from the pretrained weights into
+    ``run_dir/cut.pt`` (rank 0; the other ranks wait for the file). Returns an exit status."""
+    cut = run_dir / "cut.pt"
+    with StopSignals() as stop:
+        if not ctx.is_main:
+            # A file, not a collective: the search may outlast the process group's timeout, and
+            # torchrun ends every rank when rank 0 fails.
+            while not cut.exists():
+                if stop.received is not None:
+                    return EXIT_PREEMPTED
+                time.sleep(1.0)
+            return 0
+        device = select_device(args.gpu, ctx)
+        model = dense_model(source).to(device)
+        n = args.calib_batch_size
+        images = calibration_batch(args, device)
+        print(f"HSIC-Lasso: {n} calibration images (seed {args.seed}); the groups' kernels take "
+              f"{hsic.kernel_memory(model, n) / 2 ** 20:.0f} MiB")
+        groups = hsic.calibration_groups(dense_model(source).to(device), images, args.resnet50_y)
+        dense_macs, _ = model.cost.dense()
+        search = hsic.HsicSearch(groups, model.gates.widths, lambda counts: model.cost.pruned(torch.tensor(counts))[0],
+                                 args.omega, args.lasso_threads, should_stop=lambda: stop.received is not None)
+        (run_dir / "search").mkdir(parents=True, exist_ok=True)
+        events = EventFile(run_dir / "search")
+
+        def report(step, decision):
+            print(f"  alpha {decision.alpha:.4e}: {decision.macs} MACs ({decision.macs / dense_macs:.4f} of dense; "
+                  f"target {target}), kept {sum(len(k) for k in decision.kept)} of "
+                  f"{sum(g.width for g in groups)} channels, {decision.seconds:.1f}s"
+                  + (f", {decision.unconverged} fits at the iteration limit" if decision.unconverged else ""))
+            for tag, value in (("alpha", decision.alpha), ("macs", decision.macs),
+                               ("macs_fraction", decision.macs / dense_macs)):
+                events.add_scalar(f"hsic/{tag}", value, step)
+            events.flush()
+
+        try:
+            decision = search.run(target, args.alpha, args.tolerance, report)
+        except hsic.SearchStopped:
+            print("stopped during the HSIC search (nothing to save: it is deterministic and runs again on "
+                  "--resume auto)")
+            return EXIT_PREEMPTED
+        finally:
+            events.close()
+        within = abs(decision.macs - target) <= args.tolerance * target
+        if not within:
+            print(f"warning: the search ended at alpha {decision.alpha:.3e} with {decision.macs} MACs, outside "
+                  f"{target} ± {args.tolerance:g} (its alpha floor, as in the authors' code)", file=sys.stderr)
+        gates = torch.ones(sum(model.gates.widths))
+        offsets = [0]
+        for width in model.gates.widths:
+            offsets.append(offsets[-1] + width)
+        for group, kept in zip(groups, decision.kept):
+            layer_gates = torch.zeros(group.width)
+            layer_gates[torch.from_numpy(kept)] = 1.0
+            gates[offsets[group.layer]:offsets[group.layer + 1]] = layer_gates
+        settings = {key: getattr(args, key) for key in HSIC_SETTINGS}
+        record = dict(settings, alpha_found=decision.alpha, target_abs=target, macs=decision.macs,
+                      within_tolerance=within, calib_seed=args.seed,
+                      kept_widths={g.name: len(k) for g, k in zip(groups, decision.kept)}, search=search.history)
+        save_pruned(model.cpu(), cut, dict(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, hsic=record),
+                    gates=gates)
+        print(f"HSIC-Lasso: alpha {decision.alpha:.4e} keeps {decision.macs} MACs; cut network in {cut}")
+        return 0
+
+
 def fine_tune(args, recipe: Recipe, cut: Path, baseline: dict, run_dir: Path, extra: dict) -> int:
     payload = load_checkpoint(cut, PRUNED_FORMAT)
     start = dict(arch={k: v for k, v in payload["arch"].items() if k != "source"}, state_dict=payload["state_dict"])
-    phase = _common_args(args, batch_size=args.batch_size, lr=args.lr_ft[0], lr_schedule=args.lr_ft,
-                         epochs=args.epochs, out_dir=str(run_dir),
-                         resume="auto" if (run_dir / "last.pt").exists() else None)
+    resume = "auto" if (run_dir / "last.pt").exists() else None
+    if args.method == "hsic":
+        phase = _common_args(args, batch_size=args.batch_size, lr=args.lr, lr_cosine=True, epochs=args.epochs,
+                             out_dir=str(run_dir), resume=resume)
+    else:
+        phase = _common_args(args, batch_size=args.batch_size, lr=args.lr_ft[0], lr_schedule=args.lr_ft,
+                             epochs=args.epochs, out_dir=str(run_dir), resume=resume)
+    identity = IDENTITY + HSIC_SETTINGS if args.method == "hsic" else IDENTITY
     trainer = Trainer(recipe, phase, method=lambda model, _: PruningMethod(model), start=start, baseline=baseline,
-                      identity=IDENTITY, extra_results=extra)
+                      identity=identity, extra_results=extra)
     return trainer.fit()
 
 
@@ -274,18 +395,40 @@ def run_phases(args, ctx: distributed.Context) -> int:
     if args.num_classes is not None and args.num_classes != arch["num_classes"]:
         raise UsageError(f"--num_classes {args.num_classes}: {args.checkpoint} has {arch['num_classes']} classes")
     args.num_classes = arch["num_classes"]
-    for key, value in DEFAULTS["imagenet" if args.dataset == "imagenet" else "cifar"].items():
+    hsic_run = args.method == "hsic"
+    if hsic_run and args.stage_pr is not None:
+        raise UsageError("HSIC-Lasso finds its own widths: give --target MACS or --target-macs F, not --stage_pr")
+    if hsic_run and args.lr_ft is not None:
+        raise UsageError("--lr_ft is GReg's schedule; HSIC-Lasso fine-tunes with a cosine from --lr")
+    if not hsic_run and args.lr is not None:
+        raise UsageError("--lr is HSIC-Lasso's cosine lr; L1 and GReg fine-tune with --lr_ft")
+    defaults = HSIC_DEFAULTS if hsic_run else GREG_DEFAULTS
+    for key, value in defaults["imagenet" if args.dataset == "imagenet" else "cifar"].items():
         if getattr(args, key) is None:
             setattr(args, key, _lr_schedule(value) if key == "lr_ft" else value)
     model = dense_model(source)
-    if args.stage_pr is not None:
+    dense_macs, _ = model.cost.dense()
+    if args.target is not None:
+        if args.target >= dense_macs:
+            raise UsageError(f"--target {args.target}: the dense {arch['model']} has {dense_macs} MACs; the target "
+                             f"must be below")
+        args.target_macs = args.target / dense_macs
+    target = args.target
+    if target is None and args.target_macs is not None:
+        target = round(args.target_macs * dense_macs)
+    args.layer_ratios = None
+    if hsic_run:
+        spec = f"target{args.target}" if args.target is not None else f"macs{args.target_macs:g}"
+        how = (f"target {target} MACs ({target / dense_macs:.4f} of dense {dense_macs}), --omega {args.omega}, "
+               f"--alpha {args.alpha:g}, --tolerance {args.tolerance:g}")
+    elif args.stage_pr is not None:
         args.layer_ratios = layer_ratios(model, parse_ratio_list(args.stage_pr))
         spec = "pr" + args.stage_pr.strip("[]").replace(",", "_").replace(":", "-")
         how = f"--stage_pr {args.stage_pr}"
     else:
         ratio, args.layer_ratios = ratios_for_macs(model, args.target_macs)
-        spec = f"macs{args.target_macs:g}"
-        how = f"--target-macs {args.target_macs:g}: global ratio {ratio:.4f}"
+        spec = f"target{args.target}" if args.target is not None else f"macs{args.target_macs:g}"
+        how = f"{target} MACs ({args.target_macs:.4f} of dense): global ratio {ratio:.4f}"
     recipe = Recipe(model=arch["model"], imagenet=imagenet, lr=args.lr_prune, weight_decay=args.weight_decay,
                     milestones=(), lr_decay=1.0, gate_decay=None, epochs=args.epochs, fine_tune_epochs=0,
                     batch_size=args.batch_size, lamba=0.0, workers=args.workers)
@@ -308,13 +451,27 @@ def run_phases(args, ctx: distributed.Context) -> int:
         print(f"{args.method} on {source['kind']} {args.checkpoint}: {how}")
     macs, params = model.cost.dense()
     baseline = dict(macs=macs, params=params, widths=list(model.gates.widths))
-    extra = dict(method=args.method, stage_pr=args.stage_pr, target_macs=args.target_macs,
+    extra = dict(method=args.method, stage_pr=args.stage_pr, target_macs=args.target_macs, target=target,
                  layer_ratios=args.layer_ratios, pick_pruned=args.pick_pruned, source=str(args.checkpoint))
     if args.method == "l1":
         cut = run_dir / "cut.pt"
         if not cut.exists():
             cut_l1(args, source, run_dir, ctx)
         args.seed = load_checkpoint(cut, PRUNED_FORMAT)["arch"]["source"]["seed"]  # the run's, when continued
+    elif hsic_run:
+        cut = run_dir / "cut.pt"
+        if not cut.exists():
+            status = cut_hsic(args, source, run_dir, target, ctx)
+            if status != 0:
+                return status
+        record = load_checkpoint(cut, PRUNED_FORMAT)["arch"]["source"]["hsic"]
+        for key in HSIC_SETTINGS:
+            if record[key] != getattr(args, key):
+                raise UsageError(f"{cut} was cut with --{key.replace('_', '-')} {record[key]}, this command asks "
+                                 f"for {getattr(args, key)}; continue it with matching flags")
+        args.seed = record["calib_seed"]  # the run's, when continued
+        extra.update(hsic_alpha=record["alpha_found"], omega=args.omega, calib_batch_size=args.calib_batch_size,
+                     calib_seed=record["calib_seed"], hsic=record)
     else:
         cut = run_dir / "regularize" / "pruned.pt"
         if not (run_dir / "last.pt").exists():
@@ -328,7 +485,10 @@ def run_phases(args, ctx: distributed.Context) -> int:
             "update_reg_interval", "stabilize_reg_interval", "reg_upper_limit", "reg_upper_limit_pick",
             "reg_granularity_pick", "reg_granularity_prune", "reg_granularity_recover", "mag_ratio_limit",
             "batch_size_prune", "lr_prune")}
-    extra["lr_ft"] = {str(k): v for k, v in args.lr_ft.items()}
+    if hsic_run:
+        extra.update(lr=args.lr, lr_schedule="cosine")
+    else:
+        extra["lr_ft"] = {str(k): v for k, v in args.lr_ft.items()}
     return fine_tune(args, recipe, cut, baseline, run_dir, extra)
 
 

@@ -18,12 +18,9 @@ from pathlib import Path
 from utils.cli import OneLineParser
 from utils.errors import UsageError, run_reporting_errors
 from utils.logger import human
-from utils.plots import run_title, save_channels_png
+from utils.plots import METHOD_NAMES, run_title, save_channels_png
 
 METHOD = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}
-# results.json's "method" (every run since the pruning-method interface; older runs have only "net").
-METHOD_NAMES = {"l0-hc": "L0-HC", "dep-l0": "Dep-L0", "dense": "dense", "l1": "L1", "greg1": "GReg-1",
-                "greg2": "GReg-2"}
 
 
 def method_cell(r: dict) -> str:

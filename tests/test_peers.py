@@ -470,16 +470,20 @@ def test_folder_dataset_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     fast = ("--update_reg_interval", "1", "--stabilize_reg_interval", "2", "--reg_granularity_prune", "0.3",
             "--reg_granularity_pick", "0.004", "--batch_size_prune", "12")
-    for method in ("l1", "greg1", "greg2"):
-        proc = run_script("prune.py", "dense/best.pt", "--method", method, "--stage_pr", "0,0.5,0.5,0.5,0",
-                          *(fast if method != "l1" else ()), "--epochs", "1", "-b", "12", "-j", "0", "--seed", "0",
-                          "--out-dir", method, cwd=tmp_path)
+    ways = {"l1": ("--stage_pr", "0,0.5,0.5,0.5,0"), "greg1": ("--stage_pr", "0,0.5,0.5,0.5,0", *fast),
+            "greg2": ("--stage_pr", "0,0.5,0.5,0.5,0", *fast),
+            "hsic": ("--target-macs", "0.6", "--alpha", "1e-3", "--calib-batch-size", "12")}
+    for method, how in ways.items():
+        proc = run_script("prune.py", "dense/best.pt", "--method", method, *how, "--epochs", "1", "-b", "12", "-j",
+                          "0", "--seed", "0", "--out-dir", method, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         results = json.loads((tmp_path / method / "results.json").read_text())
         assert results["dataset"] == "folder" and results["method"] == method
         assert results["macs_pruned"] < results["macs_dense"]
-        if method != "l1":
+        if method.startswith("greg"):
             assert results["pruning_phase"]["done"]
+        if method == "hsic":
+            assert results["calib_batch_size"] == 12 and results["hsic"]["within_tolerance"]
 
 
 ERRORS = {

@@ -22,6 +22,7 @@ the step and the last good checkpoint; user mistakes stop it with one line
 (status 2).
 """
 import atexit
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -72,10 +73,15 @@ def run_name(recipe: Recipe, args) -> str:
 
 
 def weight_optimizer(parameters, args):
-    """The weights' SGD (momentum, weight decay) and its per-epoch schedule: ``args.lr_schedule``
-    (``{first epoch: lr}``, piecewise constant, as GReg's ``--lr_ft``) when given, else ``--lr``
-    multiplied by ``--lr_decay`` at each of ``--milestones``."""
+    r"""The weights' SGD (momentum, weight decay) and its per-epoch schedule: ``args.lr_schedule``
+    (``{first epoch: lr}``, piecewise constant, as GReg's ``--lr_ft``) when given; with
+    ``args.lr_cosine`` the cosine :math:`\tfrac12 lr (1 + \cos(\pi e / E))` of epoch e of E, no
+    warm-up (HSIC-Lasso's fine-tuning); else ``--lr`` multiplied by ``--lr_decay`` at each of
+    ``--milestones``."""
     weights = torch.optim.SGD(parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if getattr(args, "lr_cosine", False):
+        epochs = args.epochs
+        return weights, LambdaLR(weights, lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)))
     schedule = getattr(args, "lr_schedule", None)
     if schedule:
         starts = sorted(schedule)

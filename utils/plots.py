@@ -66,12 +66,19 @@ def save_channels_png(channels, path, title: str = "") -> Path:
     return path
 
 
+# results.json's "method" as papers name it (every run since the pruning-method interface; older
+# runs have only "net").
+METHOD_NAMES = {"l0-hc": "L0-HC", "dep-l0": "Dep-L0", "dense": "dense", "l1": "L1", "greg1": "GReg-1",
+                "greg2": "GReg-2", "hsic": "HSIC-Lasso"}
+
+
 def run_title(results: dict) -> str:
     """A short figure title from a results dict: model, dataset, method, and what set the
     pruning level: lambda, or the budget target that replaced it (``macs≤0.5``)."""
     net = results.get("net", "")
     method = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}.get(net, net)
-    peer = {"l1": "L1", "greg1": "GReg-1", "greg2": "GReg-2"}.get(results.get("method"))
+    key = results.get("method")
+    peer = None if key in ("l0-hc", "dep-l0", "dense") else METHOD_NAMES.get(key)
     if net == "dep":
         method += " (backward)" if results.get("back_dep") else " (forward)"
     level = ""

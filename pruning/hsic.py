@@ -1,0 +1,281 @@
+r"""HSIC-Lasso automatic channel pruning to a MACs target (Guo et al., ICCV 2023, "APIB").
+
+As the authors' code (songxmu/APIB) prunes a pretrained network; the cut and the
+fine-tuning that follow are ``prune.py``'s, through the shared engine.
+
+**Groups.** A group is the output channels of one gated layer of
+``models/structure.py``, judged at the layer that consumes them: its input
+:math:`X` (``N x C x d``, d = h·w per channel) and its output :math:`Y`
+(``N x D``, flattened). VGG16: all 13 convs (conv k at conv k+1, the last at the
+classifier); ResNet56: every block's conv1 at its conv2; ResNet50: every block's
+conv1 at conv2 and conv2 at conv3. The stems, the blocks' last convs, the
+shortcuts and the classifier are never pruned. The authors' code judges
+ResNet50's conv2 channels against the pooled 2048-d classifier input instead of
+conv3's output (its name test only matches ``fc``): ``y_source="fc"``.
+
+**Kernels.** Laplace kernels, one per input channel and one of the output,
+
+.. math:: K_c[i,j] = e^{-\gamma_X \|x_{i,c} - x_{j,c}\|_2}, \quad \gamma_X = \sqrt{0.5/d}, \qquad
+          L[i,j] = e^{-\gamma_Y \|y_i - y_j\|_2}, \quad \gamma_Y = \sqrt{0.5/D},
+
+centred, :math:`\bar K = H K H` with :math:`H = I - \tfrac{1}{N} 1 1^\top`, not normalised.
+
+**Lasso.** Per group, the vectorised :math:`\bar L` regressed on the vectorised
+:math:`\bar K_c` (``N²`` rows, ``C`` columns),
+
+.. math:: \min_\beta \frac{1}{2N^2} \|\mathrm{vec}\,\bar L - \textstyle\sum_c \beta_c\, \mathrm{vec}\,\bar K_c\|^2
+          + \alpha \|\beta\|_1,
+
+by scikit-learn's ``Lasso`` as the authors' code calls it (random coordinate
+selection, ``random_state=0``, warm start, with intercept, signed
+coefficients, 1000 iterations, tol 1e-4); channel c is kept when
+:math:`\beta_c \ne 0`. **ω floor**: when fewer than ω are kept, α is bisected on
+``[0, α]`` (warm-started, at most 51 fits or until α < 1e-20) for exactly ω; the
+last solution stands otherwise.
+
+**Search.** One global α for all groups: from the command line's α₀, doubled
+until the network's MACs fall below the target T, then bisected on ``[0, α]``:
+MACs above T(1 + tol) raise the lower end, below T(1 − tol) lower the upper
+end, until within (or α < 1e-15). The bisection starts from the midpoint even
+when the last doubling already landed, as in the authors' code.
+"""
+import math
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import Lasso
+
+from utils.errors import UsageError
+
+# The authors' limits: the omega bisection stops after its 51st fit (`step > 50`) or below 1e-20,
+# the global bisection below 1e-15.
+OMEGA_FITS = 51
+OMEGA_ALPHA_FLOOR = 1e-20
+SEARCH_ALPHA_FLOOR = 1e-15
+# Their doubling loop has no bound; 2^200 times any alpha removes every coefficient.
+MAX_DOUBLINGS = 200
+Y_SOURCES = ("fc", "conv3")
+
+
+def laplace_kernels(x: torch.Tensor) -> torch.Tensor:
+    r"""``(..., N, d) -> (..., N, N)``: :math:`e^{-\gamma \|x_i - x_j\|_2}`, :math:`\gamma = \sqrt{0.5/d}`,
+    in float64 (distances by the Gram expansion, as the authors' code, with the diagonal exactly 0)."""
+    x = x.double()
+    gamma = math.sqrt(0.5 / x.shape[-1])
+    squared = (x * x).sum(-1)
+    distance2 = squared[..., :, None] + squared[..., None, :] - 2.0 * (x @ x.transpose(-1, -2))
+    distance2.diagonal(dim1=-2, dim2=-1).zero_()
+    return torch.exp(-gamma * distance2.clamp_min_(0.0).sqrt_())
+
+
+def centred(kernels: torch.Tensor) -> torch.Tensor:
+    r""":math:`H K H` with :math:`H = I - \tfrac1N 1 1^\top`, for ``(..., N, N)``: the kernel less its row
+    and column means plus its grand mean."""
+    return (kernels - kernels.mean(-1, keepdim=True) - kernels.mean(-2, keepdim=True)
+            + kernels.mean((-2, -1), keepdim=True))
+
+
+def channel_design(x: torch.Tensor) -> np.ndarray:
+    """``(N, C, d)`` features -> the ``(N², C)`` design matrix: column c is vec of channel c's centred kernel.
+
+    (C, N²) row-major is (N², C) column-major, the layout scikit-learn's solver reads without a copy."""
+    kernels = centred(laplace_kernels(x.transpose(0, 1)))
+    return kernels.reshape(kernels.shape[0], -1).cpu().numpy().T
+
+
+def output_target(y: torch.Tensor) -> np.ndarray:
+    """``(N, ...)`` outputs -> ``(N²,)``: vec of the centred kernel of the flattened outputs."""
+    return centred(laplace_kernels(y.reshape(y.shape[0], -1))).reshape(-1).cpu().numpy()
+
+
+@dataclass
+class Group:
+    """One group's regression: ``design`` (N², C) holds vec of each centred channel kernel, ``target``
+    (N²,) vec of the centred output kernel."""
+
+    layer: int          # index of the gated layer whose channels these are
+    name: str
+    design: np.ndarray
+    target: np.ndarray
+
+    @property
+    def width(self) -> int:
+        return self.design.shape[1]
+
+
+def group_layers(model) -> list[int]:
+    """The gated layers HSIC-Lasso prunes: every VGG16 conv; every gated layer of the ResNets but the stem."""
+    if model.arch["model"] == "vgg16":
+        return list(range(len(model.gated_layers)))
+    return list(range(1, len(model.gated_layers)))
+
+
+def kernel_memory(model, n: int) -> int:
+    """Bytes the groups' float64 regressions hold for a calibration batch of ``n``: 8·n²·(ΣC + groups)."""
+    channels = sum(model.gated_layers[i].width for i in group_layers(model))
+    return 8 * n * n * (channels + len(group_layers(model)))
+
+
+@torch.no_grad()
+def calibration_groups(model, images: torch.Tensor, y_source: str = "fc", log=print) -> list[Group]:
+    """Each group's kernels from one forward of ``images`` through ``model`` in training mode (BN on
+    the batch's statistics, as the authors' code extracts them). The features are turned into kernels
+    as the consuming layer runs, so only the N x N kernels are kept. ``model`` is left in eval mode;
+    give it a copy, as training mode moves BN's running statistics."""
+    layers = group_layers(model)
+    resnet50_conv2 = {i for i in layers if model.arch["model"] == "resnet50" and i % 2 == 0}
+    classifier = model.weight_layers[-1].name
+    found: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+    shared_target: list[np.ndarray] = []
+    started = time.time()
+
+    def record(index):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            x = x.reshape(x.shape[0], x.shape[1], -1)
+            target = None if index in resnet50_conv2 and y_source == "fc" else output_target(output)
+            found[index] = (channel_design(x), target)
+            log(f"  kernels {len(found)}/{len(layers)} {model.gated_layers[index].name}: {x.shape[1]} channels x "
+                f"{x.shape[2]} values ({time.time() - started:.1f}s)")
+        return hook
+
+    def record_classifier_input(module, inputs, output):
+        shared_target.append(output_target(inputs[0]))
+
+    handles = [model.get_submodule(model.gated_layers[i].consumers[0]).register_forward_hook(record(i))
+               for i in layers]
+    if resnet50_conv2 and y_source == "fc":
+        handles.append(model.get_submodule(classifier).register_forward_hook(record_classifier_input))
+    try:
+        model.train()
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.eval()
+    return [Group(index, model.gated_layers[index].name, found[index][0],
+                  shared_target[0] if found[index][1] is None else found[index][1]) for index in layers]
+
+
+def select_channels(group: Group, alpha: float, omega: int) -> tuple[np.ndarray, int]:
+    """``(kept channel indices, fits that stopped at the iteration limit)`` of ``group`` at ``alpha``,
+    with the ω floor's bisection when fewer than ``omega`` survive."""
+    solver = Lasso(alpha=alpha, warm_start=True, selection="random", random_state=0)
+    unconverged = 0
+
+    def solve(value):
+        nonlocal unconverged
+        solver.alpha = value
+        solver.fit(group.design, group.target)
+        unconverged += int(solver.n_iter_ >= solver.max_iter)
+        return np.flatnonzero(solver.coef_ != 0.0)
+
+    kept = solve(alpha)
+    if len(kept) < omega:
+        left, right = 0.0, alpha
+        for _ in range(OMEGA_FITS):
+            value = (left + right) / 2
+            kept = solve(value)
+            if len(kept) > omega:
+                left = value
+            elif len(kept) < omega:
+                right = value
+            else:
+                break
+            if value < OMEGA_ALPHA_FLOOR:
+                break
+    return kept, unconverged
+
+
+@dataclass
+class Decision:
+    """The channels one alpha keeps: per group, and as the network's MACs."""
+
+    alpha: float
+    kept: list[np.ndarray]
+    macs: int
+    unconverged: int
+    seconds: float
+
+
+class HsicSearch:
+    """The global alpha search over the groups of one calibration.
+
+    ``macs_of(counts)`` prices per-gated-layer kept counts (the project's cost model); ``widths`` are
+    the dense widths of every gated layer (the layers outside the groups stay whole)."""
+
+    def __init__(self, groups: list[Group], widths: list[int], macs_of, omega: int, workers: int = 1,
+                 log=print, should_stop=lambda: False):
+        narrow = [g for g in groups if g.width < omega]
+        if narrow:
+            raise UsageError(f"--omega {omega}: layer {narrow[0].name} has only {narrow[0].width} channels")
+        self.groups, self.widths, self.macs_of, self.omega = groups, list(widths), macs_of, omega
+        self.workers, self.log, self.should_stop = workers, log, should_stop
+        self.history: list[dict] = []
+
+    def counts(self, kept: list[np.ndarray]) -> list[int]:
+        counts = list(self.widths)
+        for group, channels in zip(self.groups, kept):
+            counts[group.layer] = len(channels)
+        return counts
+
+    def decide(self, alpha: float) -> Decision:
+        started = time.time()
+        with warnings.catch_warnings():
+            # Counted instead (Decision.unconverged): one warning per fit would flood the console.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                answers = list(pool.map(lambda g: select_channels(g, alpha, self.omega), self.groups))
+        kept = [channels for channels, _ in answers]
+        decision = Decision(alpha, kept, int(self.macs_of(self.counts(kept))), sum(n for _, n in answers),
+                            time.time() - started)
+        self.history.append(dict(alpha=alpha, macs=decision.macs, kept=[len(k) for k in kept],
+                                 unconverged=decision.unconverged))
+        return decision
+
+    def run(self, target: float, alpha: float, tolerance: float, report) -> Decision:
+        """The authors' search; ``report(step, decision)`` after each alpha. Raises ``UsageError`` when
+        no alpha brings the MACs under ``target``, or when ``target`` is below what ω channels in
+        every group cost (the floor the method guarantees)."""
+        floor = self.macs_of(self.counts([np.arange(self.omega)] * len(self.groups)))
+        if target < floor * (1 - tolerance):
+            raise UsageError(f"the target {target:.0f} MACs is below what --omega {self.omega} allows: "
+                             f"{self.omega} channels in every group cost {floor} MACs")
+        right = alpha
+        for _ in range(MAX_DOUBLINGS):
+            decision = self._step(right, report)
+            if decision.macs < target:
+                break
+            right *= 2
+        else:
+            raise UsageError(f"no alpha up to {right:g} brings the MACs under {target:.0f} with --omega "
+                             f"{self.omega} (the least is {decision.macs}); lower --omega or raise the target")
+        left, low, high = 0.0, target * (1 - tolerance), target * (1 + tolerance)
+        while True:
+            middle = (left + right) / 2
+            decision = self._step(middle, report)
+            if decision.macs > high:
+                left = middle
+            elif decision.macs < low:
+                right = middle
+            else:
+                return decision
+            if middle < SEARCH_ALPHA_FLOOR:
+                return decision
+
+    def _step(self, alpha: float, report) -> Decision:
+        if self.should_stop():
+            raise SearchStopped
+        decision = self.decide(alpha)
+        report(len(self.history), decision)
+        return decision
+
+
+class SearchStopped(Exception):
+    """A stop signal arrived during the search (nothing is saved; the search is deterministic and
+    starts again on resume)."""
