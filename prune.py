@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune epochs (120 / 90; HSIC 350 / 350)")
     g.add_argument("--lr_ft", type=_lr_schedule, help="GReg and L1: lr from each epoch on, {0:0.01,60:0.001,"
                                                       "90:0.0001} (CIFAR) / {0:0.01,30:0.001,60:0.0001,75:0.00001}")
-    g.add_argument("--lr", type=positive_float, help="HSIC: lr₀ of the cosine ½lr₀(1 + cos(π·epoch/epochs)) (0.1 / 0.01)")
+    g.add_argument("--lr", type=positive_float,
+                   help="HSIC: lr₀ of the cosine ½lr₀(1 + cos(π·epoch/epochs)) (0.1 / 0.01)")
     g.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=positive_int,
                    help="fine-tune batch (128 / 256; HSIC 256 / 64), split over torchrun processes")
     g.add_argument("--wd", "--weight-decay", "-wd", dest="weight_decay", type=float,

@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import prune
-from conftest import assert_equal_states, run_script
+from conftest import assert_equal_states, read_tb_events, run_script
 from models import build_model, default_arch, load_pruned
 from pruning import hsic
 from utils.engine import Trainer
@@ -186,7 +186,11 @@ def test_prune_hsic_end_to_end(dense, monkeypatch, capsys):
     last = torch.load(dense / "hs" / "last.pt", weights_only=True)
     assert last["weight_optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi)))
     assert last["args"]["weight_decay"] == 2e-4 and last["args"]["epochs"] == 2
-    assert list((dense / "hs" / "search").glob("events.out.tfevents*"))
+    tags = {tag for path in (dense / "hs" / "search").glob("events.out.tfevents*")
+            for _, tag, _, _ in read_tb_events(path)}
+    assert {"hsic/alpha", "hsic/macs", "hsic/macs_fraction"} <= tags, tags
+    import summarize
+    assert "| HSIC-Lasso |" in summarize.summarize([str(dense / "hs")])
 
 
 def test_sigterm_mid_fine_tune_resumes_exactly(dense, tmp_path, monkeypatch, capsys):
