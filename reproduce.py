@@ -135,7 +135,7 @@ def reproduce(args) -> int:
     elif args.launcher != "local":
         # The jobs unpickle this project's classes wherever they start.
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    submitit_folder = runs_dir / table.name / "submitit" / "%j"
+    submitit_folder = runs_dir / table.name / "submitit"
     if tasks and args.launcher == "slurm":
         settings = dict(time=args.time, partition=args.partition, cpus_per_gpu=args.cpus_per_gpu, jobs=args.jobs,
                         max_timeouts=args.max_timeouts, name=table.name)
