@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the exact commands (and submissions); run nothing")
     p.add_argument("--only", action="append", metavar="ROW", help="only this row (repeatable)")
     p.add_argument("--seeds", type=positive_int, metavar="N", help="seeds 0..N-1 (default: the table's seeds)")
-    p.add_argument("--jobs", type=positive_int, default=1,
-                   help="runs at a time (local, submitit-local); the array's parallelism (slurm)")
+    p.add_argument("--jobs", type=positive_int, metavar="N",
+                   help="runs at a time (default: 1 here, every task of an array at once on SLURM)")
     p.add_argument("--report", action="store_true", help="only write the report of the finished runs")
     p.add_argument("--runs-dir", default="runs", metavar="DIR", help="where <table>/<row>/seed<k>/ are made")
     p.add_argument("--data-dir", metavar="DIR", help="passed to every run (ImageNet's folder; CIFAR: ./data)")
@@ -84,17 +84,15 @@ def check_flags(table, runs, data_dir) -> None:
             raise UsageError(f"{table.path.name} row {run.row.name!r}: {message[0]}") from None
 
 
-def check_inputs(runs, todo) -> None:
-    """A run reads files of other runs; those not made by this invocation must exist now."""
+def check_inputs(todo, table_dir: Path) -> None:
+    """A run reads files of other runs; those this invocation does not make must exist now."""
     made = {run.run_dir for run in todo}
     for run in todo:
         for path in run.needs:
             if path.exists() or any(path.is_relative_to(d) for d in made):
                 continue
-            producer = next((r for r in runs if path.is_relative_to(r.run_dir)), None)
-            hint = (f"its run {producer.key} finished without it" if producer else
-                    f"run its row first (--only {path.parent.parent.name})")
-            raise UsageError(f"{run.key} needs {path}, which does not exist: {hint}")
+            row = path.relative_to(table_dir).parts[0]
+            raise UsageError(f"{run.key} needs {path}, which does not exist: run its row first (--only {row})")
 
 
 def levels_of(todo) -> dict[str, int]:
@@ -115,7 +113,7 @@ def reproduce(args) -> int:
     runs = plan(table, runs_dir, seeds, args.only)
     check_flags(table, runs, args.data_dir)
     todo = [run for run in runs if not finished(run.run_dir)]
-    check_inputs(runs, todo)
+    check_inputs(todo, runs_dir / table.name)
     if args.launcher == "slurm" and not args.dry_run and shutil.which("sbatch") is None:
         raise UsageError("--launcher slurm needs SLURM's sbatch on PATH (try --launcher submitit-local here)")
     cwd = Path.cwd()
@@ -130,23 +128,24 @@ def reproduce(args) -> int:
             where = f"[slurm level {levels[task.key]}] " if args.launcher == "slurm" else ""
             print(f"{where}{shlex.join(task.command())}")
         return 0
+    submitit_folder = runs_dir / table.name / "submitit"
     if not tasks:
         print(f"nothing to run: every run of {table.name} has finished")
-    elif args.launcher != "local":
+        outcome = {}
+    elif args.launcher == "local":
+        outcome = run_local(tasks, args.jobs or 1, say=print)
+    else:
         # The jobs unpickle this project's classes wherever they start.
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    submitit_folder = runs_dir / table.name / "submitit"
-    if tasks and args.launcher == "slurm":
-        settings = dict(time=args.time, partition=args.partition, cpus_per_gpu=args.cpus_per_gpu, jobs=args.jobs,
-                        max_timeouts=args.max_timeouts, name=table.name)
-        report = ReportJob(str(table.path.resolve()), str(runs_dir.resolve()), seeds)
-        submit_slurm(tasks, levels_of(todo), submitit_folder, settings, report, say=print)
-        print(f"when they have run: python reproduce.py {args.table} --report (the last job writes it too)")
-        return 0
-    if args.launcher == "local":
-        outcome = run_local(tasks, args.jobs, say=print)
-    else:
-        outcome = run_submitit_local(tasks, args.jobs, submitit_folder, args.time, say=print)
+        if args.launcher == "submitit-local":
+            outcome = run_submitit_local(tasks, args.jobs or 1, submitit_folder, args.time, say=print)
+        else:
+            settings = dict(time=args.time, partition=args.partition, cpus_per_gpu=args.cpus_per_gpu,
+                            jobs=args.jobs, max_timeouts=args.max_timeouts, name=table.name)
+            report = ReportJob(str(table.path.resolve()), str(runs_dir.resolve()), seeds)
+            submit_slurm(tasks, levels_of(todo), submitit_folder, settings, report, say=print)
+            print(f"the last job writes the report; at any time: python reproduce.py {args.table} --report")
+            return 0
     for path in write_report(table, runs_dir, seeds):
         print(f"wrote {path}")
     states = set(outcome.values())

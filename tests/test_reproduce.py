@@ -7,19 +7,25 @@ launcher, and stopped with SIGTERM (the run saves and exits 75) under
 submitit's local executor, where the job must requeue itself and finish the
 run with --resume auto. Errors and dry runs are checked in-process.
 """
+import contextlib
 import csv
 import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
+import types
 from pathlib import Path
 
+import cloudpickle
 import pytest
+import submitit
 
 import reproduce
+from utils import launch
 from conftest import REPO_ROOT, script_command, script_env
 from utils.report import write_report
 from utils.tables import TABLES_DIR, load_table, plan
@@ -133,6 +139,9 @@ def test_dry_run_writes_nothing_and_every_shipped_table_passes_its_scripts_parse
         assert len(out) == len(table.rows) * len(table.seeds)
         assert all(f"--out-dir runs/{path.stem}/" in line and "--resume" not in line for line in out)
         assert "Time on one GPU" in path.read_text()
+    assert reproduce.main(["tiny", "--dry-run", "--launcher", "slurm"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] + "]" for line in out] == ["[slurm level 0]"] * 6 + ["[slurm level 1]"] * 2
     assert list(tmp_path.iterdir()) == []
 
 
@@ -294,3 +303,67 @@ def test_submitit_requeues_a_run_stopped_with_exit_75_and_resumes_it(tmp_path, s
     assert not re.search(r"^Epoch \[1\]", resumed, re.M)
     job_logs = "".join(p.read_text() for p in (tmp_path / "runs/long/submitit").glob("*_log.out"))
     assert "Requeued job" in job_logs, job_logs
+
+
+class _FakeSlurm:
+    """What submit_slurm asks of submitit's executor, recorded; job ids as SLURM gives them."""
+
+    def __init__(self):
+        self.arrays, self.parameters, self.next_id, self.in_batch = [], {}, 100, None
+
+    def update_parameters(self, **kwargs):
+        self.parameters.update(kwargs)
+
+    @contextlib.contextmanager
+    def batch(self):
+        self.in_batch = []
+        yield
+        self.arrays.append((dict(self.parameters), self.in_batch))
+        for i, job in enumerate(self.in_batch):
+            job.job_id = f"{self.next_id}_{i}"
+        self.next_id, self.in_batch = self.next_id + 1, None
+
+    def submit(self, function):
+        job = types.SimpleNamespace(job_id=None, function=function)
+        if self.in_batch is None:
+            job.job_id = str(self.next_id)
+            self.arrays.append((dict(self.parameters), [job]))
+        else:
+            self.in_batch.append(job)
+        return job
+
+
+def test_slurm_submits_one_array_per_level_each_after_the_previous(tmp_path, monkeypatch):
+    fake = _FakeSlurm()
+    monkeypatch.setattr(launch, "executor", lambda cluster, folder, max_timeouts: fake)
+    runs = plan(load_table("tiny"), Path("runs"), (0, 1))
+    tasks = [launch.Task(run, tmp_path, Path("log"), gpus=None) for run in runs]
+    settings = dict(time=600, partition="gpu", cpus_per_gpu=8, jobs=None, max_timeouts=10, name="tiny")
+    ids = launch.submit_slurm(tasks, reproduce.levels_of(runs), tmp_path, settings, "report", say=lambda _: None)
+    (first, dense_etc), (second, peers), (last, report) = fake.arrays
+    assert [j.function.task.key for j in dense_etc] == [r.key for r in runs if r.row.name != "l1-macs"]
+    assert [j.function.task.key for j in peers] == ["l1-macs/seed0", "l1-macs/seed1"]
+    assert first["slurm_dependency"] is None and second["slurm_dependency"] == "afterok:100"
+    assert (first["gpus_per_node"], first["cpus_per_task"], first["timeout_min"], first["slurm_partition"]) == (1, 8, 600, "gpu")
+    assert first["slurm_array_parallelism"] == 6
+    assert last["slurm_dependency"] == "afterany:100:101" and report[0].function == "report" and last["gpus_per_node"] == 0
+    assert ids == ["100", "101", "102"]
+    # A job travels pickled; a requeued one never carries the process of the run it stopped.
+    job = cloudpickle.loads(cloudpickle.dumps(peers[0].function))
+    assert job.task == peers[0].function.task and job.process is None
+
+
+def test_submitits_signal_makes_the_run_save_before_the_job_requeues(tmp_path):
+    """checkpoint() (called by submitit's handler of its USR2) passes SIGTERM to the run, waits for
+    it to exit (the scripts save, then exit 75) and resubmits the same job."""
+    run = plan(load_table("tiny"), Path("runs"), (0,))[0]
+    job = launch.SubmititRun(launch.Task(run, tmp_path, Path("log")))
+    job.process = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\n"
+                               "signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))\n"
+                               "print('ready', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert job.process.stdout.readline() == "ready\n"
+    delayed = job.checkpoint()
+    assert job.process.returncode == 75
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is job

@@ -50,11 +50,15 @@ class Task:
     cwd: Path
     log: Path
     data_dir: str | None = None
-    gpus: int | None = None
+    gpus: int | None = None   # reproduce.py --gpus; None: the row's
 
     @property
     def key(self) -> str:
         return self.run.key
+
+    @property
+    def gpu_count(self) -> int:
+        return self.gpus or self.run.row.gpus
 
     def command(self) -> list[str]:
         """The command to run now: with ``--resume auto`` if the run has started before."""
@@ -238,7 +242,7 @@ def run_submitit_local(tasks: list[Task], jobs: int, folder: Path, timeout_min: 
     ex = executor("local", folder, max_timeouts=3)
 
     def start(task):
-        ex.update_parameters(timeout_min=timeout_min, gpus_per_node=task.gpus or task.run.row.gpus,
+        ex.update_parameters(timeout_min=timeout_min, gpus_per_node=task.gpu_count,
                              tasks_per_node=1, name=task.key)
         return ex.submit(SubmititRun(task))
 
@@ -257,11 +261,12 @@ def submit_slurm(tasks: list[Task], levels: dict[str, int], folder: Path, settin
     previous, all_ids = [], []
     for level in sorted(set(levels.values())):
         this_level = []
-        for gpus in sorted({t.gpus or t.run.row.gpus for t in tasks if levels[t.key] == level}):
-            group = [t for t in tasks if levels[t.key] == level and (t.gpus or t.run.row.gpus) == gpus]
+        for gpus in sorted({t.gpu_count for t in tasks if levels[t.key] == level}):
+            group = [t for t in tasks if levels[t.key] == level and t.gpu_count == gpus]
             ex.update_parameters(timeout_min=settings["time"], gpus_per_node=gpus, tasks_per_node=1, nodes=1,
                                  cpus_per_task=settings["cpus_per_gpu"] * gpus, name=f"{settings['name']}-l{level}",
-                                 slurm_partition=settings["partition"], slurm_array_parallelism=settings["jobs"],
+                                 slurm_partition=settings["partition"],
+                                 slurm_array_parallelism=settings["jobs"] or len(group),
                                  slurm_dependency=f"afterok:{':'.join(previous)}" if previous else None)
             with ex.batch():
                 jobs = [ex.submit(SubmititRun(task)) for task in group]

@@ -94,7 +94,8 @@ class Run:
         return argv + (["--resume", "auto"] if resume else [])
 
     def command(self, resume: bool, data_dir: str | None = None, gpus: int | None = None) -> list[str]:
-        """The full command line: ``python SCRIPT ...``, or under torchrun for more than one GPU."""
+        """The full command line: ``python SCRIPT ...``, or under torchrun for more than one GPU
+        (``gpus``, default the row's)."""
         gpus = gpus or self.row.gpus
         script = str(REPO_ROOT / self.row.script)
         launcher = [sys.executable]
