@@ -27,7 +27,7 @@ import submitit
 import reproduce
 from utils import launch
 from conftest import REPO_ROOT, script_command, script_env
-from utils.report import write_report
+from utils.report import collect, figure, write_report
 from utils.tables import TABLES_DIR, load_table, plan
 
 TINY_ROWS = ("dense", "dep-fwd", "hc-macs", "l1-macs")
@@ -87,6 +87,7 @@ def test_tiny_table_runs_every_row_dependencies_first(tiny):
     l1 = json.loads((base / "runs/tiny/l1-macs/seed0/results.json").read_text())
     assert Path(l1["source"]) == Path("runs/tiny/dense/seed0/best.pt")
     assert not (base / "runs/tiny/dense/seed1").exists()  # --seeds 1
+    assert "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_report_of_the_tiny_table(tiny):
@@ -174,17 +175,21 @@ HEAD = 'title = "t"\nseeds = [0]\n'
 ERRORS = {
     "unknown table": (None, ["no_such_table"], "unknown table 'no_such_table'"),
     "unknown row": (None, ["tiny", "--only", "nope"], "unknown row 'nope'"),
-    "unknown flag": (HEAD + _row("a", TINY_VGG + ["--bogus", "1"]), [], "row 'a': train_vgg.py: error: unrecognized arguments: --bogus 1"),
+    "unknown flag": (HEAD + _row("a", TINY_VGG + ["--bogus", "1"]), [],
+                     "row 'a': train_vgg.py: error: unrecognized arguments: --bogus 1"),
     "bad value": (HEAD + _row("a", ["--net", "foo"]), [], "row 'a': train_vgg.py: error: argument --net"),
     "prune flag": (HEAD + _row("a", TINY_VGG) + _row("b", ["{a}/best.pt", "--method", "l1", "--target-macs", "1.5"],
                                                     "prune.py"), [], "row 'b': prune.py: error: --target-macs 1.5"),
-    "run flag": (HEAD + _row("a", TINY_VGG + ["--out-dir", "x"]), [], "row 'a': sets --out-dir, which reproduce.py sets"),
-    "unknown placeholder": (HEAD + _row("a", ["{dense}/best.pt"], "prune.py"), [], "refers to {dense}, which is no row"),
+    "run flag": (HEAD + _row("a", TINY_VGG + ["--out-dir", "x"]), [],
+                 "row 'a': sets --out-dir, which reproduce.py sets"),
+    "unknown placeholder": (HEAD + _row("a", ["{dense}/best.pt"], "prune.py"), [],
+                            "refers to {dense}, which is no row"),
     "cycle": (HEAD + _row("a", ["{b}/best.pt"], "prune.py") + _row("b", ["{a}/best.pt"], "prune.py"), [],
               "cycle: a -> b -> a"),
     "unknown key": (HEAD + _row("a", TINY_VGG) + "gpu = 2\n", [], "row 'a': unknown key 'gpu'"),
     "dependency not run": (None, ["tiny", "--only", "l1-macs"],
-                           "l1-macs/seed0 needs runs/tiny/dense/seed0/best.pt, which does not exist: run its row first"),
+                           "l1-macs/seed0 needs runs/tiny/dense/seed0/best.pt, which does not exist: "
+                           "run its row first (--only dense)"),
 }
 
 
@@ -234,6 +239,11 @@ def test_report_mean_std_and_published_difference(tmp_path):
     assert float(a["top1_minus_published"]) == pytest.approx(0.5) and float(a["published_macs_kept"]) == 0.5
     assert float(a["macs_reduction_mean"]) == 50.5 and a["seeds_done"] == "2"
     assert b["seeds_done"] == "0" and b["top1_mean"] == ""  # an unfinished run is not averaged
+    # The plot: ours filled, the published point hollow, at the published MACs.
+    lines = figure(table, collect(table, tmp_path / "runs", (0, 1))).axes[0].get_lines()
+    hollow = [line for line in lines if line.get_markerfacecolor() == "none"]
+    assert len(hollow) == 1 and list(hollow[0].get_xydata()[0]) == [50.0, 90.5]
+    assert any(list(line.get_xydata()[0]) == [49.5, 91.0] for line in lines if line not in hollow)
     md = (tmp_path / "runs/t/report.md").read_text()
     assert "| 91.00 ± 1.41 |" in md and "| 90.50 (93.00) | 50.0% MACs (2.00x) | +0.50 | paper |" in md, md
 
@@ -344,9 +354,11 @@ def test_slurm_submits_one_array_per_level_each_after_the_previous(tmp_path, mon
     assert [j.function.task.key for j in dense_etc] == [r.key for r in runs if r.row.name != "l1-macs"]
     assert [j.function.task.key for j in peers] == ["l1-macs/seed0", "l1-macs/seed1"]
     assert first["slurm_dependency"] is None and second["slurm_dependency"] == "afterok:100"
-    assert (first["gpus_per_node"], first["cpus_per_task"], first["timeout_min"], first["slurm_partition"]) == (1, 8, 600, "gpu")
+    assert (first["gpus_per_node"], first["cpus_per_task"], first["timeout_min"]) == (1, 8, 600)
+    assert first["slurm_partition"] == "gpu"
     assert first["slurm_array_parallelism"] == 6
-    assert last["slurm_dependency"] == "afterany:100:101" and report[0].function == "report" and last["gpus_per_node"] == 0
+    assert last["slurm_dependency"] == "afterany:100:101" and last["gpus_per_node"] == 0
+    assert report[0].function == "report"
     assert ids == ["100", "101", "102"]
     # A job travels pickled; a requeued one never carries the process of the run it stopped.
     job = cloudpickle.loads(cloudpickle.dumps(peers[0].function))

@@ -136,8 +136,8 @@ def load_table(name: str) -> Table:
     seeds = data.get("seeds")
     if not isinstance(title, str) or not title:
         raise UsageError(f"{where}: needs a title")
-    if (not isinstance(seeds, list) or not seeds
-            or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds) or len(set(seeds)) < len(seeds)):
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) < len(seeds)
+            or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)):
         raise UsageError(f"{where}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     entries = data.get("row")
     if not isinstance(entries, list) or not entries:
