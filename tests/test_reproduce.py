@@ -143,6 +143,9 @@ def test_dry_run_writes_nothing_and_every_shipped_table_passes_its_scripts_parse
     assert reproduce.main(["tiny", "--dry-run", "--launcher", "slurm"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split("]")[0] + "]" for line in out] == ["[slurm level 0]"] * 6 + ["[slurm level 1]"] * 2
+    assert reproduce.main(["tiny", "--dry-run", "--only", "dense", "--gpus", "2"]) == 0
+    assert all(" -m torch.distributed.run --standalone --nproc_per_node=2 " in line
+               for line in capsys.readouterr().out.splitlines())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -379,3 +382,21 @@ def test_submitits_signal_makes_the_run_save_before_the_job_requeues(tmp_path):
     delayed = job.checkpoint()
     assert job.process.returncode == 75
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is job
+
+
+def test_a_stopped_launcher_lets_its_runs_save_and_exits_75(tmp_path):
+    """SIGTERM (or Ctrl-C) to reproduce.py: the running run gets SIGTERM, saves and exits 75,
+    nothing new starts, and reproduce.py exits 75 (the next invocation continues the run)."""
+    table = _table(tmp_path, LONG_TABLE, "long.toml")
+    proc = subprocess.Popen(script_command("reproduce.py", table), cwd=tmp_path, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "runs/long/dense/seed0"
+    deadline = time.time() + 120
+    while not (run_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 75, out + err
+    assert "stopped dense/seed0: saved" in out
+    assert "stopped by signal" in (tmp_path / "runs/long/logs/dense.seed0.log").read_text()
+    assert json.loads((run_dir / "results.json").read_text())["epochs_done"] < 12

@@ -1,8 +1,8 @@
 """Running a table's runs: one after another (or N at once) here, or as submitit jobs.
 
-Three launchers share one scheduler (:func:`schedule`), which starts a run
-once the runs it needs have finished and never starts one whose dependency
-failed:
+The two that wait for their runs share one scheduler (:func:`schedule`),
+which starts a run once the runs it needs have finished and never starts one
+whose dependency failed:
 
 * ``local``: each run is a subprocess of reproduce.py.
 * ``submitit-local``: each run is a submitit job of submitit's local executor
