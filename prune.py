@@ -49,9 +49,9 @@ from utils.cli import OneLineParser, Recipe, nonneg_int, positive_float, positiv
 from utils.data import DATASETS, DeviceNormalize, build_datasets
 from utils import distributed
 from utils.engine import Trainer
-from utils.errors import UsageError, run_reporting_errors
+from utils.errors import EXIT_PREEMPTED, UsageError, run_reporting_errors
 from utils.logger import EventFile
-from utils.run import EXIT_PREEMPTED, StopSignals, fresh_out_dir, select_device
+from utils.run import StopSignals, fresh_out_dir, select_device
 from utils.sampling import ResumableSampler, SeededDataset
 
 METHODS = {"l1": "l1", "L1": "l1", "greg1": "greg1", "GReg-1": "greg1", "greg2": "greg2", "GReg-2": "greg2",
@@ -493,12 +493,19 @@ def run_phases(args, ctx: distributed.Context) -> int:
     return fine_tune(args, recipe, cut, baseline, run_dir, extra)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> Namespace:
+    """The command line, checked as far as it can be without reading the checkpoint
+    (reproduce.py checks a table's rows with it before running any)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.target_macs is not None and args.target_macs >= 1.0:
         parser.error(f"--target-macs {args.target_macs:g}: must be below 1 (a fraction of the dense MACs)")
-    return run_reporting_errors(parser.prog, lambda: run(args))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_reporting_errors("prune.py", lambda: run(args))
 
 
 if __name__ == "__main__":

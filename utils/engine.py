@@ -41,9 +41,9 @@ from . import distributed
 from .checkpoint import FORMAT, link_or_copy, load_checkpoint, save_checkpoint, write_json
 from .cli import Recipe, parse_args, program_name
 from .data import DeviceNormalize, build_datasets
-from .errors import TrainingDiverged, UsageError, run_reporting_errors
+from .errors import EXIT_PREEMPTED, TrainingDiverged, UsageError, run_reporting_errors
 from .logger import RunLogger, human
-from .run import (EXIT_PREEMPTED, StopSignals, check_out_dir, create_out_dir, find_resumable, fresh_out_dir, git_commit,
+from .run import (StopSignals, check_out_dir, create_out_dir, find_resumable, fresh_out_dir, git_commit,
                   kill_loader_workers, loader_options, select_device)
 from .sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
 

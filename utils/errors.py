@@ -10,6 +10,7 @@ import sys
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 75   # stopped by a signal after saving; resubmit with --resume auto
 
 
 class UsageError(Exception):

@@ -19,8 +19,6 @@ from . import distributed
 from .checkpoint import load_checkpoint, previous_of
 from .errors import UsageError
 
-EXIT_PREEMPTED = 75   # stopped by a signal after saving; resubmit with --resume auto
-
 
 def select_device(gpu: int | None, ctx: distributed.Context) -> torch.device:
     if not torch.cuda.is_available():
