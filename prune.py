@@ -341,20 +341,12 @@ def cut_hsic(args, source: dict, run_dir: Path, target: int, ctx: distributed.Co
         if not within:
             print(f"warning: the search ended at alpha {decision.alpha:.3e} with {decision.macs} MACs, outside "
                   f"{target} ± {args.tolerance:g} (its alpha floor, as in the authors' code)", file=sys.stderr)
-        gates = torch.ones(sum(model.gates.widths))
-        offsets = [0]
-        for width in model.gates.widths:
-            offsets.append(offsets[-1] + width)
-        for group, kept in zip(groups, decision.kept):
-            layer_gates = torch.zeros(group.width)
-            layer_gates[torch.from_numpy(kept)] = 1.0
-            gates[offsets[group.layer]:offsets[group.layer + 1]] = layer_gates
         settings = {key: getattr(args, key) for key in HSIC_SETTINGS}
-        record = dict(settings, alpha_found=decision.alpha, target_abs=target, macs=decision.macs,
+        record = dict(settings, alpha_found=decision.alpha, macs=decision.macs,
                       within_tolerance=within, calib_seed=args.seed,
                       kept_widths={g.name: len(k) for g, k in zip(groups, decision.kept)}, search=search.history)
         save_pruned(model.cpu(), cut, dict(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, hsic=record),
-                    gates=gates)
+                    gates=search.gates(decision))
         print(f"HSIC-Lasso: alpha {decision.alpha:.4e} keeps {decision.macs} MACs; cut network in {cut}")
         return 0
 
@@ -362,13 +354,10 @@ def cut_hsic(args, source: dict, run_dir: Path, target: int, ctx: distributed.Co
 def fine_tune(args, recipe: Recipe, cut: Path, baseline: dict, run_dir: Path, extra: dict) -> int:
     payload = load_checkpoint(cut, PRUNED_FORMAT)
     start = dict(arch={k: v for k, v in payload["arch"].items() if k != "source"}, state_dict=payload["state_dict"])
-    resume = "auto" if (run_dir / "last.pt").exists() else None
-    if args.method == "hsic":
-        phase = _common_args(args, batch_size=args.batch_size, lr=args.lr, lr_cosine=True, epochs=args.epochs,
-                             out_dir=str(run_dir), resume=resume)
-    else:
-        phase = _common_args(args, batch_size=args.batch_size, lr=args.lr_ft[0], lr_schedule=args.lr_ft,
-                             epochs=args.epochs, out_dir=str(run_dir), resume=resume)
+    schedule = dict(lr=args.lr, lr_cosine=True) if args.method == "hsic" else dict(lr=args.lr_ft[0],
+                                                                                    lr_schedule=args.lr_ft)
+    phase = _common_args(args, batch_size=args.batch_size, epochs=args.epochs, out_dir=str(run_dir),
+                         resume="auto" if (run_dir / "last.pt").exists() else None, **schedule)
     identity = IDENTITY + HSIC_SETTINGS if args.method == "hsic" else IDENTITY
     trainer = Trainer(recipe, phase, method=lambda model, _: PruningMethod(model), start=start, baseline=baseline,
                       identity=identity, extra_results=extra)
@@ -408,7 +397,7 @@ def run_phases(args, ctx: distributed.Context) -> int:
         if getattr(args, key) is None:
             setattr(args, key, _lr_schedule(value) if key == "lr_ft" else value)
     model = dense_model(source)
-    dense_macs, _ = model.cost.dense()
+    dense_macs, dense_params = model.cost.dense()
     if args.target is not None:
         if args.target >= dense_macs:
             raise UsageError(f"--target {args.target}: the dense {arch['model']} has {dense_macs} MACs; the target "
@@ -450,8 +439,7 @@ def run_phases(args, ctx: distributed.Context) -> int:
         args.seed = ctx.gather(int(torch.randint(0, 2 ** 31 - 1, ()).item()))[0]
     if ctx.is_main:
         print(f"{args.method} on {source['kind']} {args.checkpoint}: {how}")
-    macs, params = model.cost.dense()
-    baseline = dict(macs=macs, params=params, widths=list(model.gates.widths))
+    baseline = dict(macs=dense_macs, params=dense_params, widths=list(model.gates.widths))
     extra = dict(method=args.method, stage_pr=args.stage_pr, target_macs=args.target_macs, target=target,
                  layer_ratios=args.layer_ratios, pick_pruned=args.pick_pruned, source=str(args.checkpoint))
     if args.method == "l1":

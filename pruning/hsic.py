@@ -218,6 +218,14 @@ class HsicSearch:
         self.workers, self.log, self.should_stop = workers, log, should_stop
         self.history: list[dict] = []
 
+    def gates(self, decision: Decision) -> torch.Tensor:
+        """The decision as one gate per channel of every gated layer (1 kept, 0 removed; the layers
+        outside the groups whole), the export's input."""
+        per_layer = [torch.ones(width) for width in self.widths]
+        for group, kept in zip(self.groups, decision.kept):
+            per_layer[group.layer] = torch.zeros(group.width).index_fill_(0, torch.from_numpy(kept), 1.0)
+        return torch.cat(per_layer)
+
     def counts(self, kept: list[np.ndarray]) -> list[int]:
         counts = list(self.widths)
         for group, channels in zip(self.groups, kept):
