@@ -246,3 +246,11 @@ def test_bad_input_is_one_line(case, dense, monkeypatch, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
     assert not (dense / f"err-{case.replace(' ', '-')}" / "cut.pt").exists()
+
+
+@pytest.mark.parametrize("target,omega,alpha", [("107000000", "40", "5e-5"), ("57000000", "5", "8e-4"),
+                                                ("1550000000", "1", "7e-5")])
+def test_the_published_commands_parse_as_they_are(target, omega, alpha):
+    args = prune.parse_args(["best.pt", "--method", "hsic", "--target", target, "--omega", omega, "--alpha", alpha,
+                             "--tolerance", "0.01"])
+    assert (args.target, args.omega, args.alpha, args.tolerance) == (int(target), int(omega), float(alpha), 0.01)
