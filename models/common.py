@@ -169,14 +169,14 @@ class LayerRecorder:
         self.records: list[WeightLayer] = []
 
     def conv(self, name, c_in, c_out, kernel, stride=1, padding=0, *, bias=False, in_gate=None, out_gate=None,
-             bn=None, input_size=None, closable=False):
+             bn=None, input_size=None, closable=False, role="body"):
         size = conv_out(self.size if input_size is None else input_size, kernel, stride, padding)
         self.records.append(WeightLayer(name, c_in, c_out, kernel, size * size, in_gate, out_gate, bias, bn,
-                                        closable))
+                                        closable, role))
         return nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias), size
 
     def linear(self, name, c_in, c_out, *, in_gate=None):
-        self.records.append(WeightLayer(name, c_in, c_out, 1, 1, in_gate, None, True, None))
+        self.records.append(WeightLayer(name, c_in, c_out, 1, 1, in_gate, None, True, None, role="classifier"))
         return nn.Linear(c_in, c_out)
 
 

@@ -140,14 +140,29 @@ def _count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def sparse_cost(model: GatedNetwork, sparse_layers) -> tuple[int, int]:
+    """(MACs, params) of ``model`` counting only the non-zero weights of the layers named in
+    ``sparse_layers`` (every weight of the others): ``CostModel.sparse``."""
+    names = set(sparse_layers)
+    counts = model.cost.weights_per_layer().clone()
+    for i, w in enumerate(model.weight_layers):
+        if w.name in names:
+            counts[i] = float(torch.count_nonzero(model.get_submodule(w.name).weight))
+    return model.cost.sparse(counts)
+
+
 @torch.no_grad()
-def export_pruned(model: GatedNetwork, source_info: dict | None = None, gates: torch.Tensor | None = None):
+def export_pruned(model: GatedNetwork, source_info: dict | None = None, gates: torch.Tensor | None = None,
+                  sparse_layers=()):
     """Return ``(compact_model, payload)``: the compact model (CPU, eval mode)
     and the dict that :func:`save_pruned` writes.
 
     ``source_info`` adds plain values (dataset, epoch, checkpoint path, ...)
     to ``arch['source']``. ``gates`` (``(total,)``) is the decision to export, default the
     model's test gates: a pruning method's (``PruningMethod.channel_gates``) for a dense model.
+    ``sparse_layers`` names layers with unstructured sparsity (pruning/sparse.py): their pruned
+    weights are exact zeros in the state dict, and ``macs``/``params`` count only their non-zero
+    weights (:func:`sparse_cost` of the compact model).
     """
     gates = model.gates.test_gates() if gates is None else gates
     keep = kept_indices(model, gates)
@@ -169,6 +184,9 @@ def export_pruned(model: GatedNetwork, source_info: dict | None = None, gates: t
                   back_dep=bool(model.gates.back_dep), layers=[g.name for g in model.gated_layers],
                   dense_widths=list(model.gates.widths), kept=[int(k) for k in kept_counts.tolist()],
                   macs_dense=macs_dense, params_dense=params_dense)
+    if sparse_layers:
+        macs, params = sparse_cost(compact, sparse_layers)
+        source["sparse_layers"] = list(sparse_layers)
     source.update(source_info or {})
     payload = dict(format=FORMAT, arch=dict(compact.arch, source=source),
                    state_dict={k: v.clone() for k, v in compact.state_dict().items()},
@@ -176,12 +194,13 @@ def export_pruned(model: GatedNetwork, source_info: dict | None = None, gates: t
     return compact, payload
 
 
-def save_pruned(model: GatedNetwork, path, source_info: dict | None = None, gates: torch.Tensor | None = None):
-    """Export ``model`` (at ``gates``, default its test gates) and write ``pruned.pt`` atomically;
-    returns ``(compact, payload)``."""
+def save_pruned(model: GatedNetwork, path, source_info: dict | None = None, gates: torch.Tensor | None = None,
+                sparse_layers=()):
+    """Export ``model`` (at ``gates``, default its test gates; ``sparse_layers`` as in
+    :func:`export_pruned`) and write ``pruned.pt`` atomically; returns ``(compact, payload)``."""
     from utils.checkpoint import save_checkpoint
 
-    compact, payload = export_pruned(model, source_info, gates)
+    compact, payload = export_pruned(model, source_info, gates, sparse_layers)
     save_checkpoint(payload, Path(path))
     return compact, payload
 

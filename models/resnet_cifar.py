@@ -53,7 +53,7 @@ class BasicBlock(nn.Module):
         self.shortcut = None
         if stride != 1 or c_in != planes:
             conv, _ = recorder.conv(f"{name}.shortcut.0", c_read, planes, 1, stride, in_gate=stream_gate,
-                                    bn=f"{name}.shortcut.1", input_size=size_in)
+                                    bn=f"{name}.shortcut.1", input_size=size_in, role="shortcut")
             self.shortcut = nn.Sequential(conv, nn.BatchNorm2d(planes))
             in_index = None
         index = None if in_index is None else torch.tensor(list(in_index), dtype=torch.long)
@@ -87,7 +87,7 @@ class CifarResNet(GatedNetwork):
                 raise ValueError(f"stem_index must be {stem_width} distinct positions in 0..{widths[0] - 1}")
         stem = widths[0] if stem_width is None else stem_width
         recorder = LayerRecorder(input_size)
-        self.conv1, recorder.size = recorder.conv("conv1", 3, stem, 3, 1, 1, out_gate=0, bn="bn1")
+        self.conv1, recorder.size = recorder.conv("conv1", 3, stem, 3, 1, 1, out_gate=0, bn="bn1", role="stem")
         self.bn1 = nn.BatchNorm2d(stem)
         # With stem_index the residual stream stays widths[0] wide and the stem fills part of it.
         c_in = widths[0] if stem_index is not None else stem

@@ -53,7 +53,7 @@ class Bottleneck(nn.Module):
         self.downsample = None
         if stride != 1 or c_in != c_out:
             conv, _ = recorder.conv(f"{name}.downsample.0", c_in, c_out, 1, stride, in_gate=stream_gate,
-                                    bn=f"{name}.downsample.1", input_size=size_in)
+                                    bn=f"{name}.downsample.1", input_size=size_in, role="shortcut")
             self.downsample = nn.Sequential(conv, nn.BatchNorm2d(c_out))
 
     def forward(self, x, z1, z2):
@@ -81,7 +81,7 @@ class ImageNetResNet(GatedNetwork):
                 raise ValueError(f"inner_widths needs {sum(blocks)} (conv1, conv2) pairs, got {len(inner)}")
         stem_width = stem_width or widths[0]
         recorder = LayerRecorder(input_size)
-        self.conv1, size = recorder.conv("conv1", 3, stem_width, 7, 2, 3, out_gate=0, bn="bn1")
+        self.conv1, size = recorder.conv("conv1", 3, stem_width, 7, 2, 3, out_gate=0, bn="bn1", role="stem")
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         recorder.size = conv_out(size, 3, 2, 1)

@@ -34,6 +34,10 @@ class WeightLayer:
     # Closing every output channel leaves the network connected: a residual block's
     # inner conv, whose block then passes its shortcut on (only meaningful when gated).
     closable: bool = False
+    # What the layer is in the network: the first conv ("stem"), a 1x1 projection shortcut
+    # ("shortcut"), the classifier ("classifier") or any other conv ("body"). Unstructured
+    # sparse training (pruning/sparse.py) chooses its sparse tensors by it.
+    role: str = "body"
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,21 @@ class CostModel(nn.Module):
         """Parameters with these widths; ``(..., num_gates) -> (...)``."""
         c_in, c_out = self._in_out(widths)
         return (self.kernel_area.to(widths.dtype) * c_in * c_out + self.per_out.to(widths.dtype) * c_out).sum(-1)
+
+    def sparse(self, weights: torch.Tensor) -> tuple[int, int]:
+        """(MACs, params) at full widths when layer l holds only ``weights[l]`` of its weights
+        (``(num_weight_layers,)``, in the order of the weight-layer records): every weight present
+        costs one MAC per output position and one parameter; biases and BN stay dense. With every
+        layer's full count this is :meth:`dense`."""
+        weights = weights.to(self.out_hw)
+        _, c_out = self._in_out(self.dense_widths)
+        return (int((weights * self.out_hw).sum()),
+                int((weights + self.per_out * c_out).sum()))
+
+    def weights_per_layer(self) -> torch.Tensor:
+        """Each layer's number of weights at full widths, ``(num_weight_layers,)`` float64."""
+        c_in, c_out = self._in_out(self.dense_widths)
+        return self.kernel_area * c_in * c_out
 
     def dense(self) -> tuple[int, int]:
         """(MACs, params) of the unpruned network, exact integers."""

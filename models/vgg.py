@@ -59,7 +59,8 @@ class VGG(GatedNetwork):
             pool = position + 1 < len(cfg) and cfg[position + 1] == "M"
             name = f"features.{i}"
             conv, size = recorder.conv(f"{name}.conv", c_in, width, 3, padding=1, bias=True,
-                                       in_gate=i - 1 if i else None, out_gate=i, bn=f"{name}.bn")
+                                       in_gate=i - 1 if i else None, out_gate=i, bn=f"{name}.bn",
+                                       role="body" if i else "stem")
             recorder.size = size // 2 if pool else size
             stages.append(ConvStage(conv, pool))
             c_in = width

@@ -46,6 +46,9 @@ class PruningMethod:
         """The parameters the engine's SGD trains (with weight decay)."""
         return self.model.weight_parameters()
 
+    def attach_optimizer(self, optimizer) -> None:
+        """Called once with the engine's weight optimiser (e.g. so masks can clear its momentum)."""
+
     def optimizers(self) -> dict:
         """The method's own optimisers, ``{name: (optimizer, scheduler or None)}``: stepped after the
         weights' in every step the method is active (:meth:`steps_optimizers`), schedulers after
@@ -95,6 +98,14 @@ class PruningMethod:
     def channel_gates(self) -> torch.Tensor:
         """One value per channel of every gated layer, 0 where the channel is removed."""
         return self.model.gates.test_gates()
+
+    def cost(self, kept: torch.Tensor) -> tuple[int, int]:
+        """(MACs, params) of the network the method leaves, ``kept`` channels per gated layer."""
+        return self.model.cost.pruned(kept)
+
+    def sparse_layer_names(self) -> list[str]:
+        """Layers whose weights are sparse (the export counts their non-zero weights); none by default."""
+        return []
 
     # -- state and reporting -------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from l0_layers import NETS
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
+from pruning import sparse
 from pruning.penalty import REGS
 
 
@@ -38,10 +39,15 @@ class Recipe:
     # The dense baseline's recipe (``--net dense``): the fields it changes, e.g. the peers' own
     # base training (GReg's ResNet56: 200 epochs, lr 0.1 / 0.01 / 0.001 at 0 / 100 / 150, wd 5e-4).
     dense: tuple[tuple[str, object], ...] = ()
+    nesterov: bool = False
 
     def for_net(self, net: str | None) -> "Recipe":
         """This recipe, or with ``--net dense`` the dense baseline's."""
         return dataclasses.replace(self, **dict(self.dense)) if net == "dense" else self
+
+    def for_sparse(self, method: str) -> "Recipe":
+        """The recipe of ``--sparse method``: the sparse-training code's schedule (pruning/sparse.py)."""
+        return dataclasses.replace(self, **sparse.training_recipe("imagenet" if self.imagenet else "cifar", method))
     print_freq: int = 100
 
 
@@ -96,6 +102,14 @@ def _fraction(text):
     return value
 
 
+def _density(text):
+    value = _number(float)(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (the fraction of each sparse tensor's weights kept), "
+                                         f"got {text}")
+    return value
+
+
 def _milestones(text):
     try:
         return tuple(int(m) for m in text.split(",") if m)
@@ -108,8 +122,9 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
                       formatter_class=DefaultsFormatter)
 
     g = p.add_argument_group("method")
-    g.add_argument("--net", choices=NETS, default="dep",
-                   help="gate logits: free per channel (hc), dependency MLP (dep), or no gates (dense baseline)")
+    g.add_argument("--net", choices=NETS,
+                   help="gate logits: free per channel (hc), dependency MLP (dep), or no gates (dense baseline); "
+                        "default dep, or dense with --sparse")
     g.add_argument("--back_dep", action="store_true", help="backward dependency: the MLP chain runs last layer to first")
     g.add_argument("--lamba", type=nonneg_float, default=recipe.lamba, help="L0 penalty coefficient lambda")
     g.add_argument("--reg", choices=REGS, default="paper",
@@ -127,6 +142,24 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
                    help="epochs over which the target falls linearly from 1.0 to F (default: a quarter of --epoch)")
     g.add_argument("--lr-lagrangian", type=positive_float, default=0.003,
                    help="Adam lr of the two multipliers (gradient ascent)")
+
+    g = p.add_argument_group("unstructured sparse training (instead of gates; pruning/sparse.py)")
+    g.add_argument("--sparse", choices=sparse.METHODS,
+                   help="train from scratch with per-weight masks: DSR, SET, DeepR or a static random mask "
+                        "(selects the method's own schedule unless a flag overrides it)")
+    g.add_argument("--density", type=_density, metavar="D", help="fraction of every sparse tensor's weights active")
+    g.add_argument("--n-prune-params", type=positive_int, metavar="N",
+                   help="DSR's N_p: weights to reallocate per period (default: the code's 20,000 of WRN-28-2 or "
+                        "400,000 of ResNet50, scaled by this network's sparse weights)")
+    g.add_argument("--rewire-fraction", type=_density, metavar="F",
+                   help="SET's fraction of each tensor's active weights replaced per period (default: the code's "
+                        "value for the density)")
+    g.add_argument("--stop-rewire-epoch", type=nonneg_int, metavar="E",
+                   help="no reallocation from epoch E on (default 190 CIFAR / 95 ImageNet)")
+    g.add_argument("--DeepR_eta", type=positive_float, default=sparse.DEEPR_ETA,
+                   help="DeepR's eta: the gradient noise has std sqrt(2 eta T)")
+    g.add_argument("--L1-loss-coeff", type=nonneg_float, default=sparse.DEEPR_L1,
+                   help="DeepR's L1 coefficient on the sparse weights")
 
     g = p.add_argument_group("data")
     if recipe.imagenet:
@@ -159,6 +192,8 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
                         "ResNet50 script: the gates get the weights' lr, momentum, schedule and weight decay)")
     g.add_argument("--momentum", "---momentum", dest="momentum", type=nonneg_float, default=0.9,
                    help="SGD momentum of the weights (---momentum: the reference CIFAR scripts' spelling)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=recipe.nesterov,
+                   help="Nesterov momentum (the sparse-training code's default)")
     g.add_argument("-wd", "--weight-decay", "--wd", dest="weight_decay", type=nonneg_float,
                    default=recipe.weight_decay, help="weight decay of all non-gate parameters")
     g.add_argument("--epoch", "--epochs", dest="epochs", type=nonneg_int, default=recipe.epochs,
@@ -192,10 +227,15 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
 
 def parse_args(recipe: Recipe, argv=None, prog=None) -> argparse.Namespace:
     # --net dense selects the dense baseline's recipe: its defaults, unless a flag overrides them.
-    net = OneLineParser(prog=prog, add_help=False)
-    net.add_argument("--net")
-    parser = build_parser(recipe.for_net(net.parse_known_args(argv)[0].net), prog)
+    # --sparse selects its method's schedule the same way.
+    pre = OneLineParser(prog=prog, add_help=False)
+    pre.add_argument("--net")
+    pre.add_argument("--sparse", choices=sparse.METHODS)
+    known = pre.parse_known_args(argv)[0]
+    chosen = recipe.for_sparse(known.sparse) if known.sparse else recipe.for_net(known.net)
+    parser = build_parser(chosen, prog)
     args = parser.parse_args(argv)
+    _check_sparse(parser, args, argv)
     if recipe.imagenet:
         if args.data and args.data_dir_flag and args.data != args.data_dir_flag:
             parser.error(f"two data directories given: {args.data} and --data-dir {args.data_dir_flag}")
@@ -220,6 +260,32 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> argparse.Namespace:
     if args.back_dep and args.net != "dep":
         parser.error(f"--back_dep applies to --net dep, not --net {args.net}")
     return args
+
+
+def _check_sparse(parser, args, argv) -> None:
+    """``--sparse`` trains a dense network's weights under masks; resolve ``--net`` and refuse what
+    does not combine."""
+    given = set(a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv))
+    if not args.sparse:
+        args.net = args.net or "dep"
+        extra = [f for f in ("--density", "--n-prune-params", "--rewire-fraction", "--stop-rewire-epoch",
+                             "--DeepR_eta", "--L1-loss-coeff") if f in given]
+        if extra:
+            parser.error(f"{extra[0]} belongs to unstructured sparse training: add --sparse {{{','.join(sparse.METHODS)}}}")
+        return
+    if args.net not in (None, "dense"):
+        parser.error(f"--sparse {args.sparse} does not combine with --net {args.net}: it masks single weights of a "
+                     f"dense network, the gates remove whole channels, and no published method does both; "
+                     f"leave --net out (or --net dense)")
+    args.net = "dense"
+    if args.density is None:
+        parser.error(f"--sparse {args.sparse} needs --density D (the fraction of each sparse tensor's weights kept)")
+    own = {"--n-prune-params": "dsr", "--rewire-fraction": "set", "--DeepR_eta": "deepr", "--L1-loss-coeff": "deepr"}
+    for flag, method in own.items():
+        if flag in given and args.sparse != method:
+            parser.error(f"{flag} is {method}'s setting, not --sparse {args.sparse}'s")
+    if "--stop-rewire-epoch" in given and args.sparse == "static":
+        parser.error("--stop-rewire-epoch: static sparse training never reallocates")
 
 
 def program_name() -> str:

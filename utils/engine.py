@@ -35,7 +35,7 @@ from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 from torch.utils.data import DataLoader
 
 from models import build_model, default_arch, load_model_state, save_pruned
-from pruning import L0Method, PruningMethod
+from pruning import L0Method, PruningMethod, sparse_method
 
 from . import distributed
 from .checkpoint import FORMAT, link_or_copy, load_checkpoint, save_checkpoint, write_json
@@ -49,7 +49,7 @@ from .sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardS
 
 # Arguments that define what a run is: a checkpoint only resumes a run that agrees on these.
 IDENTITY = ("net", "back_dep", "dataset", "num_classes", "reg", "temp", "lamba", "width_mult", "target_macs",
-            "target_params")
+            "target_params", "sparse", "density")
 
 
 def main(recipe: Recipe, argv=None) -> None:
@@ -65,6 +65,8 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 def run_name(recipe: Recipe, args) -> str:
     name = f"{recipe.model}_{'dummy-' if args.dummy else ''}{args.dataset}_{args.net}"
     name += "_back" if args.back_dep else ""
+    if args.sparse:
+        return f"{recipe.model}_{'dummy-' if args.dummy else ''}{args.dataset}_{args.sparse}_d{args.density:g}"
     if args.net == "dense":
         return name
     if args.target_macs or args.target_params:
@@ -78,7 +80,8 @@ def weight_optimizer(parameters, args):
     ``args.lr_cosine`` the cosine :math:`\tfrac12 lr (1 + \cos(\pi e / E))` of epoch e of E, no
     warm-up (HSIC-Lasso's fine-tuning); else ``--lr`` multiplied by ``--lr_decay`` at each of
     ``--milestones``."""
-    weights = torch.optim.SGD(parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    weights = torch.optim.SGD(parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                              nesterov=getattr(args, "nesterov", False))
     if getattr(args, "lr_cosine", False):
         epochs = args.epochs
         return weights, LambdaLR(weights, lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)))
@@ -95,8 +98,11 @@ def weight_optimizer(parameters, args):
 
 
 def default_method(recipe: Recipe):
-    """The training scripts' method: L0-HC / Dep-L0 for a gated model, plain training for ``--net dense``."""
+    """The training scripts' method: L0-HC / Dep-L0 for a gated model, unstructured sparse training
+    with ``--sparse``, plain training for ``--net dense``."""
     def build(model, args):
+        if args.sparse:
+            return sparse_method(model, args, "imagenet" if recipe.imagenet else "cifar")
         if model.gates.logits is None:
             return PruningMethod(model)
         return L0Method(model, args, args.lr_decay if recipe.gate_decay_is_lr_decay else recipe.gate_decay)
@@ -179,6 +185,7 @@ class Trainer:
             model.load_state_dict(start["state_dict"])
         self.method = (method or default_method(recipe))(model, args)
         self.weights, self.weight_schedule = weight_optimizer(self.method.weight_parameters(), args)
+        self.method.attach_optimizer(self.weights)
         macs, params = model.cost.dense()
         self.baseline = baseline or dict(macs=macs, params=params, widths=list(model.gates.widths))
         self.amp_dtype = None
@@ -470,7 +477,7 @@ class Trainer:
         recipe, args, model = self.recipe, self.args, self.model
         kept = self.kept()
         macs_dense, params_dense = self.baseline["macs"], self.baseline["params"]
-        macs, params = model.cost.pruned(kept)
+        macs, params = self.method.cost(kept)
         results = dict(
             model=recipe.model, dataset=args.dataset, method=self.method.name, net=args.net, back_dep=args.back_dep,
             lamba=args.lamba, reg=args.reg, seed=args.seed, epochs_done=self.epoch,
@@ -541,7 +548,8 @@ class Trainer:
             # starts from an already cut one).
             info = dict(dataset=self.args.dataset, data_dir=self.args.data_dir, epoch=self.epoch, seed=self.args.seed,
                         macs_dense=self.baseline["macs"], params_dense=self.baseline["params"])
-            _, pruned = save_pruned(self.model, path, info, gates=self.method.channel_gates())
+            _, pruned = save_pruned(self.model, path, info, gates=self.method.channel_gates(),
+                                    sparse_layers=self.method.sparse_layer_names())
             self.log.message(f"pruned model: {path} (MACs {human(pruned['macs'])}, params {human(pruned['params'])})")
             cut = self.model.disconnected_layers(self.kept())
             if cut:
