@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from models import build_model, load_model_state
 from models.export import FORMAT as PRUNED_FORMAT
-from models.export import build_pruned
+from models.export import build_pruned, sparse_cost
+from pruning.sparse import sparse_layers
 from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, nonneg_int, positive_int
@@ -48,9 +49,13 @@ def load_model(path):
                            macs_dense=source["macs_dense"], params_dense=source["params_dense"])
     model = build_model(state["arch"])
     load_model_state(model, state, path)
-    macs, params = model.cost.pruned(model.gates.kept())
-    macs_dense, params_dense = model.cost.dense()
     args = state.get("args") or {}
+    if args.get("sparse") or args.get("method") == "imp":
+        # Unstructured sparse training: its inactive weights are exact zeros; count the rest.
+        macs, params = sparse_cost(model, [w.name for w in sparse_layers(model)])
+    else:
+        macs, params = model.cost.pruned(model.gates.kept())
+    macs_dense, params_dense = model.cost.dense()
     return model.eval(), dict(kind=f"checkpoint, epoch {state.get('epoch')}", dataset=args.get("dataset"),
                               data_dir=args.get("data_dir"), macs=macs, params=params,
                               macs_dense=macs_dense, params_dense=params_dense)

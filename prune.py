@@ -42,10 +42,11 @@ import torch
 from models import build_model, default_arch, save_pruned
 from models.export import FORMAT as PRUNED_FORMAT
 from pruning import GReg, PruningMethod, hsic
+from pruning.sparse import IMP, SCHEDULES, check_density
 from pruning.selection import PICK_RULES, decision, layer_ratios, parse_ratio_list, ratios_for_macs
 from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
-from utils.cli import OneLineParser, Recipe, nonneg_int, positive_float, positive_int
+from utils.cli import OneLineParser, Recipe, density_type, nonneg_int, positive_float, positive_int
 from utils.data import DATASETS, DeviceNormalize, build_datasets
 from utils import distributed
 from utils.engine import Trainer
@@ -55,7 +56,7 @@ from utils.run import StopSignals, fresh_out_dir, select_device
 from utils.sampling import ResumableSampler, SeededDataset
 
 METHODS = {"l1": "l1", "L1": "l1", "greg1": "greg1", "GReg-1": "greg1", "greg2": "greg2", "GReg-2": "greg2",
-           "hsic": "hsic", "HSIC-Lasso": "hsic"}
+           "hsic": "hsic", "HSIC-Lasso": "hsic", "imp": "imp", "IMP": "imp"}
 # GReg's settings per kind of data (L1 fine-tunes as GReg does): CIFAR from its README's ResNet56
 # commands, ImageNet its defaults.
 GREG_DEFAULTS = {
@@ -70,6 +71,11 @@ HSIC_DEFAULTS = {
     "cifar": dict(calib_batch_size=128, epochs=350, lr=0.1, batch_size=256, weight_decay=2e-4),
     "imagenet": dict(calib_batch_size=64, epochs=350, lr=0.01, batch_size=64, weight_decay=2e-4),
 }
+# IMP's settings: a run continues only with the ones it started with.
+IMP_SETTINGS = ("density", "prune_iterations", "cubic")
+# IMP prunes at the end of every second epoch from epoch 0, then trains 10 more epochs (the code's
+# --prune-epoch-frequency 2 --start-pruning-after-epoch 0 --post-prune-epochs 10).
+IMP_EVERY, IMP_POST_EPOCHS = 2, 10
 # A regularisation phase ends by its own rule; this only bounds the epoch loop.
 REGULARIZE_EPOCHS = 1_000_000
 IDENTITY = ("method", "dataset", "num_classes", "layer_ratios", "pick_pruned")
@@ -100,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a dense training checkpoint (best.pt of --net dense), or torchvision ResNet50 weights")
     g = p.add_argument_group("method")
-    g.add_argument("--method", required=True, choices=sorted(METHODS), metavar="{l1,greg1,greg2,hsic}",
-                   help="L1 (Li et al. 2017), GReg-1 or GReg-2 (Wang et al. 2021), HSIC-Lasso (Guo et al. 2023); "
-                        "the spellings L1, GReg-1, GReg-2, HSIC-Lasso too")
+    g.add_argument("--method", required=True, choices=sorted(METHODS), metavar="{l1,greg1,greg2,hsic,imp}",
+                   help="L1 (Li et al. 2017), GReg-1 or GReg-2 (Wang et al. 2021), HSIC-Lasso (Guo et al. 2023), "
+                        "iterative magnitude pruning of single weights (imp, as DSR's code runs it); the spellings "
+                        "L1, GReg-1, GReg-2, HSIC-Lasso, IMP too")
     which = g.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage_pr", metavar="LIST", help="GReg's ratios: ResNet56 [stem,s1,s2,s3,fc], ResNet50 "
                                                           "[stem,l1,l2,l3,l4,fc], VGG 1-12:0.5 or one per layer")
@@ -110,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep F of the dense MACs (L1/GReg: one global ratio, within 0.01; HSIC: its search)")
     which.add_argument("--target", type=positive_int, metavar="MACS",
                        help="the same in absolute MACs (conv + linear multiply-accumulates), HSIC's --target")
+    which.add_argument("--density", type=density_type, metavar="D",
+                       help="IMP: the fraction of each sparse tensor's weights kept (pruning/sparse.py)")
     g.add_argument("--pick_pruned", choices=PICK_RULES, default="min",
                    help="which filters L1 and GReg-1 remove: the smallest mean |W| (min), the largest, at random")
     g = p.add_argument_group("GReg's regularisation phase (defaults: CIFAR / ImageNet)")
@@ -135,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "authors' code does, or conv3's output")
     g.add_argument("--lasso-threads", type=positive_int, default=min(8, os.cpu_count() or 1),
                    help="groups solved at once (the result does not depend on it)")
+    g = p.add_argument_group("IMP (iterative magnitude pruning)")
+    g.add_argument("--prune-iterations", type=positive_int, default=20,
+                   help=f"K: prunes, one at the end of every {IMP_EVERY}nd epoch from epoch 0, then "
+                        f"{IMP_POST_EPOCHS} epochs: {IMP_EVERY}(K-1)+{IMP_POST_EPOCHS} epochs in all")
+    g.add_argument("--cubic", action="store_true",
+                   help="the cubic schedule (density d+(1-d)(1-i/K)^3 after prune i; the code's WRN runs) instead "
+                        "of the same fraction 1-d^(1/K) each time (its ResNet50 runs)")
     g = p.add_argument_group("fine-tuning (defaults: CIFAR / ImageNet; GReg and L1, then HSIC)")
     g.add_argument("--epochs", "--ft-epochs", dest="epochs", type=nonneg_int,
                    help="fine-tune epochs (120 / 90; HSIC 350 / 350)")
@@ -364,6 +380,21 @@ def fine_tune(args, recipe: Recipe, cut: Path, baseline: dict, run_dir: Path, ex
     return trainer.fit()
 
 
+def _run_dir(args, name: str) -> Path:
+    """The run directory: --resume DIR, --out-dir, or runs/<name> (a fresh one unless --resume auto)."""
+    if args.resume not in (None, "auto"):
+        run_dir = Path(args.resume)
+        if not (run_dir / "last.pt").exists() and not (run_dir / "regularize" / "last.pt").exists():
+            raise UsageError(f"{run_dir} holds no prune.py run to continue")
+        return run_dir
+    if args.out_dir:
+        run_dir = Path(args.out_dir)
+        if run_dir.exists() and any(run_dir.iterdir()) and args.resume is None:
+            raise UsageError(f"{run_dir} already holds a run; continue it with --resume auto --out-dir {run_dir}")
+        return run_dir
+    return Path("runs") / name if args.resume == "auto" else fresh_out_dir(Path("runs") / name)
+
+
 def run(args) -> int:
     """Every phase of the run, under one process group when torchrun starts several processes."""
     ctx = distributed.init()
@@ -385,6 +416,10 @@ def run_phases(args, ctx: distributed.Context) -> int:
     if args.num_classes is not None and args.num_classes != arch["num_classes"]:
         raise UsageError(f"--num_classes {args.num_classes}: {args.checkpoint} has {arch['num_classes']} classes")
     args.num_classes = arch["num_classes"]
+    if args.method == "imp":
+        return run_imp(args, source, ctx)
+    if args.density is not None:
+        raise UsageError(f"--density is IMP's (--method imp); {args.method} takes --stage_pr, --target-macs or --target")
     hsic_run = args.method == "hsic"
     if hsic_run and args.stage_pr is not None:
         raise UsageError("HSIC-Lasso finds its own widths: give --target MACS or --target-macs F, not --stage_pr")
@@ -423,16 +458,7 @@ def run_phases(args, ctx: distributed.Context) -> int:
                     milestones=(), lr_decay=1.0, gate_decay=None, epochs=args.epochs, fine_tune_epochs=0,
                     batch_size=args.batch_size, lamba=0.0, workers=args.workers)
     name = f"{arch['model']}_{'dummy-' if args.dummy else ''}{args.dataset}_{args.method}_{spec}"
-    if args.resume not in (None, "auto"):
-        run_dir = Path(args.resume)
-        if not (run_dir / "last.pt").exists() and not (run_dir / "regularize" / "last.pt").exists():
-            raise UsageError(f"{run_dir} holds no prune.py run to continue")
-    elif args.out_dir:
-        run_dir = Path(args.out_dir)
-        if run_dir.exists() and any(run_dir.iterdir()) and args.resume is None:
-            raise UsageError(f"{run_dir} already holds a run; continue it with --resume auto --out-dir {run_dir}")
-    else:
-        run_dir = Path("runs") / name if args.resume == "auto" else fresh_out_dir(Path("runs") / name)
+    run_dir = _run_dir(args, name)
     # Rank 0's choices, for every rank.
     run_dir = Path(ctx.gather(str(run_dir))[0])
     if args.seed is None:
@@ -479,6 +505,51 @@ def run_phases(args, ctx: distributed.Context) -> int:
     else:
         extra["lr_ft"] = {str(k): v for k, v in args.lr_ft.items()}
     return fine_tune(args, recipe, cut, baseline, run_dir, extra)
+
+
+def run_imp(args, source: dict, ctx: distributed.Context) -> int:
+    """IMP: the dense network pruned to ``--density`` while it trains, through the engine, into one run
+    directory."""
+    if args.lr is not None:
+        raise UsageError("--lr is HSIC-Lasso's cosine lr; IMP follows the code's schedule, or --lr_ft")
+    arch = source["arch"]
+    model = dense_model(source)
+    check_density(model, args.density)
+    kind = "imagenet" if args.dataset == "imagenet" else "cifar"
+    defaults = SCHEDULES[kind]["imp"]
+    schedule = args.lr_ft or defaults["lr"]
+    args.lr_ft = schedule
+    args.batch_size = args.batch_size or defaults["batch_size"]
+    args.weight_decay = defaults["weight_decay"] if args.weight_decay is None else args.weight_decay
+    if args.epochs is None:
+        args.epochs = IMP_EVERY * (args.prune_iterations - 1) + IMP_POST_EPOCHS
+    spec = f"d{args.density:g}" + ("_cubic" if args.cubic else "")
+    name = f"{arch['model']}_{'dummy-' if args.dummy else ''}{args.dataset}_imp_{spec}"
+    run_dir = Path(ctx.gather(str(_run_dir(args, name)))[0])  # rank 0's, for every rank
+    if args.seed is None:
+        args.seed = ctx.gather(int(torch.randint(0, 2 ** 31 - 1, ()).item()))[0]
+    if ctx.is_main:
+        print(f"imp on {source['kind']} {args.checkpoint}: density {args.density:g} in {args.prune_iterations} prunes "
+              f"({'cubic' if args.cubic else 'exponential'}), {args.epochs} epochs")
+    macs, params = model.cost.dense()
+    baseline = dict(macs=macs, params=params, widths=list(model.gates.widths))
+    lr = max(schedule.values())
+    recipe = Recipe(model=arch["model"], imagenet=kind == "imagenet", lr=lr, weight_decay=args.weight_decay,
+                    milestones=(), lr_decay=1.0, gate_decay=None, epochs=args.epochs, fine_tune_epochs=0,
+                    batch_size=args.batch_size, lamba=0.0, workers=args.workers)
+    args.layer_ratios = None
+    phase = _common_args(args, batch_size=args.batch_size, epochs=args.epochs, out_dir=str(run_dir),
+                         resume="auto" if (run_dir / "last.pt").exists() else None, lr=lr, lr_schedule=schedule,
+                         nesterov=True, **{key: getattr(args, key) for key in IMP_SETTINGS})
+
+    def method(model, phase_args):
+        return IMP(model, args.density, phase_args.seed, args.prune_iterations, args.cubic, every=IMP_EVERY)
+
+    extra = dict(method="imp", source=str(args.checkpoint), lr_ft={str(k): v for k, v in schedule.items()},
+                 nesterov=True)
+    trainer = Trainer(recipe, phase, method=method, start=source, baseline=baseline,
+                      identity=("method", "dataset", "num_classes") + IMP_SETTINGS, extra_results=extra)
+    return trainer.fit()
 
 
 def parse_args(argv=None) -> Namespace:

@@ -63,6 +63,8 @@ def read_results(run: Path, warnings: list) -> dict | None:
 def penalty_cell(r: dict) -> str:
     """What set the pruning level: lambda, the budget (``macs<=0.5``) that replaced it, or a peer's
     ratios (``--stage_pr``) or MACs target (``macs≈0.5``)."""
+    if r.get("density") is not None:
+        return f"density {r['density']:g}"  # unstructured sparse training or IMP: compare the params column
     if r.get("stage_pr"):
         return f"pr {r['stage_pr']}"
     if r.get("target_macs") and r.get("method") not in ("l0-hc", "dep-l0"):

@@ -99,6 +99,11 @@ class PruningMethod:
         """One value per channel of every gated layer, 0 where the channel is removed."""
         return self.model.gates.test_gates()
 
+    def network_key(self) -> torch.Tensor:
+        """What identifies the network the method leaves now: ``best_top1`` and ``best.pt`` compare only
+        epochs with equal keys (default: the open channels)."""
+        return self.channel_gates() > 0
+
     def cost(self, kept: torch.Tensor) -> tuple[int, int]:
         """(MACs, params) of the network the method leaves, ``kept`` channels per gated layer."""
         return self.model.cost.pruned(kept)

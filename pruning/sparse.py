@@ -314,6 +314,11 @@ class SparseMethod(PruningMethod):
     def active(self) -> list[int]:
         return [int(m.sum()) for m in self.masks]
 
+    def network_key(self) -> torch.Tensor:
+        """The active weights per sparse tensor: best_top1 compares only epochs of the same size
+        (IMP's prunes and DSR's moves between tensors start the comparison afresh)."""
+        return torch.tensor(self.active())
+
     def cost(self, kept: torch.Tensor) -> tuple[int, int]:
         return sparse_cost(self.model, self.sparse_layer_names())
 

@@ -492,7 +492,7 @@ ERRORS = {
     "ratio 1": (["--method", "l1", "--stage_pr", "0,1,0.5,0.5,0"], "dense", "[0, 1)"),
     "wrong length": (["--method", "greg1", "--stage_pr", "0,0.5,0.5,0"], "dense", "takes 5 ratios"),
     "unreachable": (["--method", "l1", "--target-macs", "0.02"], "dense", "smallest network"),
-    "no ratios": (["--method", "l1"], "dense", "one of the arguments --stage_pr --target-macs --target is required"),
+    "no ratios": (["--method", "l1"], "dense", "one of the arguments --stage_pr --target-macs --target --density is required"),
     "bad lr_ft": (["--method", "l1", "--stage_pr", "0,0.5,0.5,0.5,0", "--lr_ft", "60:0.1"], "dense", "epoch 0"),
 }
 

@@ -102,7 +102,7 @@ def _fraction(text):
     return value
 
 
-def _density(text):
+def density_type(text):
     value = _number(float)(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1] (the fraction of each sparse tensor's weights kept), "
@@ -147,11 +147,11 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--sparse", choices=sparse.METHODS,
                    help="train from scratch with per-weight masks: DSR, SET, DeepR or a static random mask "
                         "(selects the method's own schedule unless a flag overrides it)")
-    g.add_argument("--density", type=_density, metavar="D", help="fraction of every sparse tensor's weights active")
+    g.add_argument("--density", type=density_type, metavar="D", help="fraction of every sparse tensor's weights active")
     g.add_argument("--n-prune-params", type=positive_int, metavar="N",
                    help="DSR's N_p: weights to reallocate per period (default: the code's 20,000 of WRN-28-2 or "
                         "400,000 of ResNet50, scaled by this network's sparse weights)")
-    g.add_argument("--rewire-fraction", type=_density, metavar="F",
+    g.add_argument("--rewire-fraction", type=density_type, metavar="F",
                    help="SET's fraction of each tensor's active weights replaced per period (default: the code's "
                         "value for the density)")
     g.add_argument("--stop-rewire-epoch", type=nonneg_int, metavar="E",

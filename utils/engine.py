@@ -451,7 +451,7 @@ class Trainer:
         val_stats = self.evaluate()
         finished_epoch = self.epoch
         self.epoch, self.step = self.epoch + 1, 0
-        open_channels = self.method.channel_gates().cpu() > 0
+        open_channels = self.method.network_key().cpu()
         if self.best_channels is None or not torch.equal(open_channels, self.best_channels):
             # Another network than the one best_top1 was measured on: the comparison starts afresh.
             self.best_top1, self.best_since, self.best_channels = float("-inf"), self.epoch, open_channels

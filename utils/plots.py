@@ -69,7 +69,8 @@ def save_channels_png(channels, path, title: str = "") -> Path:
 # results.json's "method" as papers name it (every run since the pruning-method interface; older
 # runs have only "net").
 METHOD_NAMES = {"l0-hc": "L0-HC", "dep-l0": "Dep-L0", "dense": "dense", "l1": "L1", "greg1": "GReg-1",
-                "greg2": "GReg-2", "hsic": "HSIC-Lasso"}
+                "greg2": "GReg-2", "hsic": "HSIC-Lasso", "dsr": "DSR", "set": "SET", "deepr": "DeepR",
+                "static": "static sparse", "imp": "IMP"}
 
 
 def run_title(results: dict) -> str:
@@ -84,7 +85,9 @@ def run_title(results: dict) -> str:
     level = ""
     if peer:
         method = peer
-        if results.get("stage_pr"):
+        if results.get("density") is not None:
+            level = f", density {results['density']:g}"
+        elif results.get("stage_pr"):
             level = f", pr {results['stage_pr']}"
         elif results.get("target_macs"):
             level = f", macs≈{results['target_macs']:g}"
