@@ -1,4 +1,4 @@
-"""Prune a dense baseline with a peer method of Dep-L0, then fine-tune it: L1, GReg-1, GReg-2, HSIC-Lasso.
+"""Prune a dense baseline with a peer method of Dep-L0, then fine-tune it: L1, GReg-1, GReg-2, HSIC-Lasso, IMP.
 
 The input is a dense training checkpoint (``train_*.py --net dense``, its
 ``best.pt``), or for ResNet50 torchvision's pretrained weights from a local
@@ -15,6 +15,9 @@ file. The ratios are GReg's (``--stage_pr``), or found for a MACs target:
     python prune.py runs/vgg16_cifar10_dense/best.pt --method hsic --target 107000000 --omega 40 --alpha 5e-5 --tolerance 0.01
     python prune.py runs/resnet56_cifar10_dense/best.pt --method hsic --target 57000000 --omega 5 --alpha 8e-4 --tolerance 0.01
     python prune.py resnet50-0676ba61.pth --data-dir /path/to/imagenet --method hsic --target 1550000000 --omega 1 --alpha 7e-5 --tolerance 0.01
+    # Iterative magnitude pruning of single weights to a density (DSR's code's IMP; pruning/sparse.py):
+    python prune.py runs/resnet56_cifar10_dense/best.pt --method imp --density 0.1 --cubic
+    python prune.py resnet50-0676ba61.pth --data-dir /path/to/imagenet --method imp --density 0.2
 
 Every option of GReg's own code keeps its spelling and its per-dataset value
 (CIFAR: its README's commands; ImageNet: its defaults). L1 removes the filters

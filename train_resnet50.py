@@ -10,6 +10,11 @@ The published commands (spec section 5) run unchanged:
 holds train/<class>/* and val/<class>/* (ImageNet's layout). Without data:
 
     python train_resnet50.py --dummy --net dep --epochs 1 --fine_tune_epoch 1 --limit-batches 2 -b 4
+
+Unstructured sparse training at a parameter budget instead of gates (pruning/sparse.py; DSR, SET,
+DeepR or a static random mask, each on its code's schedule):
+
+    python train_resnet50.py /path/to/imagenet --sparse dsr --density 0.2 --gpu 0
 """
 from utils.cli import Recipe
 from utils.engine import main

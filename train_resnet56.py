@@ -9,6 +9,11 @@ The published commands (spec section 5) run unchanged:
 Try it without data, on any machine:
 
     python train_resnet56.py --net dep --dummy --epoch 2 --limit-batches 5 -b 32
+
+Unstructured sparse training at a parameter budget instead of gates (pruning/sparse.py; DSR, SET,
+DeepR or a static random mask, each on its code's schedule):
+
+    python train_resnet56.py --sparse dsr --density 0.2 --gpu 0
 """
 from utils.cli import Recipe
 from utils.engine import main

@@ -32,6 +32,12 @@ gated model's eval-mode output up to float rounding:
 - **ResNet50 stem** feeds a projection shortcut, so both ``layers.0.conv1``
   and ``layers.0.downsample.0`` simply lose the closed input channels.
 
+- **Unstructured sparsity** (pruning/sparse.py) removes no channel: the
+  compact model has the dense widths and the pruned weights are exact zeros
+  in its state dict; its ``macs``/``params`` count only the non-zero weights
+  of the sparse layers (``arch['source']['sparse_layers']``), see
+  :func:`sparse_cost`.
+
 ``pruned.pt`` holds only tensors and plain Python values, so it loads with
 ``torch.load(path, weights_only=True)`` anywhere::
 
