@@ -193,10 +193,16 @@ def regrow_proportional(masks: list[torch.Tensor], dropped: list[torch.Tensor],
     """DSR's regrowth of every dropped weight: each pass gives tensor l round(left·R_l/ΣR) (R_l its
     surviving weights, counted once before the first pass), the rounding difference to one tensor
     drawn at random (clamped at 0), until all are placed or no tensor has room. Returns the number
-    grown per tensor."""
+    grown per tensor.
+
+    Two departures keep the budget exact where the code's loop does not: a clamped difference that
+    leaves more to grow than was dropped is taken back one weight at a time from tensors drawn at
+    random (the code grows the excess); and after a pass that places nothing because the tensors it
+    chose are full, the shares are renormalised over the tensors with room (the code draws again, or
+    loops forever when no rounding difference is left to draw)."""
     total = sum(d.numel() for d in dropped)
-    survivors = torch.tensor([float(m.sum()) for m in masks], dtype=torch.float64)
-    shares = survivors / survivors.sum()
+    shares = torch.tensor([float(m.sum()) for m in masks], dtype=torch.float64)
+    shares /= shares.sum()
     grown = [0] * len(masks)
     placed = 0
     while placed < total:
@@ -206,14 +212,22 @@ def regrow_proportional(masks: list[torch.Tensor], dropped: list[torch.Tensor],
         if difference:
             lucky = int(torch.randint(len(masks), (), generator=generator))
             counts[lucky] = max(0, int(counts[lucky]) + difference)
+        while int(counts.sum()) > left:
+            candidates = counts.nonzero().flatten()
+            counts[candidates[int(torch.randint(candidates.numel(), (), generator=generator))]] -= 1
         added = 0
         for layer, (mask, excluded) in enumerate(zip(masks, dropped)):
             n = grow_random(mask, excluded, int(counts[layer]), generator).numel()
             grown[layer] += n
             added += n
-        if added == 0:
-            break  # every tensor is full (the code would loop forever here)
         placed += added
+        if added == 0:
+            room = torch.tensor([float((~m).sum()) - float((~m)[d].sum()) for m, d in zip(masks, dropped)],
+                                dtype=torch.float64)
+            if not bool((room > 0).any()):
+                break  # every tensor is full
+            shares = torch.where(room > 0, shares, torch.zeros_like(shares))
+            shares = shares / shares.sum() if float(shares.sum()) > 0 else (room > 0).double() / float((room > 0).sum())
     return grown
 
 
@@ -332,7 +346,7 @@ class SparseMethod(PruningMethod):
                     epoch=self.epoch, reallocated_epoch=self.reallocated_epoch, events=list(self.events))
 
     def load_state_dict(self, state: dict) -> list[str]:
-        self.masks = [m.to(w.device).view(w.shape) for m, w in zip(state["masks"], self.weights)]
+        self.masks = [m.to(w.device).view(w.shape).clone() for m, w in zip(state["masks"], self.weights)]
         self.generator.set_state(state["generator"])
         self.epoch, self.reallocated_epoch = state["epoch"], state["reallocated_epoch"]
         self.events = list(state["events"])

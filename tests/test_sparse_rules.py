@@ -242,15 +242,10 @@ def test_regrow_proportional_stops_when_no_tensor_has_room():
 
 
 def test_regrow_proportional_retries_when_the_drawn_tensor_is_full():
-    """KNOWN BUG (reported, not fixed here): FAILS on the current pruning/sparse.py.
-
-    Tensor A has no room (3 survivors + 1 just dropped fill its 4 positions), tensor B has 97 free
-    positions; K = 1. Shares (0.5, 0.5) round to (0, 0) and the difference 1 goes to a random tensor.
-    When A is drawn the pass adds nothing and regrow_proportional breaks out of its loop, so the
-    weight is never placed (the budget shrinks by one) although B has room. Its docstring promises
-    "until all are placed or no tensor has room", and the authors' loop (main.py:652-666) draws again
-    on the next pass and places it in B.
-    """
+    """Tensor A has no room (3 survivors + 1 just dropped fill its 4 positions), tensor B has 97 free
+    positions; K = 1. Shares (0.5, 0.5) round to (0, 0) and the difference 1 goes to a random tensor;
+    when that is A the pass places nothing, and the next pass (shares over the tensors with room)
+    places it in B, as the authors' loop eventually does by drawing again (main.py:652-666)."""
     lost = []
     for seed in range(20):
         a = torch.tensor([True, True, True, False])
@@ -260,6 +255,21 @@ def test_regrow_proportional_retries_when_the_drawn_tensor_is_full():
         if grown != [0, 1]:
             lost.append((seed, grown))
     assert not lost, f"dropped weight never regrown although B has room (seed, grown per tensor): {lost}"
+
+
+def test_regrow_proportional_never_grows_more_than_it_dropped():
+    """5 tensors with equal survivors, K = 3: each share rounds 0.6 up to 1 (sum 5), the difference
+    -2 clamped at 0 on the drawn tensor leaves 4; the authors' code grows those 4, one more than it
+    dropped. Ours takes the excess back from tensors drawn at random: exactly 3 grow, the budget holds
+    (README, deviations)."""
+    for seed in range(20):
+        masks = [torch.zeros(50, dtype=torch.bool) for _ in range(5)]
+        for m in masks:
+            m[:10] = True
+        dropped = [_long([10]), _long([11]), _long([12]), _long([]), _long([])]
+        grown = regrow_proportional(masks, dropped, _gen(seed))
+        assert sum(grown) == 3 and all(g <= 1 for g in grown), (seed, grown)
+        assert sum(int(m.sum()) for m in masks) == 53
 
 
 # ----------------------------------------------------------------------- IMP's fractions

@@ -247,14 +247,26 @@ ERRORS = {
 }
 
 
+def _one_line_error(capsys, call):
+    """``call`` ends with exit status 2 and one line on stderr, no traceback; returns that line."""
+    with pytest.raises(SystemExit) as stop:
+        status = call()
+        raise SystemExit(status)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err, (stop.value.code, err)
+    return lines[0]
+
+
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_bad_sparse_input_is_one_line(case, tmp_path):
+def test_bad_sparse_input_is_one_line(case, tmp_path, capsys, monkeypatch):
+    from utils.engine import main
+    monkeypatch.chdir(tmp_path)
     argv, needle = ERRORS[case]
-    proc = run_script("train_resnet56.py", *argv, "--width-mult", "0.125", "--epoch", "1", "--limit-batches", "1",
-                      *TINY, "--out-dir", "run", cwd=tmp_path)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    line = _one_line_error(capsys, lambda: main(train_resnet56.RECIPE, [
+        *argv, "--width-mult", "0.125", "--epoch", "1", "--limit-batches", "1", *TINY, "--out-dir", "run"]))
+    assert needle in line, line
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -262,11 +274,10 @@ def test_bad_sparse_input_is_one_line(case, tmp_path):
     (["--method", "imp", "--density", "0.5", "--lr", "0.1"], "--lr is HSIC-Lasso's"),
     (["--method", "imp", "--density", "2"], "must be in (0, 1]"),
 ])
-def test_bad_imp_input_is_one_line(argv, needle, dense_checkpoint):
-    proc = run_script("prune.py", "dense/best.pt", *argv, *TINY, "--out-dir", "imp-error", cwd=dense_checkpoint)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+def test_bad_imp_input_is_one_line(argv, needle, dense_checkpoint, capsys, monkeypatch):
+    monkeypatch.chdir(dense_checkpoint)
+    line = _one_line_error(capsys, lambda: prune.main(["dense/best.pt", *argv, *TINY, "--out-dir", "imp-error"]))
+    assert needle in line, line
 
 
 def test_sparse_recipes_are_the_codes():
