@@ -311,3 +311,41 @@ def test_dsr_threshold_adapts_to_n_prune_params():
     assert method.threshold == 5.0
     assert all(int(m.sum()) >= 1 for m in method.masks)  # the first active weight of each tensor stays
     assert len(sparse_layers(model)) == len(method.masks)
+
+
+# ------------------------------------------------------------------------------------- torchrun
+
+RANK_SCRIPT = """
+import os, sys
+import torch
+sys.path.insert(0, {repo!r})
+import train_resnet56
+from pruning import sparse
+from utils.cli import parse_args
+from utils.engine import Trainer
+for kind in sparse.SCHEDULES:
+    sparse.SCHEDULES[kind]["rewire_periods"] = {{0: 3}}
+trainer = Trainer(train_resnet56.RECIPE, parse_args(train_resnet56.RECIPE, sys.argv[1:]))
+assert trainer.fit() == 0
+torch.save(dict(masks=[m.cpu() for m in trainer.method.masks], weights=[w.detach().cpu() for w in trainer.method.weights]),
+           f"rank{{os.environ['RANK']}}.pt")
+"""
+
+
+@pytest.mark.parametrize("method", ["dsr", "deepr"])
+def test_masks_and_weights_agree_across_torchrun_ranks(method, tmp_path):
+    """Reallocations draw from the method's own generator, seeded alike on every rank, and decide on
+    weights DDP keeps equal: two processes end with the same masks and weights."""
+    from conftest import REPO_ROOT
+    from test_distributed import diagnostics, torchrun
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO_ROOT)))
+    proc = torchrun(script, "--sparse", method, "--density", "0.3", "--width-mult", "0.125", "--epoch", "1",
+                    "--limit-batches", "7", "-b", "16", *TINY, "--out-dir", "run", cwd=tmp_path)
+    assert proc.returncode == 0, diagnostics(proc)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert_equal_states(ranks[0], ranks[1], "rank 0 vs rank 1")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["sparse_weights_active"] == sum(int(m.sum()) for m in ranks[0]["masks"])
+    if method == "dsr":
+        assert results["threshold"] != sparse.THRESHOLD_START  # it reallocated (iterations 3 and 6)
