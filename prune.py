@@ -524,8 +524,14 @@ def run_imp(args, source: dict, ctx: distributed.Context) -> int:
     args.lr_ft = schedule
     args.batch_size = args.batch_size or defaults["batch_size"]
     args.weight_decay = defaults["weight_decay"] if args.weight_decay is None else args.weight_decay
+    last_prune = IMP_EVERY * (args.prune_iterations - 1) + 1  # the epoch whose end brings the last prune
     if args.epochs is None:
-        args.epochs = IMP_EVERY * (args.prune_iterations - 1) + IMP_POST_EPOCHS
+        args.epochs = last_prune - 1 + IMP_POST_EPOCHS
+    elif args.epochs < last_prune:
+        raise UsageError(f"--epochs {args.epochs}: IMP's last prune comes at the end of epoch {last_prune} "
+                         f"(--prune-iterations {args.prune_iterations}, one every {IMP_EVERY} epochs); give at least that")
+    if args.momentum == 0:
+        raise UsageError("IMP trains with Nesterov momentum, as the code: --momentum must be above 0")
     spec = f"d{args.density:g}" + ("_cubic" if args.cubic else "")
     name = f"{arch['model']}_{'dummy-' if args.dummy else ''}{args.dataset}_imp_{spec}"
     run_dir = Path(ctx.gather(str(_run_dir(args, name)))[0])  # rank 0's, for every rank

@@ -36,6 +36,8 @@ class PruningMethod:
     name = "dense"
     # The column name of :meth:`loss` in the progress lines.
     loss_name = "reg"
+    # What :meth:`network_key` compares, in words (results.json's ``best_top1_over``).
+    network_name = "open channels"
 
     def __init__(self, model):
         self.model = model

@@ -12,10 +12,10 @@ weight (the code's ``--sub-kernel-granularity 4``, every published run).
 active, drawn uniformly at random, the same density d everywhere; every conv He-normal with fan-out,
 :math:`\mathcal N(0, 2/(k^2 C_{out}))`, the classifier PyTorch's uniform with zero bias, BN 1 and 0.
 
-**Masks are exact.** After every optimiser step each sparse weight and its momentum buffer are
-multiplied by the mask, so an inactive weight, and its momentum, is exactly 0 (the code multiplies the
-weight by its mask in the forward instead; the gradients of the active weights are the same). A weight
-regrown by a rule below starts at 0 with a zero momentum.
+**Masks are exact.** After backward the gradients of inactive weights are zeroed (what the code's
+forward, which multiplies each weight by its mask, gives them), and after every optimiser step each
+sparse weight and its momentum buffer are multiplied by the mask, so an inactive weight, and its
+momentum, is exactly 0. A weight regrown by a rule below starts at 0 with a zero momentum.
 
 **Reallocation rules** (every rule changes the masks only; the next :meth:`SparseMethod.apply_masks`
 zeroes what they dropped):
@@ -176,14 +176,33 @@ def drop_sign_flipped(weight: torch.Tensor, mask: torch.Tensor, signs: torch.Ten
     return dropped
 
 
+def sample_without_replacement(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` distinct indices of ``range(n)``, every k-subset equally likely (CPU, long). A permutation
+    of n when k is a sizeable part of it; else draws with replacement, keeping each index's first
+    draw in draw order, until k are distinct: O(k) where a permutation of ResNet50's 18M inactive
+    weights would cost a second a step (DeepR regrows a few weights every step)."""
+    if 4 * k >= n:
+        return torch.randperm(n, generator=generator)[:k]
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < k:
+        merged = torch.cat([chosen, torch.randint(n, (2 * (k - chosen.numel()) + 8,), generator=generator)])
+        unique, inverse = torch.unique(merged, return_inverse=True)
+        first = torch.full((unique.numel(),), merged.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(merged.numel()), reduce="amin")
+        chosen = unique[first.argsort()][:k]
+    return chosen
+
+
 def grow_random(mask: torch.Tensor, excluded: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """Activate ``count`` positions drawn uniformly among the inactive ones not in ``excluded`` (fewer if
     fewer are free, as the code does); returns them."""
+    if count <= 0:
+        return excluded.new_empty(0)
     free = ~mask
     free[excluded] = False
     candidates = free.nonzero().flatten()
     count = min(int(count), candidates.numel())
-    grown = candidates[torch.randperm(candidates.numel(), generator=generator)[:count].to(candidates.device)]
+    grown = candidates[sample_without_replacement(candidates.numel(), count, generator).to(candidates.device)]
     mask[grown] = True
     return grown
 
@@ -256,6 +275,7 @@ class SparseMethod(PruningMethod):
     torchrun processes; its state is checkpointed."""
 
     name = "static"
+    network_name = "active weights per sparse tensor"
 
     def __init__(self, model, density: float | None, seed: int, initialize: bool = True):
         super().__init__(model)
@@ -294,6 +314,17 @@ class SparseMethod(PruningMethod):
 
     def attach_optimizer(self, optimizer) -> None:
         self.optimizer = optimizer
+
+    def changes_gradients(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Zero the gradients of inactive weights: what the code's masked forward gives them, so that
+        gradient clipping and DeepR's noise see the code's gradients."""
+        pairs = [(w.grad, m) for w, m in zip(self.weights, self.masks) if w.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -341,11 +372,20 @@ class SparseMethod(PruningMethod):
 
     # -- state and reporting -----------------------------------------------------------------
 
+    def settings(self) -> dict:
+        """The method's resolved settings, ``{flag: value}``: a run resumes only with the same."""
+        return {"--density": self.density}
+
     def state_dict(self) -> dict:
         return dict(masks=[m.cpu().clone() for m in self.masks], generator=self.generator.get_state(),
-                    epoch=self.epoch, reallocated_epoch=self.reallocated_epoch, events=list(self.events))
+                    epoch=self.epoch, reallocated_epoch=self.reallocated_epoch, events=list(self.events),
+                    settings=self.settings())
 
     def load_state_dict(self, state: dict) -> list[str]:
+        for flag, value in state["settings"].items():
+            if self.settings().get(flag) != value:
+                raise UsageError(f"the checkpoint's run used {flag} {value}, this command {self.settings().get(flag)}; "
+                                 f"resume it with matching flags")
         self.masks = [m.to(w.device).view(w.shape).clone() for m, w in zip(state["masks"], self.weights)]
         self.generator.set_state(state["generator"])
         self.epoch, self.reallocated_epoch = state["epoch"], state["reallocated_epoch"]
@@ -435,8 +475,9 @@ class DSR(_PeriodicRewiring):
         self.threshold = state["threshold"]
         return super().load_state_dict(state)
 
-    def progress_scalars(self, progress: float) -> dict:
-        return {"sparse/threshold": self.threshold}
+    def settings(self) -> dict:
+        return dict(super().settings(), **{"--n-prune-params": self.n_prune_params,
+                                           "--stop-rewire-epoch": self.stop_epoch})
 
     def results(self) -> dict:
         return dict(super().results(), threshold=self.threshold, n_prune_params=self.n_prune_params)
@@ -463,13 +504,19 @@ class SET(_PeriodicRewiring):
         self._record(iteration, reallocated)
         self.apply_masks()
 
+    def settings(self) -> dict:
+        return dict(super().settings(), **{"--rewire-fraction": self.fraction, "--stop-rewire-epoch": self.stop_epoch})
+
     def results(self) -> dict:
         return dict(super().results(), rewire_fraction=self.fraction)
 
 
 class DeepR(SparseMethod):
     """Deep rewiring: an L1 term and Gaussian gradient noise on the active weights every step; a weight
-    whose sign flips is dropped and a random one regrows."""
+    whose sign flips is dropped and a random one regrows.
+
+    The noise of step t comes from a generator on the weights' device seeded with (seed, t): no state
+    to checkpoint, identical on every rank, and a run resumed on another kind of device goes on."""
 
     name = "deepr"
 
@@ -478,27 +525,29 @@ class DeepR(SparseMethod):
         super().__init__(model, density, seed, initialize)
         self.temperatures, self.stop_epoch, self.eta, self.l1 = dict(temperatures), stop_epoch, eta, l1
         self.signs = [torch.sign(w.detach()).view(-1).clone() for w in self.weights]
-        # The noise's own generator on the weights' device, seeded from the method's.
-        device = self.weights[0].device
-        self.noise = torch.Generator(device=device).manual_seed(int(torch.randint(2 ** 62, (), generator=self.generator)))
-
-    def changes_gradients(self) -> bool:
-        return True
+        self.noise_seed = int(torch.randint(2 ** 62, (), generator=self.generator))
+        self.iteration = 0
 
     def loss(self, progress: float) -> torch.Tensor | None:
         if self.l1 == 0:
             return None
         return self.l1 * torch.stack([w.abs().sum() for w in self.weights]).sum()
 
+    def before_step(self, iteration: int) -> None:
+        self.iteration = iteration
+
     @torch.no_grad()
     def after_backward(self) -> None:
+        super().after_backward()
         if self.epoch >= self.stop_epoch:
             return
         std = (2.0 * self.eta * schedule_value(self.temperatures, self.epoch)) ** 0.5
+        noise = torch.Generator(device=self.weights[0].device)
+        noise.manual_seed((self.noise_seed + 1_000_003 * self.iteration) % 2 ** 63)
         for weight, mask in zip(self.weights, self.masks):
             if weight.grad is not None and not bool(mask.all()):
-                noise = torch.randn(weight.shape, generator=self.noise, device=weight.device, dtype=weight.dtype)
-                weight.grad.add_(noise.mul_(std).mul_(mask))
+                draw = torch.randn(weight.shape, generator=noise, device=weight.device, dtype=weight.dtype)
+                weight.grad.add_(draw.mul_(std).mul_(mask))
 
     @torch.no_grad()
     def reallocate(self, iteration: int) -> None:
@@ -516,13 +565,16 @@ class DeepR(SparseMethod):
         self.reallocated_epoch += reallocated
         self.apply_masks()
 
+    def settings(self) -> dict:
+        return dict(super().settings(), **{"--DeepR_eta": self.eta, "--L1-loss-coeff": self.l1,
+                                           "--stop-rewire-epoch": self.stop_epoch})
+
     def state_dict(self) -> dict:
-        return dict(super().state_dict(), signs=[s.cpu().clone() for s in self.signs],
-                    noise=self.noise.get_state())
+        return dict(super().state_dict(), signs=[s.cpu().clone() for s in self.signs], noise_seed=self.noise_seed)
 
     def load_state_dict(self, state: dict) -> list[str]:
         self.signs = [s.to(w.device) for s, w in zip(state["signs"], self.weights)]
-        self.noise.set_state(state["noise"])
+        self.noise_seed = state["noise_seed"]
         return super().load_state_dict(state)
 
     def results(self) -> dict:
@@ -554,6 +606,9 @@ class IMP(SparseMethod):
         self.prunes_done += 1
         self.reallocated_epoch += pruned
         self.apply_masks()
+
+    def settings(self) -> dict:
+        return {"--density": self.target, "--prune-iterations": self.iterations, "--cubic": self.cubic}
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), prunes_done=self.prunes_done)

@@ -578,16 +578,29 @@ def test_deepr_noise_and_l1_touch_only_active_weights():
     method.after_backward()
     noise = torch.cat([(w.grad - g)[m] for w, g, m in zip(method.weights, grads, method.masks)])
     for w, g, m in zip(method.weights, grads, method.masks):
-        assert torch.all(w.grad[~m] == g[~m])
+        assert torch.all(w.grad[~m] == 0)  # inactive weights: the code's masked forward gives them 0
         assert torch.all(w.grad[m] != g[m])
     std = (2 * eta * temperature) ** 0.5
     assert noise.numel() > 5000
     assert abs(noise.std().item() / std - 1) < 0.05 and abs(noise.mean().item()) < 0.01
-    # No noise from the stop epoch on.
+    # No noise from the stop epoch on (only the masking, which leaves masked gradients as they are).
     method.start_epoch(100)
     grads = [w.grad.clone() for w in method.weights]
     method.after_backward()
     assert all(torch.equal(w.grad, g) for w, g in zip(method.weights, grads))
+
+
+def test_inactive_weights_get_zero_gradients_as_in_the_codes_masked_forward():
+    """Every method zeroes the gradients of inactive weights after backward (gradient clipping and the
+    noise then see the code's gradients, where the forward multiplies by the mask)."""
+    from conftest import _build_tiny
+    model, x = _build_tiny("resnet56", net="dense")
+    method = StaticSparse(model, 0.3, seed=0)
+    assert method.changes_gradients()
+    model(x).sum().backward()
+    assert any(bool((w.grad[~m] != 0).any()) for w, m in zip(method.weights, method.masks))
+    method.after_backward()
+    assert all(bool((w.grad[~m] == 0).all()) for w, m in zip(method.weights, method.masks))
 
 
 def test_deepr_training_keeps_the_budget_and_the_masks_exact():
@@ -703,3 +716,19 @@ def test_resnet50_has_the_codes_sparse_weight_count():
     # The meta device cannot build it (the gates' repeat_interleave), so build it for real (~0.3 s).
     model = build_model(default_arch("resnet50", 1000, net="dense"))
     assert sum(model.get_submodule(r.name).weight.numel() for r in sparse_layers(model)) == 22_724_608
+
+
+@pytest.mark.parametrize("n, k", [(10, 3), (1000, 5), (50, 40)])
+def test_sample_without_replacement_is_a_uniform_subset(n, k):
+    """Distinct indices, k of them, each index equally often over many draws (both the permutation and
+    the rejection path)."""
+    from pruning.sparse import sample_without_replacement
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(n)
+    draws = 4000
+    for _ in range(draws):
+        chosen = sample_without_replacement(n, k, generator)
+        assert chosen.numel() == k and chosen.unique().numel() == k and int(chosen.min()) >= 0 and int(chosen.max()) < n
+        counts[chosen] += 1
+    expected = draws * k / n
+    assert float((counts - expected).abs().max()) < 6 * expected ** 0.5 + 1, (counts.min(), counts.max(), expected)

@@ -230,6 +230,7 @@ def test_imp_prunes_on_its_schedule_to_the_density(cubic, dense_checkpoint):
     # best_top1 ranges only over the epochs evaluated after the last prune (it ends epoch 5, before its
     # evaluation): the dense and partly pruned epochs do not count.
     assert results["best_top1_epochs"] == [5, 14]
+    assert results["best_top1_over"].startswith("epochs 5-14: those whose active weights per sparse tensor")
 
 
 # ------------------------------------------------------------------------------- one-line errors
@@ -244,6 +245,10 @@ ERRORS = {
     "SET density unknown": (["--sparse", "set", "--density", "0.25"], "give --rewire-fraction"),
     "other method's flag": (["--sparse", "set", "--density", "0.2", "--n-prune-params", "5"], "dsr's setting"),
     "static stop": (["--sparse", "static", "--density", "0.2", "--stop-rewire-epoch", "3"], "never reallocates"),
+    "gate flag": (["--sparse", "dsr", "--density", "0.2", "--lamba", "1e-6"], "--lamba belongs to the gates"),
+    "budget": (["--sparse", "dsr", "--density", "0.2", "--target-params", "0.3"], "--target-params belongs to the gates"),
+    "fine-tune": (["--sparse", "set", "--density", "0.2", "--fine_tune_epoch", "3"], "--fine_tune_epoch belongs"),
+    "no momentum": (["--sparse", "static", "--density", "0.2", "--momentum", "0"], "Nesterov momentum needs"),
 }
 
 
@@ -273,6 +278,8 @@ def test_bad_sparse_input_is_one_line(case, tmp_path, capsys, monkeypatch):
     (["--method", "l1", "--density", "0.5"], "--density is IMP's"),
     (["--method", "imp", "--density", "0.5", "--lr", "0.1"], "--lr is HSIC-Lasso's"),
     (["--method", "imp", "--density", "2"], "must be in (0, 1]"),
+    (["--method", "imp", "--density", "0.5", "--prune-iterations", "5", "--epochs", "8"], "last prune comes at the end of epoch 9"),
+    (["--method", "imp", "--density", "0.5", "--momentum", "0"], "--momentum must be above 0"),
 ])
 def test_bad_imp_input_is_one_line(argv, needle, dense_checkpoint, capsys, monkeypatch):
     monkeypatch.chdir(dense_checkpoint)
@@ -349,3 +356,16 @@ def test_masks_and_weights_agree_across_torchrun_ranks(method, tmp_path):
     assert results["world_size"] == 2 and results["sparse_weights_active"] == sum(int(m.sum()) for m in ranks[0]["masks"])
     if method == "dsr":
         assert results["threshold"] != sparse.THRESHOLD_START  # it reallocated (iterations 3 and 6)
+
+
+def test_resume_with_other_method_settings_is_refused(tmp_path, capsys, monkeypatch):
+    from utils.engine import main
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["--sparse", "dsr", "--density", "0.3", "--width-mult", "0.125", "--epoch", "2", "--limit-batches", "2",
+            "-b", "16", *TINY, "--out-dir", str(tmp_path / "run")]
+    assert _in_process([*argv, "--epoch", "1", "--n-prune-params", "5"]) == 0
+    capsys.readouterr()
+    line = _one_line_error(capsys, lambda: main(train_resnet56.RECIPE, [*argv, "--n-prune-params", "7",
+                                                                         "--resume", "auto"]))
+    assert "used --n-prune-params 5, this command 7" in line, line

@@ -236,6 +236,8 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> argparse.Namespace:
     parser = build_parser(chosen, prog)
     args = parser.parse_args(argv)
     _check_sparse(parser, args, argv)
+    if args.nesterov and args.momentum == 0:
+        parser.error("Nesterov momentum needs --momentum above 0 (or --no-nesterov)")
     if recipe.imagenet:
         if args.data and args.data_dir_flag and args.data != args.data_dir_flag:
             parser.error(f"two data directories given: {args.data} and --data-dir {args.data_dir_flag}")
@@ -278,6 +280,11 @@ def _check_sparse(parser, args, argv) -> None:
                      f"dense network, the gates remove whole channels, and no published method does both; "
                      f"leave --net out (or --net dense)")
     args.net = "dense"
+    gates_only = ("--lamba", "--reg", "--temp", "--back_dep", "--lr_gate", "--lr_adam", "--gen_optim", "--target-macs",
+                  "--target-params", "--target-warmup", "--lr-lagrangian", "--fine_tune_epoch")
+    for flag in gates_only:
+        if flag in given:
+            parser.error(f"{flag} belongs to the gates (L0-HC / Dep-L0); --sparse {args.sparse} trains without them")
     if args.density is None:
         parser.error(f"--sparse {args.sparse} needs --density D (the fraction of each sparse tensor's weights kept)")
     own = {"--n-prune-params": "dsr", "--rewire-fraction": "set", "--DeepR_eta": "deepr", "--L1-loss-coeff": "deepr"}

@@ -483,9 +483,10 @@ class Trainer:
             lamba=args.lamba, reg=args.reg, seed=args.seed, epochs_done=self.epoch,
             epochs_total=args.epochs + args.fine_tune_epoch, top1=val_stats["top1"], best_top1=self.best_top1,
             best_top1_epochs=[self.best_since, self.epoch],
-            best_top1_over=(f"epochs {self.best_since}-{self.epoch}: those whose open channels are the last "
-                            f"epoch's (the channels last changed in epoch {self.best_since})"
-                            if self.best_since > 1 else f"epochs 1-{self.epoch}: the open channels never changed"),
+            best_top1_over=(f"epochs {self.best_since}-{self.epoch}: those whose {self.method.network_name} are the "
+                            f"last epoch's (they last changed in epoch {self.best_since})"
+                            if self.best_since > 1 else f"epochs 1-{self.epoch}: the {self.method.network_name} "
+                                                        f"never changed"),
             val_loss=val_stats["loss"],
             macs_dense=macs_dense, macs_pruned=macs, macs_reduction=100 * (1 - macs / macs_dense),
             params_dense=params_dense, params_pruned=params, params_reduction=100 * (1 - params / params_dense),
