@@ -30,7 +30,7 @@ from conftest import REPO_ROOT, script_command, script_env
 from utils.report import collect, figure, write_report
 from utils.tables import TABLES_DIR, load_table, plan
 
-TINY_ROWS = ("dense", "dep-fwd", "hc-macs", "l1-macs")
+TINY_ROWS = ("dense", "dep-fwd", "hc-macs", "dsr", "l1-macs")
 # Many short epochs, so that a test can interrupt the run between two of them.
 LONG_TABLE = """title = "long"
 seeds = [0]
@@ -123,9 +123,10 @@ def test_finished_rows_are_skipped(tiny, monkeypatch, capsys):
     # The dry run of a second seed: the finished runs skipped, the missing ones' exact commands.
     assert reproduce.main(["tiny", "--dry-run", "--seeds", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[:4] == [f"skip    {row}/seed0: finished (runs/tiny/{row}/seed0)" for row in TINY_ROWS]
+    done = len(TINY_ROWS)
+    assert out[:done] == [f"skip    {row}/seed0: finished (runs/tiny/{row}/seed0)" for row in TINY_ROWS]
     wanted = [run.command(resume=False) for run in plan(load_table("tiny"), Path("runs"), (0, 1)) if run.seed == 1]
-    assert out[4:] == [" ".join(command) for command in wanted]
+    assert out[done:] == [" ".join(command) for command in wanted]
     assert out[-1].endswith("prune.py runs/tiny/dense/seed1/best.pt --method l1 --target-macs 0.5 --epochs 1 -b 16 "
                             "--limit-batches 2 --dummy -j 0 --seed 1 --out-dir runs/tiny/l1-macs/seed1")
     assert not (runs / "dense/seed1").exists()
@@ -142,7 +143,7 @@ def test_dry_run_writes_nothing_and_every_shipped_table_passes_its_scripts_parse
         assert "Time on one GPU" in path.read_text()
     assert reproduce.main(["tiny", "--dry-run", "--launcher", "slurm"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split("]")[0] + "]" for line in out] == ["[slurm level 0]"] * 6 + ["[slurm level 1]"] * 2
+    assert [line.split("]")[0] + "]" for line in out] == ["[slurm level 0]"] * 8 + ["[slurm level 1]"] * 2
     assert reproduce.main(["tiny", "--dry-run", "--only", "dense", "--gpus", "2"]) == 0
     assert all(" -m torch.distributed.run --standalone --nproc_per_node=2 " in line
                for line in capsys.readouterr().out.splitlines())
@@ -360,7 +361,7 @@ def test_slurm_submits_one_array_per_level_each_after_the_previous(tmp_path, mon
     assert first["slurm_dependency"] is None and second["slurm_dependency"] == "afterok:100"
     assert (first["gpus_per_node"], first["cpus_per_task"], first["timeout_min"]) == (1, 8, 600)
     assert first["slurm_partition"] == "gpu"
-    assert first["slurm_array_parallelism"] == 6
+    assert first["slurm_array_parallelism"] == 8
     assert last["slurm_dependency"] == "afterany:100:101" and last["gpus_per_node"] == 0
     assert report[0].function == "report"
     assert ids == ["100", "101", "102"]
