@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run of at most 7 minutes on one GPU,
+# Everything that needs a GPU, in one run of at most 8 minutes on one GPU,
 # most important first (each step has its own time limit, so a slow step
 # cannot starve the later ones):
 #   1. the CUDA variants of the tests (cuDNN batch norm in the fused BN-gate-ReLU
@@ -10,7 +10,9 @@
 #   3. seconds per CIFAR epoch of VGG16 and ResNet56, end to end with the data
 #      held on the GPU (bench/epoch_time.py);
 #   4. ImageNet loader images/s per worker count on this machine's cores
-#      (bench/input_pipeline.py), next to ResNet50's training images/s from 2.
+#      (bench/input_pipeline.py), next to ResNet50's training images/s from 2;
+#   5. the step time of ResNet50 under per-weight masks (static, DSR, SET, DeepR)
+#      against dense (bench/sparse_step.py).
 # Multi-GPU NCCL needs two GPUs and is not part of it.
 #
 #     bash bench/cuda_checks.sh            # writes bench/cuda_out/*.txt
@@ -54,3 +56,5 @@ for model in resnet56 vgg16; do
 done
 # At least 4 batches of 32 per worker, so that start-up does not dominate the 16-worker rate.
 step input_pipeline 50 "$py" bench/input_pipeline.py --workers 4,8,16 --images 2048 --reps 2
+step sparse_step_resnet50 60 "$py" bench/sparse_step.py --model resnet50 --device cuda -b 128 --density 0.2 \
+  --steps 5 --reps 3 --warmup 2 --period 5 --n-prune-params 400000
