@@ -274,7 +274,7 @@ class SparseMethod(PruningMethod):
     (positions, the rounding draw, DeepR's noise), the same on every rank, so masks agree across
     torchrun processes; its state is checkpointed."""
 
-    name = "static"
+    name = "sparse"
     network_name = "active weights per sparse tensor"
 
     def __init__(self, model, density: float | None, seed: int, initialize: bool = True):
