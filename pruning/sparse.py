@@ -525,6 +525,8 @@ class DeepR(SparseMethod):
         super().__init__(model, density, seed, initialize)
         self.temperatures, self.stop_epoch, self.eta, self.l1 = dict(temperatures), stop_epoch, eta, l1
         self.signs = [torch.sign(w.detach()).view(-1).clone() for w in self.weights]
+        # The code leaves fully dense tensors alone; DeepR keeps each tensor's count, so this holds for the run.
+        self.rewired = [not bool(m.all()) for m in self.masks]
         self.noise_seed = int(torch.randint(2 ** 62, (), generator=self.generator))
         self.iteration = 0
 
@@ -544,8 +546,8 @@ class DeepR(SparseMethod):
         std = (2.0 * self.eta * schedule_value(self.temperatures, self.epoch)) ** 0.5
         noise = torch.Generator(device=self.weights[0].device)
         noise.manual_seed((self.noise_seed + 1_000_003 * self.iteration) % 2 ** 63)
-        for weight, mask in zip(self.weights, self.masks):
-            if weight.grad is not None and not bool(mask.all()):
+        for weight, mask, rewired in zip(self.weights, self.masks, self.rewired):
+            if weight.grad is not None and rewired:
                 draw = torch.randn(weight.shape, generator=noise, device=weight.device, dtype=weight.dtype)
                 weight.grad.add_(draw.mul_(std).mul_(mask))
 
@@ -554,16 +556,18 @@ class DeepR(SparseMethod):
         if self.epoch >= self.stop_epoch:
             return
         weights, masks = self._flat()
-        reallocated = 0
+        reallocated = dropped_any = 0
         for layer, (w, m) in enumerate(zip(weights, masks)):
-            if bool(m.all()):
-                continue  # the code leaves fully dense tensors alone
+            if not self.rewired[layer]:
+                continue
             sign = torch.sign(w)
             dropped = drop_sign_flipped(w, m, self.signs[layer])
             self.signs[layer] = sign
+            dropped_any += dropped.numel()
             reallocated += grow_random(m, dropped, dropped.numel(), self.generator).numel()
         self.reallocated_epoch += reallocated
-        self.apply_masks()
+        if dropped_any:
+            self.apply_masks()  # zero what was dropped (after_step has masked the rest)
 
     def settings(self) -> dict:
         return dict(super().settings(), **{"--DeepR_eta": self.eta, "--L1-loss-coeff": self.l1,
