@@ -17,6 +17,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader
 
+from engine.trainer import evaluate_model
 from models import build_model, load_model_state
 from models.export import FORMAT as PRUNED_FORMAT
 from models.export import build_pruned, sparse_cost
@@ -25,7 +26,6 @@ from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, nonneg_int, positive_int
 from utils.data import DATASETS, DeviceNormalize, build_datasets
-from utils.engine import evaluate_model
 from utils.errors import UsageError, run_reporting_errors
 from utils.logger import human
 

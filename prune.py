@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from engine.cli import Recipe
+from engine.trainer import Trainer
 from models import build_model, default_arch, save_pruned
 from models.export import FORMAT as PRUNED_FORMAT
 from pruning import GReg, PruningMethod, hsic
@@ -49,10 +51,9 @@ from pruning.sparse import IMP, SCHEDULES, check_density
 from pruning.selection import PICK_RULES, decision, layer_ratios, parse_ratio_list, ratios_for_macs
 from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
-from utils.cli import OneLineParser, Recipe, density_type, nonneg_int, positive_float, positive_int
+from utils.cli import OneLineParser, density_type, nonneg_int, positive_float, positive_int
 from utils.data import DATASETS, DeviceNormalize, build_datasets
 from utils import distributed
-from utils.engine import Trainer
 from utils.errors import EXIT_PREEMPTED, UsageError, run_reporting_errors
 from utils.logger import EventFile
 from utils.run import StopSignals, fresh_out_dir, select_device

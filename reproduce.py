@@ -10,8 +10,8 @@ Runs what is missing, dependencies first (a peer after the dense baseline it
 prunes), each in ``<runs>/<table>/<row>/seed<k>/``: a finished run is
 skipped, a started one continues with ``--resume auto``. Every row's flags are
 checked by its own script's parser before anything runs or is submitted. The
-table format, the launchers and the report: utils/tables.py, utils/launch.py,
-utils/report.py, and README's *Reproducing a table*.
+table format, the launchers and the report: reproduction/tables.py, reproduction/launch.py,
+reproduction/report.py, and README's *Reproducing a table*.
 """
 import argparse
 import contextlib
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from utils.cli import DefaultsFormatter, OneLineParser, positive_int
 from utils.errors import EXIT_PREEMPTED, EXIT_USAGE, UsageError, run_reporting_errors
-from utils.launch import BLOCKED, FAILED, STOPPED, Task, run_local, run_submitit_local, submit_slurm
-from utils.report import ReportJob, write_report
-from utils.tables import REPO_ROOT, finished, load_table, plan
+from reproduction.launch import BLOCKED, FAILED, STOPPED, Task, run_local, run_submitit_local, submit_slurm
+from reproduction.report import ReportJob, write_report
+from reproduction.tables import REPO_ROOT, finished, load_table, plan
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
@@ -65,7 +65,7 @@ def script_args_checker(script: str):
         return prune.parse_args
     import importlib
 
-    from utils.cli import parse_args
+    from engine.cli import parse_args
     recipe = importlib.import_module(script.removesuffix(".py")).RECIPE
     return lambda argv: parse_args(recipe, argv, prog=script)
 

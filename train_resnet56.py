@@ -15,8 +15,8 @@ DeepR or a static random mask, each on its code's schedule):
 
     python train_resnet56.py --sparse dsr --density 0.2 --gpu 0
 """
-from utils.cli import Recipe
-from utils.engine import main
+from engine.cli import Recipe
+from engine.trainer import main
 
 RECIPE = Recipe(
     model="resnet56", imagenet=False,

@@ -5,7 +5,7 @@
 Writes a folder of random JPEGs of ImageNet's typical size (500x375, quality
 90) once, then reads it through exactly the loader the training engine builds
 (``utils.data.build_datasets('imagenet', ...)``, ``SeededDataset``,
-``ResumableSampler``, ``utils.engine.loader_options``) and reports training
+``ResumableSampler``, ``utils.run.loader_options``) and reports training
 images/s for each worker count. Compare with the GPU's training throughput
 (``bench/train_step.py``) to find how many loader processes keep it fed.
 

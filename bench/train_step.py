@@ -56,7 +56,7 @@ def make_step(model, args, device):
     gated = model.gates.logits is not None
 
     def step(images, targets):
-        # As in utils/engine.py: the gate logits are computed once and shared.
+        # As in engine/trainer.py: the gate logits are computed once and shared.
         log_alpha = model.gates.log_alpha() if gated else None
         with autocast:
             output = run(images, log_alpha)

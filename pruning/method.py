@@ -1,6 +1,6 @@
 """The interface between a pruning method and the shared training loop.
 
-The engine (``utils/engine.py``) owns the model, the weights' SGD, the data,
+The engine (``engine/trainer.py``) owns the model, the weights' SGD, the data,
 checkpoints and resume, signals, logging, ``results.json``, evaluation, cost
 accounting and export; it calls a method only through :class:`PruningMethod`.
 One training step, in this order::

@@ -1,4 +1,4 @@
-"""Prune to a budget: ``--target-macs F`` / ``--target-params F`` (pruning/budget.py, utils/engine.py).
+"""Prune to a budget: ``--target-macs F`` / ``--target-params F`` (pruning/budget.py, engine/trainer.py).
 
 * the annealed target (linear from 1.0 to F over the warm-up, then F; default
   warm-up a quarter of ``--epoch``);
@@ -24,12 +24,12 @@ import torch
 import train_resnet50
 import train_resnet56
 import train_vgg
-import utils.engine as engine
+import engine.trainer as engine
 from conftest import read_tb_events, run_script
 from pruning.budget import (TOLERANCE, BudgetConstraint, annealed_target, load_multiplier_state,
                               multiplier_optimizer)
 from models import build_model, default_arch
-from utils.cli import parse_args
+from engine.cli import parse_args
 
 BUDGET_KEYS = {"kind", "target", "achieved", "trained", "expected", "lambda1", "lambda2", "within_tolerance",
                "projection", "disconnected", "message"}

@@ -5,7 +5,7 @@ end with status 0, one set of outputs (one run directory with one
 results.json, one event file, last.pt, pruned.pt: rank 0 writes, rank 1 only
 computes), and progress printed once per step. That the two ranks end with
 identical parameters and buffers is checked with a small helper written to
-tmp_path: it builds ``utils.engine.Trainer`` under torchrun, runs ``fit()`` and
+tmp_path: it builds ``engine.trainer.Trainer`` under torchrun, runs ``fit()`` and
 saves each rank's ``model.state_dict()`` to ``rank_<r>.pt``. The ``-b`` flag is
 the global batch, so ``-b 3`` over two processes is refused with one line.
 
@@ -154,13 +154,13 @@ def test_progress_once_per_step(ddp_run):
 
 
 HELPER = textwrap.dedent("""
-    # Runs one training under torchrun through utils.engine.Trainer, then saves
+    # Runs one training under torchrun through engine.trainer.Trainer, then saves
     # this rank's parameters and buffers (and the multipliers) to OUT/rank_<r>.pt.
     import importlib, os, sys
     sys.path.insert(0, {repo!r})
     import torch
-    from utils.cli import parse_args
-    from utils.engine import Trainer
+    from engine.cli import parse_args
+    from engine.trainer import Trainer
 
     module, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     recipe = importlib.import_module(module).RECIPE
@@ -221,7 +221,7 @@ def test_indivisible_global_batch_is_one_line(jobs):
     assert ours[0].startswith("train_resnet56.py: error: "), diagnostics(proc)
     assert "-b 3" in ours[0] and "2 processes" in ours[0], diagnostics(proc)
     assert "exitcode  : 2" in proc.stderr, diagnostics(proc)
-    script_traces = [block for block in proc.stderr.split("Traceback")[1:] if "utils/engine.py" in block
+    script_traces = [block for block in proc.stderr.split("Traceback")[1:] if "engine/trainer.py" in block
                      or "train_resnet56.py\", line" in block]
     assert not script_traces, diagnostics(proc)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))

@@ -24,7 +24,7 @@ import prune
 from conftest import assert_equal_states, read_tb_events, run_script
 from models import build_model, default_arch, load_pruned
 from pruning import hsic
-from utils.engine import Trainer
+from engine.trainer import Trainer
 from utils.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -31,8 +31,8 @@ from models import build_model, default_arch, export_pruned, load_pruned
 from pruning import GReg, PruningMethod
 from pruning.selection import (decision, filter_scores, layer_ratios, macs_fraction, parse_ratio_list,
                                pruned_count, ratios_for_macs)
-from utils.cli import parse_args
-from utils.engine import Trainer
+from engine.cli import parse_args
+from engine.trainer import Trainer
 from utils.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

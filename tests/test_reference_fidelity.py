@@ -32,9 +32,9 @@ from l0_layers import DependencyMLP
 from pruning.budget import TOLERANCE, BudgetConstraint
 from l0_layers.gates import DEP_SCALE, PRE_ACTIVATION_LIMIT
 from models import build_model, default_arch
-from utils.cli import parse_args
+from engine.cli import parse_args
 from pruning import L0Method
-from utils.engine import weight_optimizer
+from engine.trainer import weight_optimizer
 
 RECIPES = {"vgg16": train_vgg.RECIPE, "resnet56": train_resnet56.RECIPE, "resnet50": train_resnet50.RECIPE}
 CLASSES = {"vgg16": 10, "resnet56": 10, "resnet50": 1000}

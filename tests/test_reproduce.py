@@ -1,4 +1,4 @@
-"""reproduce.py: a paper table in one command (experiments/*.toml, utils/tables.py, launch.py, report.py).
+"""reproduce.py: a paper table in one command (experiments/*.toml, reproduction/tables.py, launch.py, report.py).
 
 One module-scoped run of the tiny table (one seed, two runs at a time) serves
 the tests of dependency order, skipping and the report; a one-row table of
@@ -25,10 +25,10 @@ import pytest
 import submitit
 
 import reproduce
-from utils import launch
+from reproduction import launch
 from conftest import REPO_ROOT, script_command, script_env
-from utils.report import collect, figure, write_report
-from utils.tables import TABLES_DIR, load_table, plan
+from reproduction.report import collect, figure, write_report
+from reproduction.tables import TABLES_DIR, load_table, plan
 
 TINY_ROWS = ("dense", "dep-fwd", "hc-macs", "dsr", "l1-macs")
 # Many short epochs, so that a test can interrupt the run between two of them.

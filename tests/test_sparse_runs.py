@@ -15,8 +15,8 @@ from models import load_pruned
 from models.export import read_pruned
 from pruning import sparse
 from pruning.sparse import DSR, SparseMethod, imp_fraction, sparse_layers
-from utils.cli import parse_args
-from utils.engine import Trainer
+from engine.cli import parse_args
+from engine.trainer import Trainer
 
 TINY = ("--dummy", "-j", "0", "--seed", "0")
 CIFAR = ("--width-mult", "0.25", "--epoch", "2", "--limit-batches", "4", "-b", "32")
@@ -267,7 +267,7 @@ def _one_line_error(capsys, call):
 
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_bad_sparse_input_is_one_line(case, tmp_path, capsys, monkeypatch):
-    from utils.engine import main
+    from engine.trainer import main
     monkeypatch.chdir(tmp_path)
     argv, needle = ERRORS[case]
     line = _one_line_error(capsys, lambda: main(train_resnet56.RECIPE, [
@@ -330,8 +330,8 @@ import torch
 sys.path.insert(0, {repo!r})
 import train_resnet56
 from pruning import sparse
-from utils.cli import parse_args
-from utils.engine import Trainer
+from engine.cli import parse_args
+from engine.trainer import Trainer
 for kind in sparse.SCHEDULES:
     sparse.SCHEDULES[kind]["rewire_periods"] = {{0: 3}}
 trainer = Trainer(train_resnet56.RECIPE, parse_args(train_resnet56.RECIPE, sys.argv[1:]))
@@ -361,7 +361,7 @@ def test_masks_and_weights_agree_across_torchrun_ranks(method, tmp_path):
 
 
 def test_resume_with_other_method_settings_is_refused(tmp_path, capsys, monkeypatch):
-    from utils.engine import main
+    from engine.trainer import main
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     argv = ["--sparse", "dsr", "--density", "0.3", "--width-mult", "0.125", "--epoch", "2", "--limit-batches", "2",

@@ -4,7 +4,7 @@ Everything here is about *running* a training, not about what it trains:
 which device a process uses, where a run writes and whether it may, which
 checkpoint a resumed run continues from, how SIGTERM/SIGINT/SIGUSR1 become a
 clean stop after the current step, and the DataLoader settings that keep a
-GPU fed. ``utils/engine.py`` is the loop that uses them.
+GPU fed. ``engine/trainer.py`` is the loop that uses them.
 """
 import multiprocessing
 import os

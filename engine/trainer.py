@@ -5,7 +5,7 @@ cross-entropy + L0 penalty (SGD with weight decay for the weights, Adam
 without weight decay for the gate parameters, schedulers stepped once per
 epoch after it), then ``--fine_tune_epoch`` epochs with the gates frozen at
 their test values and no penalty (with a budget, projected onto it first
-when training ended outside the tolerance, see l0_layers/budget.py). After
+when training ended outside the tolerance, see pruning/budget.py). After
 every epoch: evaluation with deterministic gates, TensorBoard scalars and
 histograms, ``last.pt`` (and ``best.pt`` on a new best top-1) and
 ``results.json``, all written by rank 0.
@@ -36,16 +36,17 @@ from torch.utils.data import DataLoader
 
 from models import build_model, default_arch, load_model_state, save_pruned
 from pruning import L0Method, PruningMethod, sparse_method
+from utils import distributed
+from utils.checkpoint import FORMAT, link_or_copy, load_checkpoint, save_checkpoint, write_json
+from utils.cli import program_name
+from utils.data import DeviceNormalize, build_datasets
+from utils.errors import EXIT_PREEMPTED, TrainingDiverged, UsageError, run_reporting_errors
+from utils.logger import RunLogger, human
+from utils.run import (StopSignals, check_out_dir, create_out_dir, find_resumable, fresh_out_dir, git_commit,
+                       kill_loader_workers, loader_options, select_device)
+from utils.sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
 
-from . import distributed
-from .checkpoint import FORMAT, link_or_copy, load_checkpoint, save_checkpoint, write_json
-from .cli import Recipe, parse_args, program_name
-from .data import DeviceNormalize, build_datasets
-from .errors import EXIT_PREEMPTED, TrainingDiverged, UsageError, run_reporting_errors
-from .logger import RunLogger, human
-from .run import (StopSignals, check_out_dir, create_out_dir, find_resumable, fresh_out_dir, git_commit,
-                  kill_loader_workers, loader_options, select_device)
-from .sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
+from .cli import Recipe, parse_args
 
 # Arguments that define what a run is: a checkpoint only resumes a run that agrees on these.
 IDENTITY = ("net", "back_dep", "dataset", "num_classes", "reg", "temp", "lamba", "width_mult", "target_macs",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import submitit
 
-from .errors import EXIT_PREEMPTED
+from utils.errors import EXIT_PREEMPTED
 from .tables import Run, finished, started
 
 DONE, STOPPED, FAILED, BLOCKED = "done", "stopped", "failed", "blocked"
