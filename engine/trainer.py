@@ -35,7 +35,7 @@ from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 from torch.utils.data import DataLoader
 
 from models import build_model, default_arch, load_model_state, save_pruned
-from pruning import L0Method, PruningMethod, sparse_method
+from pruning import METHODS
 from utils import distributed
 from utils.checkpoint import FORMAT, link_or_copy, load_checkpoint, save_checkpoint, write_json
 from utils.cli import program_name
@@ -47,46 +47,32 @@ from utils.run import (StopSignals, check_out_dir, create_out_dir, find_resumabl
 from utils.sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
 
 from .cli import Recipe, parse_args
-
-# Arguments that define what a run is: a checkpoint only resumes a run that agrees on these.
-IDENTITY = ("net", "back_dep", "dataset", "num_classes", "reg", "temp", "lamba", "width_mult", "target_macs",
-            "target_params", "sparse", "density")
+from .config import RunConfig
 
 
 def main(recipe: Recipe, argv=None) -> None:
     """Entry point of the training scripts."""
     prog = program_name()
-    sys.exit(run_reporting_errors(prog, lambda: Trainer(recipe, parse_args(recipe, argv, prog)).fit()))
+    sys.exit(run_reporting_errors(prog, lambda: Trainer(parse_args(recipe, argv, prog)).fit()))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2 ** 63)
 
 
-def run_name(recipe: Recipe, args) -> str:
-    name = f"{recipe.model}_{'dummy-' if args.dummy else ''}{args.dataset}_{args.net}"
-    name += "_back" if args.back_dep else ""
-    if args.sparse:
-        return f"{recipe.model}_{'dummy-' if args.dummy else ''}{args.dataset}_{args.sparse}_d{args.density:g}"
-    if args.net == "dense":
-        return name
-    if args.target_macs or args.target_params:
-        return name + (f"_macs{args.target_macs:g}" if args.target_macs else f"_params{args.target_params:g}")
-    return name + f"_lam{args.lamba:g}"
-
-
-def weight_optimizer(parameters, args):
-    r"""The weights' SGD (momentum, weight decay) and its per-epoch schedule: ``args.lr_schedule``
+def weight_optimizer(parameters, config: RunConfig):
+    r"""The weights' SGD (momentum, weight decay) and its per-epoch schedule: ``config.lr_schedule``
     (``{first epoch: lr}``, piecewise constant, as GReg's ``--lr_ft``) when given; with
-    ``args.lr_cosine`` the cosine :math:`\tfrac12 lr (1 + \cos(\pi e / E))` of epoch e of E, no
+    ``config.lr_cosine`` the cosine :math:`\tfrac12 lr (1 + \cos(\pi e / E))` of epoch e of E, no
     warm-up (HSIC-Lasso's fine-tuning); else ``--lr`` multiplied by ``--lr_decay`` at each of
     ``--milestones``."""
+    args = config
     weights = torch.optim.SGD(parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                              nesterov=getattr(args, "nesterov", False))
-    if getattr(args, "lr_cosine", False):
+                              nesterov=args.nesterov)
+    if args.lr_cosine:
         epochs = args.epochs
         return weights, LambdaLR(weights, lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)))
-    schedule = getattr(args, "lr_schedule", None)
+    schedule = args.lr_schedule
     if schedule:
         starts = sorted(schedule)
 
@@ -96,18 +82,6 @@ def weight_optimizer(parameters, args):
 
         return weights, LambdaLR(weights, factor)
     return weights, MultiStepLR(weights, list(args.milestones), args.lr_decay)
-
-
-def default_method(recipe: Recipe):
-    """The training scripts' method: L0-HC / Dep-L0 for a gated model, unstructured sparse training
-    with ``--sparse``, plain training for ``--net dense``."""
-    def build(model, args):
-        if args.sparse:
-            return sparse_method(model, args, "imagenet" if recipe.imagenet else "cifar")
-        if model.gates.logits is None:
-            return PruningMethod(model)
-        return L0Method(model, args, args.lr_decay if recipe.gate_decay_is_lr_decay else recipe.gate_decay)
-    return build
 
 
 def topk_hits(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -141,22 +115,21 @@ def evaluate_model(model, loader, normalize: DeviceNormalize, limit_batches=None
 
 
 class Trainer:
-    """A training run: built from a recipe and parsed arguments, run with :meth:`fit`.
+    """A training run: built from a :class:`RunConfig`, run with :meth:`fit`.
 
-    ``method`` builds the run's :class:`pruning.PruningMethod` from ``(model, args)`` (default:
-    :func:`default_method`). ``start`` (``{'arch', 'state_dict'}``) starts a fresh run from those
+    ``method`` builds the run's :class:`pruning.PruningMethod` from ``(model, config)`` (default:
+    the registered method ``config.method``'s :meth:`build`). ``start`` (``{'arch', 'state_dict'}``) starts a fresh run from those
     weights instead of the recipe's initialisation (prune.py: a dense baseline, or a cut network to
     fine-tune); ``baseline`` (``{'macs', 'params', 'widths'}``) is the network that reductions and
-    the channel totals are reported against (default: the model's own dense cost). ``identity``
-    names the arguments a checkpoint must agree on to be resumed; ``extra_results`` are added to
+    the channel totals are reported against (default: the model's own dense cost); ``extra_results`` are added to
     every results file, ``results_file`` (default ``results.json``, which summarize.py collects).
     """
 
-    def __init__(self, recipe: Recipe, args, method=None, start: dict | None = None, baseline: dict | None = None,
-                 identity: tuple[str, ...] = IDENTITY, extra_results: dict | None = None,
-                 results_file: str = "results.json"):
+    def __init__(self, config: RunConfig, method=None, start: dict | None = None, baseline: dict | None = None,
+                 extra_results: dict | None = None, results_file: str = "results.json"):
         self.started = time.time()
-        self.recipe, self.args, self.identity, self.results_file = recipe, args, identity, results_file
+        self.args = args = config
+        self.results_file = results_file
         self.extra_results = dict(extra_results or {})
         self.commit = git_commit()
         self.owns_process_group = not torch.distributed.is_initialized()
@@ -179,12 +152,12 @@ class Trainer:
         elif start is not None:
             arch = start["arch"]
         else:
-            arch = default_arch(recipe.model, num_classes, args.width_mult, net=args.net, back_dep=args.back_dep,
-                                temperature=args.temp)
+            arch = default_arch(args.model, num_classes, args.width_mult, **METHODS.get(args.method).arch_options(
+                args.options))
         self.model = model = build_model(arch).to(device)
         if checkpoint is None and start is not None:
             model.load_state_dict(start["state_dict"])
-        self.method = (method or default_method(recipe))(model, args)
+        self.method = (method or METHODS.get(args.method).build)(model, args)
         self.weights, self.weight_schedule = weight_optimizer(self.method.weight_parameters(), args)
         self.method.attach_optimizer(self.weights)
         macs, params = model.cost.dense()
@@ -216,7 +189,7 @@ class Trainer:
         self.train_loader = self._train_loader(train_set)
         self.val_loader = DataLoader(val_set, batch_size=self.batch_size, sampler=ShardSampler(len(val_set), ctx),
                                      **loader_options(self.args.workers, self.device))
-        self.log = RunLogger(self.out_dir, imagenet=recipe.imagenet, enabled=ctx.is_main,
+        self.log = RunLogger(self.out_dir, imagenet=args.imagenet, enabled=ctx.is_main,
                              loss_name=self.method.loss_name)
         self.log.start(args, device, self.out_dir, len(train_set), len(val_set), ctx.world_size)
 
@@ -229,7 +202,7 @@ class Trainer:
             if args.resume != "auto":
                 directory = Path(args.resume)
             else:
-                directory = Path(args.out_dir) if args.out_dir else Path("runs") / run_name(self.recipe, args)
+                directory = Path(args.out_dir) if args.out_dir else Path("runs") / args.name
             checkpoint = find_resumable(directory, set_aside=ctx.is_main)
             if checkpoint is None and args.resume != "auto":
                 raise UsageError(f"{directory} holds no readable checkpoint (last.pt or last.prev.pt)")
@@ -239,7 +212,7 @@ class Trainer:
             checkpoint["path"] = args.resume
             out_dir = Path(args.out_dir) if args.out_dir else Path(args.resume).parent
         else:
-            out_dir = Path(args.out_dir) if args.out_dir else fresh_out_dir(Path("runs") / run_name(self.recipe, args))
+            out_dir = Path(args.out_dir) if args.out_dir else fresh_out_dir(Path("runs") / args.name)
             out_dir = Path(ctx.gather(str(out_dir))[0])  # rank 0's choice, for every rank
         if checkpoint is not None:
             self._check_identity(checkpoint)
@@ -251,11 +224,11 @@ class Trainer:
 
     def _check_identity(self, checkpoint: dict) -> None:
         args, path = self.args, checkpoint["path"]
-        if checkpoint["arch"]["model"] != self.recipe.model:
-            raise UsageError(f"{path} is a {checkpoint['arch']['model']} checkpoint; this script trains {self.recipe.model}")
+        if checkpoint["arch"]["model"] != args.model:
+            raise UsageError(f"{path} is a {checkpoint['arch']['model']} checkpoint; this script trains {args.model}")
         saved = checkpoint["args"]
-        for key in self.identity:
-            ours = getattr(args, key)
+        for key in args.identity:
+            ours = args.get(key)
             if saved.get(key) != ours and not (key == "num_classes" and ours is None):
                 raise UsageError(f"{path} was trained with --{key} {saved.get(key)}, this command asks for "
                                  f"{ours}; resume it with matching flags")
@@ -430,10 +403,10 @@ class Trainer:
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         bad_step = int(first_bad.item())
-        logits_ok = self.model.gates.logits is None or bool(torch.isfinite(self.model.gates.log_alpha()).all())
-        if self.ctx.any(bad_step >= 0 or not logits_ok, self.device):
+        broken = self.method.non_finite_state()
+        if self.ctx.any(bad_step >= 0 or broken is not None, self.device):
             where = f"step {bad_step + 1}" if bad_step >= 0 else f"by step {self.step}"
-            what = "loss" if bad_step >= 0 else "gate logit"
+            what = "loss" if bad_step >= 0 else broken
             last = self.out_dir / "last.pt"
             good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
             hint = "lower the learning rate or set --max-grad-norm"
@@ -475,13 +448,12 @@ class Trainer:
         return self.model.gates.per_layer_sum((self.method.channel_gates() > 0).float()).long()
 
     def results(self, val_stats: dict) -> dict:
-        recipe, args, model = self.recipe, self.args, self.model
+        args, model = self.args, self.model
         kept = self.kept()
         macs_dense, params_dense = self.baseline["macs"], self.baseline["params"]
         macs, params = self.method.cost(kept)
         results = dict(
-            model=recipe.model, dataset=args.dataset, method=self.method.name, net=args.net, back_dep=args.back_dep,
-            lamba=args.lamba, reg=args.reg, seed=args.seed, epochs_done=self.epoch,
+            model=args.model, dataset=args.dataset, method=self.method.name, seed=args.seed, epochs_done=self.epoch,
             epochs_total=args.epochs + args.fine_tune_epoch, top1=val_stats["top1"], best_top1=self.best_top1,
             best_top1_epochs=[self.best_since, self.epoch],
             best_top1_over=(f"epochs {self.best_since}-{self.epoch}: those whose {self.method.network_name} are the "
@@ -496,7 +468,7 @@ class Trainer:
             disconnected=model.disconnected_layers(kept), wall_time_s=round(self.wall_time(), 3),
             device=str(self.device), world_size=self.ctx.world_size, torch_version=str(torch.__version__),
             git_commit=self.commit)
-        if recipe.imagenet:
+        if args.imagenet:
             results["top5"] = val_stats["top5"]
         results.update(self.method.results())
         results.update(self.extra_results)
@@ -524,7 +496,7 @@ class Trainer:
         if not self.ctx.is_main:
             return
         args = self.args
-        state = dict(format=FORMAT, arch=self.model.arch, args=vars(args).copy(), epoch=self.epoch, step=self.step,
+        state = dict(format=FORMAT, arch=self.model.arch, args=args.to_dict(), epoch=self.epoch, step=self.step,
                      model=self.model.state_dict(), weight_optimizer=self.weights.state_dict(),
                      weight_scheduler=self.weight_schedule.state_dict(), method=self.method.state_dict(),
                      scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,

@@ -3,9 +3,13 @@
 Between the models (below) and the engine (above): a method reads the models'
 gated-layer records and gates, and the engine reads only the interface.
 """
-from .greg import GReg
-from .l0 import L0Method
-from .method import PruningMethod
-from .sparse import SparseMethod, sparse_method
+from .registry import METHODS, MethodSpec, register
 
-__all__ = ["GReg", "L0Method", "PruningMethod", "SparseMethod", "sparse_method"]
+# The method modules: each registers its methods when imported (adding a method: one line here).
+from . import method, l0, sparse, l1, greg, hsic, imp  # noqa: E402,F401
+from .greg import GReg  # noqa: E402
+from .l0 import L0Method  # noqa: E402
+from .method import PruningMethod  # noqa: E402
+from .sparse import SparseMethod, sparse_method  # noqa: E402
+
+__all__ = ["GReg", "L0Method", "METHODS", "MethodSpec", "PruningMethod", "SparseMethod", "register", "sparse_method"]

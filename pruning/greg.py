@@ -41,8 +41,18 @@ exceeds 1 after 10,000 updates; GReg-2 picks at update 1,001 (1000 additions of
 """
 import torch
 
+from utils.cli import nonneg_int, positive_float, positive_int
+
 from .method import PruningMethod
-from .selection import decision, filter_scores, pick, pruned_count
+from .registry import register
+from .selection import RatioMethod, decision, filter_scores, pick, pruned_count
+
+# The regularisation phase continues only with the settings it started with.
+GREG_SETTINGS = ("update_reg_interval", "stabilize_reg_interval", "reg_upper_limit", "reg_upper_limit_pick",
+                 "reg_granularity_pick", "reg_granularity_prune", "reg_granularity_recover", "mag_ratio_limit",
+                 "batch_size_prune", "lr_prune")
+# The phase ends by its own rule; this only bounds the engine's epoch loop.
+REGULARIZE_EPOCHS = 1_000_000
 
 
 class GReg(PruningMethod):
@@ -214,3 +224,60 @@ class GReg(PruningMethod):
                  else f"{sum(self.finished_layers)}/{len(self.finished_layers)} layers stopped")
         return (f"greg: iteration {self.iteration}, {self.updates} updates, {state}; coefficient pruned "
                 f"{pruned:.3g} kept {kept:.3g}, smallest magnitude ratio {ratio:.3g}")
+
+
+class GRegSpec(RatioMethod):
+    """``prune.py --method greg1 / greg2``: the regularisation phase through the engine in
+    ``<run>/regularize/`` (its pruned.pt is the cut network), then GReg's fine-tuning."""
+
+    def __init__(self, variant: int):
+        self.variant = variant
+        self.name = f"greg{variant}"
+        self.aliases = (f"GReg-{variant}",)
+        self.summary = f"GReg-{variant} (Wang et al. 2021): growing regularisation, then the cut"
+
+    def add_arguments(self, parser, **context) -> None:
+        if "--update_reg_interval" in parser._option_string_actions:
+            return  # GReg-1 and GReg-2 share one group
+        g = parser.add_argument_group("GReg's regularisation phase (defaults: CIFAR / ImageNet)")
+        g.add_argument("--update_reg_interval", type=positive_int, help="K_u: iterations between updates (10 / 5)")
+        g.add_argument("--stabilize_reg_interval", type=nonneg_int,
+                       help="K_s: iterations after the last stop (10000 / 40000)")
+        g.add_argument("--reg_upper_limit", type=positive_float, default=1.0, help="a layer stops above this coefficient")
+        g.add_argument("--reg_upper_limit_pick", type=positive_float, default=1e-2, help="GReg-2 picks at this coefficient")
+        g.add_argument("--reg_granularity_pick", type=positive_float, default=1e-5, help="GReg-2's phase-1 increment")
+        g.add_argument("--reg_granularity_prune", type=positive_float, default=1e-4, help="the pruned filters' increment")
+        g.add_argument("--reg_granularity_recover", type=float, default=-1e-4, help="GReg-2's kept filters' coefficient")
+        g.add_argument("--mag_ratio_limit", type=positive_float, default=1000.0, help="the magnitude-ratio stop")
+        g.add_argument("--batch_size_prune", type=positive_int, help="batch of the regularisation phase (128 / 64)")
+        g.add_argument("--lr_prune", type=positive_float, default=1e-3, help="constant SGD lr of the regularisation phase")
+
+    def run(self, job) -> int:
+        args = job.args
+        target = self.plan(job)
+        phase_dir = job.run_dir / "regularize"
+        if not (job.run_dir / "last.pt").exists():
+            config = job.config(self.settings + GREG_SETTINGS, batch_size=args.batch_size_prune, lr=args.lr_prune,
+                                epochs=REGULARIZE_EPOCHS, out_dir=str(phase_dir))
+
+            def method(model, config):
+                generator = torch.Generator().manual_seed(config.seed)
+                return GReg(model, args.layer_ratios, self.variant, args.update_reg_interval,
+                            args.stabilize_reg_interval, args.reg_upper_limit, args.reg_upper_limit_pick,
+                            args.reg_granularity_pick, args.reg_granularity_prune, args.reg_granularity_recover,
+                            args.mag_ratio_limit, args.pick_pruned, generator)
+
+            status = job.train(config, method, start=job.source, results_file="regularize.json",
+                               extra_results=dict(phase="regularize", stage_pr=args.stage_pr,
+                                                  target_macs=args.target_macs, layer_ratios=args.layer_ratios))
+            if status != 0:
+                return status
+        phase = job.read_checkpoint(phase_dir / "last.pt")
+        args.seed = phase["args"]["seed"]  # the run's, when continued
+        extra = dict(self.results(args, target), pruning_phase=(phase["results"] or {}).get("pruning_phase"),
+                     greg={key: getattr(args, key) for key in GREG_SETTINGS})
+        return self.fine_tune(job, phase_dir / "pruned.pt", extra)
+
+
+register(GRegSpec(1))
+register(GRegSpec(2))

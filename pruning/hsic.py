@@ -40,6 +40,8 @@ end, until within (or α < 1e-15). The bisection starts from the midpoint even
 when the last doubling already landed, as in the authors' code.
 """
 import math
+import os
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +52,15 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import Lasso
 
-from utils.errors import UsageError
+from utils import distributed
+from utils.cli import positive_float, positive_int
+from utils.data import DeviceNormalize, build_datasets
+from utils.errors import EXIT_PREEMPTED, UsageError
+from utils.logger import EventFile
+from utils.run import StopSignals, select_device
+from utils.sampling import ResumableSampler, SeededDataset
+
+from .registry import MethodSpec, register
 
 # The authors' limits: the omega bisection stops after its 51st fit (`step > 50`) or below 1e-20,
 # the global bisection below 1e-15.
@@ -287,3 +297,154 @@ class HsicSearch:
 class SearchStopped(Exception):
     """A stop signal arrived during the search (nothing is saved; the search is deterministic and
     starts again on resume)."""
+
+
+# -- prune.py --method hsic -------------------------------------------------------------------------
+
+# HSIC-Lasso's code: a calibration batch of its loaders' size, then 350 cosine epochs (its train.py's
+# defaults; CIFAR lr and batch from its README's VGG16 command, ImageNet its loader's batch of 64).
+HSIC_DEFAULTS = {
+    "cifar": dict(calib_batch_size=128, epochs=350, lr=0.1, batch_size=256, weight_decay=2e-4),
+    "imagenet": dict(calib_batch_size=64, epochs=350, lr=0.01, batch_size=64, weight_decay=2e-4),
+}
+# The cut is decided by these; a continued run must have been started with the same.
+HSIC_SETTINGS = ("target", "omega", "alpha", "tolerance", "calib_batch_size", "resnet50_y")
+
+
+def calibration_batch(args, device: torch.device) -> torch.Tensor:
+    """The calibration images: the first ``--calib-batch-size`` of the training set's epoch 0 under
+    the run's seed, with the training augmentation, normalised, on ``device``."""
+    train_set, _, _ = build_datasets(args.dataset, args.data_dir, dummy=args.dummy, num_classes=args.num_classes)
+    n = args.calib_batch_size
+    if len(train_set) < n:
+        raise UsageError(f"--calib-batch-size {n}: the training set has only {len(train_set)} images")
+    sampler = ResumableSampler(train_set, distributed.Context(), args.seed, n)
+    sampler.start_at(0, 0)
+    dataset = SeededDataset(train_set)
+    images = torch.stack([dataset[key][0] for key, _ in zip(sampler, range(n))])
+    return DeviceNormalize(args.dataset, device)(images.to(device))
+
+
+class HsicLasso(MethodSpec):
+    """``prune.py --method hsic``: calibrate, search the Lasso penalty for the MACs target, slice the
+    kept channels into ``<run>/cut.pt``, fine-tune with a cosine lr."""
+
+    name = "hsic"
+    aliases = ("HSIC-Lasso",)
+    kind = "prune"
+    targets = ("target_macs", "target")
+    settings = HSIC_SETTINGS
+    summary = "HSIC-Lasso (Guo et al. 2023): channels chosen by a Lasso on HSIC kernels"
+
+    def add_arguments(self, parser, **context) -> None:
+        g = parser.add_argument_group("HSIC-Lasso's search (defaults: its code's; CIFAR / ImageNet)")
+        g.add_argument("--omega", type=positive_int, default=1, help="ω: channels every group keeps at least")
+        g.add_argument("--alpha", type=positive_float, default=1e-6,
+                       help="α₀: the Lasso penalty the search starts from (its first upper bracket)")
+        g.add_argument("--tolerance", type=positive_float, default=0.01,
+                       help="the search stops within target·(1 ± tol)")
+        g.add_argument("--calib-batch-size", type=positive_int, metavar="N",
+                       help="N: calibration images (128 / 64); the kernels hold 8·N²·(channels + groups) bytes")
+        g.add_argument("--resnet50-y", choices=Y_SOURCES, default="fc",
+                       help="what ResNet50's conv2 channels are judged against: the pooled classifier input, as "
+                            "the authors' code does, or conv3's output")
+        g.add_argument("--lasso-threads", type=positive_int, default=min(8, os.cpu_count() or 1),
+                       help="groups solved at once (the result does not depend on it)")
+
+    def target_refusal(self, flag: str) -> str:
+        if flag == "--stage_pr":
+            return "HSIC-Lasso finds its own widths: give --target MACS or --target-macs F, not --stage_pr"
+        return f"{flag} is IMP's (--method imp); hsic takes --stage_pr, --target-macs or --target"
+
+    def check_args(self, args) -> None:
+        if args.lr_ft is not None:
+            raise UsageError("--lr_ft is GReg's schedule; HSIC-Lasso fine-tunes with a cosine from --lr")
+
+    def defaults(self, kind: str) -> dict:
+        return HSIC_DEFAULTS[kind]
+
+    def run_label(self, args) -> str:
+        return f"target{args.target}" if args.target is not None else f"macs{args.target_macs:g}"
+
+    def run(self, job) -> int:
+        args = job.args
+        target = job.absolute_target()
+        args.layer_ratios = None
+        job.start(self.run_label(args), f"target {target} MACs ({target / job.dense_macs:.4f} of dense "
+                                        f"{job.dense_macs}), --omega {args.omega}, --alpha {args.alpha:g}, "
+                                        f"--tolerance {args.tolerance:g}")
+        cut = job.run_dir / "cut.pt"
+        if not cut.exists():
+            status = self.cut(job, cut, target)
+            if status != 0:
+                return status
+        record = job.read_cut(cut)["hsic"]
+        for key in HSIC_SETTINGS:
+            if record[key] != getattr(args, key):
+                raise UsageError(f"{cut} was cut with --{key.replace('_', '-')} {record[key]}, this command asks "
+                                 f"for {getattr(args, key)}; continue it with matching flags")
+        args.seed = record["calib_seed"]  # the run's, when continued
+        extra = dict(method=args.method, stage_pr=None, target_macs=args.target_macs, target=target,
+                     layer_ratios=None, pick_pruned=args.pick_pruned, source=str(args.checkpoint),
+                     hsic_alpha=record["alpha_found"], omega=args.omega, calib_batch_size=args.calib_batch_size,
+                     calib_seed=record["calib_seed"], hsic=record, lr=args.lr, lr_schedule="cosine")
+        return job.fine_tune(cut, dict(lr=args.lr, lr_cosine=True), self.settings, extra)
+
+    def cut(self, job, cut, target: int) -> int:
+        """Calibrate, search alpha and save the kept channels (rank 0; the other ranks wait for the
+        file). Returns an exit status."""
+        args, ctx = job.args, job.ctx
+        with StopSignals() as stop:
+            if not ctx.is_main:
+                # A file, not a collective: the search may outlast the process group's timeout, and
+                # torchrun ends every rank when rank 0 fails.
+                while not cut.exists():
+                    if stop.received is not None:
+                        return EXIT_PREEMPTED
+                    time.sleep(1.0)
+                return 0
+            device = select_device(args.gpu, ctx)
+            model = job.dense_model().to(device)
+            n = args.calib_batch_size
+            images = calibration_batch(args, device)
+            print(f"HSIC-Lasso: {n} calibration images (seed {args.seed}); the groups' kernels take "
+                  f"{kernel_memory(model, n) / 2 ** 20:.0f} MiB")
+            groups = calibration_groups(job.dense_model().to(device), images, args.resnet50_y)
+            dense_macs = job.dense_macs
+            search = HsicSearch(groups, model.gates.widths, lambda counts: model.cost.pruned(torch.tensor(counts))[0],
+                                args.omega, args.lasso_threads, should_stop=lambda: stop.received is not None)
+            (job.run_dir / "search").mkdir(parents=True, exist_ok=True)
+            events = EventFile(job.run_dir / "search")
+
+            def report(step, decision):
+                print(f"  alpha {decision.alpha:.4e}: {decision.macs} MACs ({decision.macs / dense_macs:.4f} of "
+                      f"dense; target {target}), kept {sum(len(k) for k in decision.kept)} of "
+                      f"{sum(g.width for g in groups)} channels, {decision.seconds:.1f}s"
+                      + (f", {decision.unconverged} fits at the iteration limit" if decision.unconverged else ""))
+                for tag, value in (("alpha", decision.alpha), ("macs", decision.macs),
+                                   ("macs_fraction", decision.macs / dense_macs)):
+                    events.add_scalar(f"hsic/{tag}", value, step)
+                events.flush()
+
+            try:
+                decision = search.run(target, args.alpha, args.tolerance, report)
+            except SearchStopped:
+                print("stopped during the HSIC search (nothing to save: it is deterministic and runs again on "
+                      "--resume auto)")
+                return EXIT_PREEMPTED
+            finally:
+                events.close()
+            within = abs(decision.macs - target) <= args.tolerance * target
+            if not within:
+                print(f"warning: the search ended at alpha {decision.alpha:.3e} with {decision.macs} MACs, outside "
+                      f"{target} ± {args.tolerance:g} (its alpha floor, as in the authors' code)", file=sys.stderr)
+            settings = {key: getattr(args, key) for key in HSIC_SETTINGS}
+            record = dict(settings, alpha_found=decision.alpha, macs=decision.macs, within_tolerance=within,
+                          calib_seed=args.seed, kept_widths={g.name: len(k) for g, k in zip(groups, decision.kept)},
+                          search=search.history)
+            job.save_cut(model.cpu(), cut, search.gates(decision), hsic=record)
+            print(f"HSIC-Lasso: alpha {decision.alpha:.4e} keeps {decision.macs} MACs; cut network in {cut}")
+            return 0
+
+
+register(HsicLasso())

@@ -25,6 +25,8 @@ gates, which may also scale a channel). Cost, the ``channels`` figure,
 """
 import torch
 
+from .registry import MethodSpec, register
+
 
 class PruningMethod:
     """A method that prunes nothing: dense training, or fine-tuning a compact network.
@@ -114,6 +116,11 @@ class PruningMethod:
         """Layers whose weights are sparse (the export counts their non-zero weights); none by default."""
         return []
 
+    def non_finite_state(self) -> str | None:
+        """What of the method's own state has gone non-finite, in words for the error line (e.g.
+        ``'gate logit'``), or None. Checked with the loss at every progress line."""
+        return None
+
     # -- state and reporting -------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -131,10 +138,38 @@ class PruningMethod:
         """Method-specific TensorBoard events of an evaluated epoch (``writer``: utils.logger.EventFile)."""
 
     def results(self) -> dict:
-        """Keys this method adds to ``results.json``."""
-        return {}
+        """Keys this method adds to ``results.json`` (a dense network: ``net`` says so, as on every
+        run of the training scripts)."""
+        return dict(net="dense", back_dep=False)
 
     def epoch_message(self, epoch: int, results: dict) -> str | None:
         """A line for the console after ``epoch`` (0-based) has been evaluated (``results``: what
         results.json now says, :meth:`results` included), or None."""
         return None
+
+
+class DenseTraining(MethodSpec):
+    """``--net dense``: the baseline, trained with its own recipe (``Recipe.dense``), no gates."""
+
+    name = "dense"
+    selected_by = ("--net", "dense")
+    settings = ("net", "sparse")
+    summary = "plain training of the dense network (the peers' baseline)"
+
+    def recipe_fields(self, recipe) -> dict:
+        return dict(recipe.dense)
+
+    def check(self, parser, args, given) -> None:
+        if args.target_macs or args.target_params:
+            parser.error("a budget (--target-macs/--target-params) needs gates: use --net hc or --net dep")
+        if args.back_dep:
+            parser.error("--back_dep applies to --net dep, not --net dense")
+
+    def arch_options(self, args) -> dict:
+        return dict(net="dense", back_dep=False, temperature=args.temp)
+
+    def build(self, model, config) -> PruningMethod:
+        return PruningMethod(model)
+
+
+register(DenseTraining())

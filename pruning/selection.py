@@ -24,6 +24,8 @@ import torch
 
 from utils.errors import UsageError
 
+from .registry import MethodSpec
+
 # Picking rules of GReg's --pick_pruned: the lowest scores (the method), the highest, or at random.
 PICK_RULES = ("min", "max", "rand")
 # How close (absolute, as a fraction of dense) --target-macs must be met.
@@ -200,3 +202,60 @@ def ratios_for_macs(model, target: float) -> tuple[float, list[float]]:
         raise UsageError(f"--target-macs {target:g}: no network of this rule lands within {TARGET_TOLERANCE} of it; "
                          f"the closest keeps {fraction:.3f}")
     return low, as_ratios(best)
+
+
+# GReg's settings per kind of data (L1 fine-tunes as GReg does): CIFAR from its README's ResNet56
+# commands, ImageNet its defaults.
+FINE_TUNE_DEFAULTS = {
+    "cifar": dict(update_reg_interval=10, stabilize_reg_interval=10000, batch_size_prune=128, epochs=120,
+                  lr_ft="0:0.01,60:0.001,90:0.0001", batch_size=128, weight_decay=5e-4),
+    "imagenet": dict(update_reg_interval=5, stabilize_reg_interval=40000, batch_size_prune=64, epochs=90,
+                     lr_ft="0:0.01,30:0.001,60:0.0001,75:0.00001", batch_size=256, weight_decay=1e-4),
+}
+
+
+class RatioMethod(MethodSpec):
+    """What L1 and GReg share: per-layer ratios from ``--stage_pr`` or found for a MACs target, and
+    GReg's fine-tuning (``--lr_ft``, piecewise constant)."""
+
+    kind = "prune"
+    targets = ("stage_pr", "target_macs", "target")
+    settings = ("layer_ratios", "pick_pruned")
+
+    def target_refusal(self, flag: str) -> str:
+        return f"{flag} is IMP's (--method imp); {self.name} takes --stage_pr, --target-macs or --target"
+
+    def check_args(self, args) -> None:
+        if args.lr is not None:
+            raise UsageError("--lr is HSIC-Lasso's cosine lr; L1 and GReg fine-tune with --lr_ft")
+
+    def defaults(self, kind: str) -> dict:
+        return FINE_TUNE_DEFAULTS[kind]
+
+    def run_label(self, args) -> str:
+        if args.stage_pr is not None:
+            return "pr" + args.stage_pr.strip("[]").replace(",", "_").replace(":", "-")
+        return f"target{args.target}" if args.target is not None else f"macs{args.target_macs:g}"
+
+    def plan(self, job) -> int | None:
+        """Set ``args.layer_ratios``, open the run; returns the absolute MACs target (or None)."""
+        args, model = job.args, job.dense_model()
+        target = job.absolute_target()
+        if args.stage_pr is not None:
+            args.layer_ratios = layer_ratios(model, parse_ratio_list(args.stage_pr))
+            how = f"--stage_pr {args.stage_pr}"
+        else:
+            ratio, args.layer_ratios = ratios_for_macs(model, args.target_macs)
+            how = f"{target} MACs ({args.target_macs:.4f} of dense): global ratio {ratio:.4f}"
+        job.start(self.run_label(args), how)
+        return target
+
+    def results(self, args, target: int | None) -> dict:
+        """What the fine-tuning's results.json adds (the ratios and their schedule)."""
+        return dict(method=args.method, stage_pr=args.stage_pr, target_macs=args.target_macs, target=target,
+                    layer_ratios=args.layer_ratios, pick_pruned=args.pick_pruned, source=str(args.checkpoint),
+                    lr_ft={str(k): v for k, v in args.lr_ft.items()})
+
+    def fine_tune(self, job, cut, extra: dict) -> int:
+        args = job.args
+        return job.fine_tune(cut, dict(lr=args.lr_ft[0], lr_schedule=args.lr_ft), self.settings, extra)

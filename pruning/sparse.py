@@ -52,12 +52,16 @@ the code's setting (20,000 of WRN-28-2's 1,451,520 sparse weights; 400,000 of Re
 **Cost**: params = the non-zero weights of the sparse tensors + every dense parameter; MACs = per layer,
 its non-zero weights × its output positions (:meth:`models.structure.CostModel.sparse`).
 """
+from types import SimpleNamespace
+
 import torch
 
 from models.export import sparse_cost
+from utils.cli import density_type, nonneg_float, nonneg_int, positive_float, positive_int
 from utils.errors import UsageError
 
 from .method import PruningMethod
+from .registry import MethodSpec, register
 
 METHODS = ("dsr", "set", "deepr", "static")
 
@@ -410,7 +414,7 @@ class SparseMethod(PruningMethod):
     def results(self) -> dict:
         active = self.active()
         total = sum(m.numel() for m in self.masks)
-        return dict(method=self.name, density=self.density, density_active=sum(active) / total,
+        return dict(super().results(), method=self.name, density=self.density, density_active=sum(active) / total,
                     sparse_weights_active=sum(active), sparse_weights_total=total,
                     layer_densities={w.name: d for w, d in zip(self.layers, self.densities())})
 
@@ -665,3 +669,84 @@ def sparse_method(model, args, kind: str) -> SparseMethod:
         return SET(model, args.density, args.seed, periods, stop, fraction)
     return DeepR(model, args.density, args.seed, schedule["deepr_temperatures"], stop, args.DeepR_eta,
                  args.L1_loss_coeff)
+
+
+class SparseTraining(MethodSpec):
+    """``--sparse {dsr,set,deepr,static}``: a dense network trained from scratch under per-weight masks,
+    with the code's schedule for the data (``SCHEDULES``) unless a flag overrides it."""
+
+    selected_by = ("--sparse", "")
+    settings = ("net", "sparse", "density")
+    summary = "unstructured sparse training (DSR, SET, DeepR, static)"
+    flags = ("--density", "--n-prune-params", "--rewire-fraction", "--stop-rewire-epoch", "--DeepR_eta",
+             "--L1-loss-coeff")
+    # The gates' flags, which --sparse refuses (no published method both masks weights and gates channels).
+    gate_flags = ("--lamba", "--reg", "--temp", "--back_dep", "--lr_gate", "--lr_adam", "--gen_optim",
+                  "--target-macs", "--target-params", "--target-warmup", "--lr-lagrangian", "--fine_tune_epoch")
+    # Flags that only one of the four methods takes.
+    one_method_flags = {"--n-prune-params": "dsr", "--rewire-fraction": "set", "--DeepR_eta": "deepr",
+                        "--L1-loss-coeff": "deepr"}
+
+    def __init__(self, name: str):
+        self.name = name
+        self.selected_by = ("--sparse", name)
+
+    def recipe_fields(self, recipe) -> dict:
+        return training_recipe("imagenet" if recipe.imagenet else "cifar", self.name)
+
+    def add_arguments(self, parser, **context) -> None:
+        if "--density" in parser._option_string_actions:
+            return  # the four methods share one group
+        g = parser.add_argument_group("unstructured sparse training (instead of gates; pruning/sparse.py)")
+        g.add_argument("--density", type=density_type, metavar="D",
+                       help="fraction of every sparse tensor's weights active")
+        g.add_argument("--n-prune-params", type=positive_int, metavar="N",
+                       help="DSR's N_p: weights to reallocate per period (default: the code's 20,000 of WRN-28-2 or "
+                            "400,000 of ResNet50, scaled by this network's sparse weights)")
+        g.add_argument("--rewire-fraction", type=density_type, metavar="F",
+                       help="SET's fraction of each tensor's active weights replaced per period (default: the code's "
+                            "value for the density)")
+        g.add_argument("--stop-rewire-epoch", type=nonneg_int, metavar="E",
+                       help="no reallocation from epoch E on (default 190 CIFAR / 95 ImageNet)")
+        g.add_argument("--DeepR_eta", type=positive_float, default=DEEPR_ETA,
+                       help="DeepR's eta: the gradient noise has std sqrt(2 eta T)")
+        g.add_argument("--L1-loss-coeff", type=nonneg_float, default=DEEPR_L1,
+                       help="DeepR's L1 coefficient on the sparse weights")
+
+    def own_flags(self) -> tuple[str, ...]:
+        return self.flags
+
+    def foreign_flag_message(self, flag: str, args) -> str:
+        return f"{flag} belongs to unstructured sparse training: add --sparse {{{','.join(METHODS)}}}"
+
+    def check(self, parser, args, given) -> None:
+        if args.net not in (None, "dense"):
+            parser.error(f"--sparse {args.sparse} does not combine with --net {args.net}: it masks single weights "
+                         f"of a dense network, the gates remove whole channels, and no published method does both; "
+                         f"leave --net out (or --net dense)")
+        args.net = "dense"
+        for flag in self.gate_flags:
+            if flag in given:
+                parser.error(f"{flag} belongs to the gates (L0-HC / Dep-L0); --sparse {args.sparse} trains "
+                             f"without them")
+        if args.density is None:
+            parser.error(f"--sparse {args.sparse} needs --density D (the fraction of each sparse tensor's "
+                         f"weights kept)")
+        for flag, method in self.one_method_flags.items():
+            if flag in given and args.sparse != method:
+                parser.error(f"{flag} is {method}'s setting, not --sparse {args.sparse}'s")
+        if "--stop-rewire-epoch" in given and args.sparse == "static":
+            parser.error("--stop-rewire-epoch: static sparse training never reallocates")
+
+    def run_label(self, args) -> str:
+        return f"{self.name}_d{args.density:g}"
+
+    def arch_options(self, args) -> dict:
+        return dict(net="dense", back_dep=False, temperature=args.temp)
+
+    def build(self, model, config) -> SparseMethod:
+        return sparse_method(model, SimpleNamespace(**config.to_dict()), "imagenet" if config.imagenet else "cifar")
+
+
+for _name in METHODS:
+    register(SparseTraining(_name))
