@@ -65,6 +65,16 @@ class RunConfig:
         options = SimpleNamespace(**{k: v for k, v in values.items() if k not in engine})
         return cls(**own, options=options)
 
+    def __getattr__(self, key: str):
+        # Only reached for names that are not fields: the method's options read as attributes too
+        # (``config.lamba``), so a method can take the config where it took the parsed namespace.
+        if key == "options":
+            raise AttributeError(key)
+        try:
+            return getattr(self.options, key)
+        except AttributeError:
+            raise AttributeError(f"RunConfig has no field or option {key!r}") from None
+
     def get(self, key: str, default=None):
         """An engine field or an option by name."""
         if key in self.engine_fields():

@@ -3,6 +3,8 @@
 ``build_model(arch)`` rebuilds any of them from the ``arch`` dict a model
 carries (and a checkpoint stores).
 """
+import inspect
+
 from utils.errors import UsageError
 
 from .common import GatedNetwork
@@ -11,15 +13,29 @@ from .resnet_imagenet import ImageNetResNet, resnet50
 from .structure import CostModel, GatedLayer, WeightLayer
 from .vgg import VGG, VGG16_CFG, vgg16
 
-MODEL_CLASSES = {"vgg16": VGG, "resnet56": CifarResNet, "resnet50": ImageNetResNet}
+# The model registry: a family's name -> its class. A new network is one module (a GatedNetwork
+# subclass declaring its structure, stages and export rule) and one line here.
+MODEL_CLASSES: dict[str, type] = {}
+
+
+def register_model(name: str, cls: type) -> type:
+    if MODEL_CLASSES.get(name, cls) is not cls:
+        raise ValueError(f"two models are called {name!r}")
+    MODEL_CLASSES[name] = cls
+    return cls
+
+
+register_model("vgg16", VGG)
+register_model("resnet56", CifarResNet)
+register_model("resnet50", ImageNetResNet)
 
 
 def build_model(arch: dict) -> GatedNetwork:
-    """Build a model from its ``arch`` dict (``model`` names the family)."""
+    """Build a model from its ``arch`` dict (``model`` names the family; a class that takes no
+    ``model`` argument has one family)."""
     arch = dict(arch)
-    name = arch["model"]
-    cls = MODEL_CLASSES[name]
-    if cls is VGG:
+    cls = MODEL_CLASSES[arch["model"]]
+    if "model" not in inspect.signature(cls).parameters:
         arch.pop("model")
     return cls(**arch)
 
@@ -44,23 +60,17 @@ def load_model_state(model: GatedNetwork, checkpoint: dict, source="the checkpoi
 
 
 def default_arch(model: str, num_classes: int, width_mult: float = 1.0, **gate_args) -> dict:
-    """The ``arch`` of the paper's VGG16 / ResNet56 / ResNet50, every width times ``width_mult``."""
+    """The ``arch`` of a registered family's paper network, every width times ``width_mult``."""
     def scale(widths):
         return tuple(w if w == "M" else max(1, round(w * width_mult)) for w in widths)
 
-    if model == "vgg16":
-        structure = dict(cfg=scale(VGG16_CFG))
-    elif model == "resnet56":
-        structure = dict(blocks_per_stage=9, widths=scale((16, 32, 64)))
-    elif model == "resnet50":
-        widths = scale((64, 128, 256, 512))
-        structure = dict(blocks=(3, 4, 6, 3), widths=widths, stem_width=widths[0])
-    else:
+    if model not in MODEL_CLASSES:
         raise ValueError(f"unknown model {model!r}; expected one of {sorted(MODEL_CLASSES)}")
-    return dict(model=model, num_classes=num_classes, **structure, **gate_args)
+    return dict(model=model, num_classes=num_classes, **MODEL_CLASSES[model].default_arch(num_classes, scale),
+                **gate_args)
 
 
 from .export import export_pruned, load_pruned, save_pruned  # noqa: E402  (export uses build_model)
 
-__all__ = ["GatedNetwork", "CifarResNet", "ImageNetResNet", "VGG", "CostModel", "GatedLayer", "WeightLayer",
+__all__ = ["MODEL_CLASSES", "register_model", "GatedNetwork", "CifarResNet", "ImageNetResNet", "VGG", "CostModel", "GatedLayer", "WeightLayer",
            "build_model", "default_arch", "load_model_state", "resnet56", "resnet50", "vgg16", "export_pruned", "load_pruned", "save_pruned"]

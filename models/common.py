@@ -200,6 +200,35 @@ class GatedNetwork(nn.Module):
 
     paper_penalty = "chain"
     dep_input_dim: int | None = None
+    # What a network declares besides its layers (so the methods need no per-network rules):
+    # whether --stage_pr lists one ratio per gated layer (VGG) or per stage (ResNets), and whether
+    # unstructured sparse training masks the classifier too (DSR's code: ResNet50 only).
+    stages_are_layers = False
+    sparse_classifier = False
+
+    @classmethod
+    def default_arch(cls, num_classes: int, scale) -> dict:
+        """The paper's network of this family as an ``arch`` dict (without gate options), every
+        channel width passed through ``scale``."""
+        raise NotImplementedError
+
+    def compact_arch(self, keep: list[torch.Tensor]) -> dict:
+        """The arch of the compact network that keeps the channels ``keep`` (per gated layer) of this
+        one: the same family, ``net='dense'`` (models/export.py)."""
+        raise NotImplementedError(f"no export rule for {type(self).__name__}")
+
+    def stage_of_layers(self) -> tuple[list[int], int, str]:
+        """``(stage of each gated layer, entries of a --stage_pr list, what they are)``: GReg's
+        stages, with the classifier the list's last entry."""
+        raise NotImplementedError(f"no stage rule for {self.arch['model']}")
+
+    def hsic_layers(self) -> list[int]:
+        """The gated layers HSIC-Lasso prunes (its groups): every gated layer but the stem."""
+        return list(range(1, len(self.gated_layers)))
+
+    def pooled_target_layers(self) -> set[int]:
+        """Gated layers whose HSIC target is the pooled classifier input in the authors' code."""
+        return set()
 
     def _finish(self, arch: dict, records, widths, net, back_dep, temperature):
         self.arch = dict(arch)

@@ -73,34 +73,8 @@ def kept_indices(model: GatedNetwork, gates: torch.Tensor | None = None) -> list
 
 
 def compact_arch(model: GatedNetwork, keep: list[torch.Tensor]) -> dict:
-    """The arch dict of the compact model: same family, ``net='dense'``, kept widths."""
-    from .resnet_cifar import CifarResNet
-    from .resnet_imagenet import ImageNetResNet
-    from .vgg import VGG
-
-    widths = [len(k) for k in keep]
-    arch = dict(model.arch, net="dense", back_dep=False)
-    if isinstance(model, VGG):
-        it = iter(widths)
-        arch["cfg"] = tuple(v if v == "M" else next(it) for v in model.arch["cfg"])
-    elif isinstance(model, CifarResNet):
-        arch["stem_width"] = widths[0]
-        arch["inner_widths"] = tuple(widths[1:])
-        # The stem feeds the stream through the first block's identity shortcut:
-        # the stream keeps its width and the kept stem channels go to their positions.
-        identity = len(model.layers) > 0 and model.layers[0].shortcut is None
-        positions = model.arch.get("stem_index")  # set when the model is compact already
-        if identity and (positions is not None or widths[0] < model.gated_layers[0].width):
-            kept = keep[0].tolist()
-            arch["stem_index"] = tuple(kept if positions is None else [positions[i] for i in kept])
-        else:
-            arch.pop("stem_index", None)
-    elif isinstance(model, ImageNetResNet):
-        arch["stem_width"] = widths[0]
-        arch["inner_widths"] = tuple(zip(widths[1::2], widths[2::2]))
-    else:
-        raise TypeError(f"no export rule for {type(model).__name__}")
-    return arch
+    """The arch dict of the compact model: same family, ``net='dense'``, kept widths (the model's own rule)."""
+    return model.compact_arch(keep)
 
 
 @torch.no_grad()

@@ -118,5 +118,29 @@ class CifarResNet(GatedNetwork):
         return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+    @classmethod
+    def default_arch(cls, num_classes: int, scale) -> dict:
+        return dict(blocks_per_stage=9, widths=scale((16, 32, 64)))
+
+    def compact_arch(self, keep: list[torch.Tensor]) -> dict:
+        widths = [len(k) for k in keep]
+        arch = dict(self.arch, net="dense", back_dep=False, stem_width=widths[0], inner_widths=tuple(widths[1:]))
+        # The stem feeds the stream through the first block's identity shortcut:
+        # the stream keeps its width and the kept stem channels go to their positions.
+        identity = len(self.layers) > 0 and self.layers[0].shortcut is None
+        positions = self.arch.get("stem_index")  # set when the model is compact already
+        if identity and (positions is not None or widths[0] < self.gated_layers[0].width):
+            kept = keep[0].tolist()
+            arch["stem_index"] = tuple(kept if positions is None else [positions[i] for i in kept])
+        else:
+            arch.pop("stem_index", None)
+        return arch
+
+    def stage_of_layers(self) -> tuple[list[int], int, str]:
+        per_stage = self.arch["blocks_per_stage"]
+        stages = [0] + [1 + b // per_stage for b in range(len(self.gated_layers) - 1)]
+        return stages, len(self.arch["widths"]) + 2, "stem, one per stage, fc"
+
+
 def resnet56(num_classes: int = 10, **kwargs) -> CifarResNet:
     return CifarResNet(9, (16, 32, 64), num_classes, **kwargs)

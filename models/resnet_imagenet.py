@@ -67,6 +67,7 @@ class ImageNetResNet(GatedNetwork):
     """Bottleneck ResNet: 7x7/2 stem, 3x3/2 max-pool, four stages, avg-pool, Linear."""
 
     paper_penalty = "static_input"
+    sparse_classifier = True  # DSR's code masks ResNet50's fc too
 
     def __init__(self, blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), num_classes: int = 1000,
                  net: str = "hc", back_dep: bool = False, temperature: float = DEFAULT_TEMPERATURE,
@@ -108,6 +109,28 @@ class ImageNetResNet(GatedNetwork):
         for i, block in enumerate(self.layers):
             x = block(x, z_blocks[2 * i], z_blocks[2 * i + 1])
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+    @classmethod
+    def default_arch(cls, num_classes: int, scale) -> dict:
+        widths = scale((64, 128, 256, 512))
+        return dict(blocks=(3, 4, 6, 3), widths=widths, stem_width=widths[0])
+
+    def compact_arch(self, keep: list[torch.Tensor]) -> dict:
+        widths = [len(k) for k in keep]
+        return dict(self.arch, net="dense", back_dep=False, stem_width=widths[0],
+                    inner_widths=tuple(zip(widths[1::2], widths[2::2])))
+
+    def stage_of_layers(self) -> tuple[list[int], int, str]:
+        stages = [0]
+        for stage, n_blocks in enumerate(self.arch["blocks"]):
+            stages += [1 + stage] * (2 * n_blocks)
+        return stages, len(self.arch["blocks"]) + 2, "stem, one per stage, fc"
+
+    def pooled_target_layers(self) -> set[int]:
+        # Every block's conv2 (the even gated layers after the stem): the authors judge them against
+        # the pooled input of the classifier.
+        return {i for i in self.hsic_layers() if i % 2 == 0}
 
 
 def resnet50(num_classes: int = 1000, **kwargs) -> ImageNetResNet:

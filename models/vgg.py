@@ -44,6 +44,8 @@ class ConvStage(nn.Module):
 class VGG(GatedNetwork):
     """VGG-BN for 32x32 inputs with a single Linear head, built from a config list."""
 
+    stages_are_layers = True
+
     def __init__(self, cfg=VGG16_CFG, num_classes: int = 10, net: str = "hc", back_dep: bool = False,
                  temperature: float = DEFAULT_TEMPERATURE, input_size: int = 32):
         super().__init__()
@@ -87,6 +89,22 @@ class VGG(GatedNetwork):
         for stage, z in zip(self.features, self.gates(x.shape[0], log_alpha)):
             x = stage(x, z)
         return self.classifier(x.flatten(1))
+
+    @classmethod
+    def default_arch(cls, num_classes: int, scale) -> dict:
+        return dict(cfg=scale(VGG16_CFG))
+
+    def compact_arch(self, keep: list[torch.Tensor]) -> dict:
+        widths = iter(len(k) for k in keep)
+        return dict(self.arch, net="dense", back_dep=False,
+                    cfg=tuple(v if v == "M" else next(widths) for v in self.arch["cfg"]))
+
+    def stage_of_layers(self) -> tuple[list[int], int, str]:
+        n = len(self.gated_layers)
+        return list(range(n)), n + 1, f"one per layer index, 0-{n - 1} convs, {n} the classifier"
+
+    def hsic_layers(self) -> list[int]:
+        return list(range(len(self.gated_layers)))  # every conv, the first included
 
 
 def vgg16(num_classes: int = 10, **kwargs) -> VGG:

@@ -119,10 +119,9 @@ class Group:
 
 
 def group_layers(model) -> list[int]:
-    """The gated layers HSIC-Lasso prunes: every VGG16 conv; every gated layer of the ResNets but the stem."""
-    if model.arch["model"] == "vgg16":
-        return list(range(len(model.gated_layers)))
-    return list(range(1, len(model.gated_layers)))
+    """The gated layers HSIC-Lasso prunes, as the network declares them (VGG16: every conv; the
+    ResNets: every gated layer but the stem)."""
+    return model.hsic_layers()
 
 
 def kernel_memory(model, n: int) -> int:
@@ -138,7 +137,7 @@ def calibration_groups(model, images: torch.Tensor, y_source: str = "fc", log=pr
     as the consuming layer runs, so only the N x N kernels are kept. ``model`` is left in eval mode;
     give it a copy, as training mode moves BN's running statistics."""
     layers = group_layers(model)
-    resnet50_conv2 = {i for i in layers if model.arch["model"] == "resnet50" and i % 2 == 0}
+    resnet50_conv2 = model.pooled_target_layers()
     classifier = model.weight_layers[-1].name
     found: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
     shared_target: list[np.ndarray] = []

@@ -66,26 +66,12 @@ def _ratio(text: str, item: str) -> float:
 
 
 def stage_of_layers(model) -> tuple[list[int], int, str]:
-    """``(stage of each gated layer, number of entries a stage list has, what they are)``.
-
-    VGG's "stages" are its layer indices; the classifier is the list's last entry."""
-    family = model.arch["model"]
-    layers = model.gated_layers
-    if family == "vgg16":
-        return list(range(len(layers))), len(layers) + 1, f"one per layer index, 0-{len(layers) - 1} convs, " \
-                                                           f"{len(layers)} the classifier"
-    if family == "resnet56":
-        per_stage = model.arch["blocks_per_stage"]
-        stages = [0] + [1 + b // per_stage for b in range(len(layers) - 1)]
-        n = len(model.arch["widths"]) + 2
-        return stages, n, "stem, one per stage, fc"
-    if family == "resnet50":
-        stages = [0]
-        for stage, n_blocks in enumerate(model.arch["blocks"]):
-            stages += [1 + stage] * (2 * n_blocks)
-        n = len(model.arch["blocks"]) + 2
-        return stages, n, "stem, one per stage, fc"
-    raise UsageError(f"no stage rule for {family}")
+    """``(stage of each gated layer, number of entries a stage list has, what they are)``: the
+    network's own declaration (VGG's "stages" are its layer indices; the classifier is last)."""
+    try:
+        return model.stage_of_layers()
+    except NotImplementedError as e:
+        raise UsageError(str(e)) from None
 
 
 def layer_ratios(model, ratios) -> list[float]:
@@ -94,7 +80,7 @@ def layer_ratios(model, ratios) -> list[float]:
     stages, entries, what = stage_of_layers(model)
     family = model.arch["model"]
     if isinstance(ratios, dict):
-        if family != "vgg16":
+        if not model.stages_are_layers:
             raise UsageError(f"--stage_pr INDEX:RATIO is VGG's form; {family} takes {entries} ratios ({what})")
         bad = [i for i in ratios if i >= entries]
         if bad:

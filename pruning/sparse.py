@@ -115,8 +115,7 @@ def training_recipe(kind: str, method: str) -> dict:
 
 def sparse_layers(model) -> list:
     """The weight-layer records whose weights are sparse (see the module docstring)."""
-    classifier = model.arch["model"] == "resnet50"
-    return [w for w in model.weight_layers if w.role == "body" or (w.role == "classifier" and classifier)]
+    return [w for w in model.weight_layers if w.role == "body" or (w.role == "classifier" and model.sparse_classifier)]
 
 
 def default_n_prune_params(kind: str, sparse_weights: int) -> int:

@@ -276,7 +276,7 @@ def test_engine_wires_the_budget(tmp_path, monkeypatch):
     args = parse_args(train_vgg.RECIPE, ["--dummy", "--net", "dep", "--width-mult", "0.0625", "--target-params", "0.6",
                                          "--lr-lagrangian", "0.7", "--epoch", "4", "-b", "4", "-j", "0", "--seed", "0",
                                          "--out-dir", str(tmp_path / "run")])
-    trainer = engine.Trainer(train_vgg.RECIPE, args)
+    trainer = engine.Trainer(args)
     try:
         budget, lagrangian = trainer.method.budget, trainer.method.lagrangian
         assert budget is not None and budget.kind == "params" and budget.target == 0.6 and budget.warmup == 1.0
@@ -298,7 +298,7 @@ def test_no_target_no_budget(tmp_path, monkeypatch):
     args = parse_args(train_vgg.RECIPE, ["--dummy", "--width-mult", "0.0625", "--lr-lagrangian", "5",
                                          "--target-warmup", "1", "-b", "4", "-j", "0", "--seed", "0",
                                          "--out-dir", str(tmp_path / "run")])
-    trainer = engine.Trainer(train_vgg.RECIPE, args)
+    trainer = engine.Trainer(args)
     trainer.log.close()
     assert trainer.method.budget is None and trainer.method.lagrangian is None
     assert "budget" not in trainer.results(dict(top1=0.0, loss=1.0, top5=0.0))

@@ -164,7 +164,7 @@ HELPER = textwrap.dedent("""
 
     module, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     recipe = importlib.import_module(module).RECIPE
-    trainer = Trainer(recipe, parse_args(recipe, argv))
+    trainer = Trainer(parse_args(recipe, argv))
     initial = {{k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}
     code = trainer.fit()
     rank = int(os.environ["RANK"])

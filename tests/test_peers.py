@@ -103,7 +103,7 @@ def test_a_toy_method_needs_no_change_in_the_engine(tmp_path, monkeypatch):
                                               "-j", "0", "--seed", "0", "--epoch", "3", "-p", "1",
                                               "--out-dir", str(tmp_path / "run")])
     made = []
-    trainer = Trainer(train_resnet56.RECIPE, args, method=lambda model, a: made.append(ToyMethod(model)) or made[0])
+    trainer = Trainer(args, method=lambda model, a: made.append(ToyMethod(model)) or made[0])
     assert trainer.fit() == 0
     toy = made[0]
     # 512 dummy images at 64: 8 steps an epoch; the method stops the run after 5.

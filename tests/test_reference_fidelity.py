@@ -33,7 +33,7 @@ from pruning.budget import TOLERANCE, BudgetConstraint
 from l0_layers.gates import DEP_SCALE, PRE_ACTIVATION_LIMIT
 from models import build_model, default_arch
 from engine.cli import parse_args
-from pruning import L0Method
+from pruning import METHODS
 from engine.trainer import weight_optimizer
 
 RECIPES = {"vgg16": train_vgg.RECIPE, "resnet56": train_resnet56.RECIPE, "resnet50": train_resnet50.RECIPE}
@@ -191,7 +191,8 @@ def test_other_command_lines_refuse_abbreviations(main, argv, capsys):
 
 def make_optimizers(model, args, recipe):
     """(weights, weight schedule, gate optimiser, gate schedule) as the training scripts build them."""
-    method = L0Method(model, args, args.lr_decay if recipe.gate_decay_is_lr_decay else recipe.gate_decay)
+    assert args.gate_decay == recipe.gate_decay and args.gate_decay_is_lr_decay == recipe.gate_decay_is_lr_decay
+    method = METHODS.get(args.net).build(model, args)
     weights, schedule = weight_optimizer(method.weight_parameters(), args)
     return weights, schedule, method.gates, method.gate_schedule
 

@@ -136,7 +136,7 @@ def evaluate_args(evaluate, path):
 
 
 def _in_process(argv):
-    return Trainer(train_resnet56.RECIPE, parse_args(train_resnet56.RECIPE, argv)).fit()
+    return Trainer(parse_args(train_resnet56.RECIPE, argv)).fit()
 
 
 @pytest.fixture
@@ -334,7 +334,7 @@ from engine.cli import parse_args
 from engine.trainer import Trainer
 for kind in sparse.SCHEDULES:
     sparse.SCHEDULES[kind]["rewire_periods"] = {{0: 3}}
-trainer = Trainer(train_resnet56.RECIPE, parse_args(train_resnet56.RECIPE, sys.argv[1:]))
+trainer = Trainer(parse_args(train_resnet56.RECIPE, sys.argv[1:]))
 assert trainer.fit() == 0
 torch.save(dict(masks=[m.cpu() for m in trainer.method.masks], weights=[w.detach().cpu() for w in trainer.method.weights]),
            f"rank{{os.environ['RANK']}}.pt")
