@@ -191,7 +191,7 @@ class Trainer:
                                      **loader_options(self.args.workers, self.device))
         self.log = RunLogger(self.out_dir, imagenet=args.imagenet, enabled=ctx.is_main,
                              loss_name=self.method.loss_name)
-        self.log.start(args, device, self.out_dir, len(train_set), len(val_set), ctx.world_size)
+        self.log.start(args.to_dict(), device, self.out_dir, len(train_set), len(val_set), ctx.world_size)
 
     # -- setup ---------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""L1 (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017) as the peers run it.
+r"""L1 (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017) as the peers run it.
 
 From the dense network's weights, every prunable layer loses at once its
 :math:`\min(\lceil rN \rceil, N-1)` filters of smallest mean :math:`|W_f|` (the ratios and

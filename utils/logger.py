@@ -81,14 +81,15 @@ class RunLogger:
             return
         print(text, flush=True)
 
-    def start(self, args, device, out_dir, n_train, n_val, world_size=1):
+    def start(self, settings: dict, device, out_dir, n_train, n_val, world_size=1):
+        """The run's header: directory, device, data sizes and every setting (``settings``)."""
         if not self.enabled:
             return
         print(f"run directory: {out_dir}")
         processes = f" x {world_size} processes" if world_size > 1 else ""
         print(f"device: {device}{processes}; {n_train} training / {n_val} validation images")
-        print("arguments: " + json.dumps(vars(args), sort_keys=True, default=str))
-        self.writer.add_text("args", json.dumps(vars(args), sort_keys=True, indent=1, default=str), 0)
+        print("arguments: " + json.dumps(settings, sort_keys=True, default=str))
+        self.writer.add_text("args", json.dumps(settings, sort_keys=True, indent=1, default=str), 0)
 
     def progress(self, epoch, step, steps, loss, penalty, lr, images_per_s, eta_s):
         if not self.enabled:
