@@ -97,7 +97,7 @@ def script_parser(script: str) -> argparse.ArgumentParser:
     module = load_script(script)
     if script in TRAINING_SCRIPTS:
         from engine.cli import build_parser
-        return build_parser(recipe_of(module), prog=script)
+        return build_parser(recipe_of(module))
     if callable(getattr(module, "build_parser", None)):
         return module.build_parser()
     return _capture_parser(module.main)
@@ -118,7 +118,7 @@ def parse_status(script: str, argv: list[str]) -> tuple[int, str]:
     module = load_script(script)
     if script in TRAINING_SCRIPTS:
         from engine.cli import parse_args
-        parse = functools.partial(parse_args, recipe_of(module), argv, prog=script)
+        parse = functools.partial(parse_args, recipe_of(module), argv)
     elif callable(getattr(module, "parse_args", None)):
         parse = functools.partial(module.parse_args, argv)
     else:
