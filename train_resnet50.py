@@ -1,6 +1,6 @@
 """Train and prune ResNet50 on ImageNet with L0-HC or Dep-L0 gates.
 
-The published commands (spec section 5) run unchanged:
+The published commands (the Dep-L0 README's) run unchanged:
 
     python train_resnet50.py /path/to/imagenet --net dep --lamba 5e-9 --gpu_id 0
     python train_resnet50.py /path/to/imagenet --net dep --back_dep --lamba 5e-9 --gpu_id 0

@@ -1,6 +1,6 @@
 """Train and prune VGG16-BN on CIFAR-10/100 with L0-HC or Dep-L0 gates.
 
-The published commands (spec section 5) run unchanged:
+The published commands (the Dep-L0 README's) run unchanged:
 
     python train_vgg.py --net dep --num_classes 10 --lamba 1e-6 --gpu 0
     python train_vgg.py --net dep --back_dep --num_classes 100 --lamba 1e-6 --gpu 0

@@ -1,4 +1,4 @@
-"""Faults, done for real on the CPU: README section "Faults: what happens".
+"""Faults, done for real on the CPU: docs/faults.md.
 
 Every fault is caused, not simulated, wherever that is possible: the training
 script runs in a subprocess and gets a real signal (to its pid, and to its
