@@ -45,6 +45,7 @@ def load_model(path):
             raise
         model, source = build_pruned(payload), payload["arch"]["source"]
         return model, dict(kind="pruned model", dataset=source.get("dataset"), data_dir=source.get("data_dir"),
+                           dummy=bool(source.get("dummy")),
                            macs=payload["macs"], params=payload["params"],
                            macs_dense=source["macs_dense"], params_dense=source["params_dense"])
     model = build_model(state["arch"])
@@ -57,12 +58,17 @@ def load_model(path):
         macs, params = model.cost.pruned(model.gates.kept())
     macs_dense, params_dense = model.cost.dense()
     return model.eval(), dict(kind=f"checkpoint, epoch {state.get('epoch')}", dataset=args.get("dataset"),
-                              data_dir=args.get("data_dir"), macs=macs, params=params,
+                              data_dir=args.get("data_dir"), dummy=bool(args.get("dummy")), macs=macs, params=params,
                               macs_dense=macs_dense, params_dense=params_dense)
 
 
 def evaluate(args) -> dict:
     model, info = load_model(args.path)
+    if info["dummy"] and not args.dummy and args.dataset is None and args.data_dir is None:
+        # A run on synthetic data is evaluated on synthetic data unless real data is named.
+        args.dummy = True
+        print(f"{args.path} was trained on synthetic data (--dummy); evaluating on the same "
+              f"(give --dataset/--data-dir for real data)")
     arch = model.arch
     dataset = args.dataset or info["dataset"] or (
         "imagenet" if arch["model"] == "resnet50" else "cifar100" if arch["num_classes"] == 100 else "cifar10")

@@ -37,6 +37,7 @@ declares its flags, its defaults per kind of data, its run name and its
 phases, and runs them through the :class:`PruneJob` this script hands it.
 """
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -54,8 +55,8 @@ from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, density_type, nonneg_int, positive_float, positive_int
 from utils.data import DATASETS
-from utils.errors import UsageError, run_reporting_errors
-from utils.run import fresh_out_dir
+from utils.errors import UsageError, brief, run_reporting_errors
+from utils.run import fresh_out_dir, new_run_note
 
 # What every prune.py run must agree on to be continued; each method adds its own settings.
 IDENTITY = ("method", "dataset", "num_classes")
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", "--data_dir", dest="data_dir", metavar="DIR")
     g.add_argument("--num_classes", type=positive_int, help="must match the checkpoint (a check)")
     g.add_argument("--dummy", action="store_true", help="synthetic data of the right shape")
-    g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=4, help="data-loading processes")
+    g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading processes (default: 4, or the machine's cores if fewer)")
     g.add_argument("--limit-batches", type=positive_int, metavar="N", help="at most N train and N val batches per epoch")
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", metavar="DIR", help="run directory (default runs/<model>_<data>_<method>_<ratios>)")
@@ -172,7 +174,7 @@ def load_source(path: str) -> dict:
                          f"--net dense and give its best.pt")
     args = state.get("args") or {}
     return dict(arch=arch, state_dict=state["model"], dataset=args.get("dataset"), data_dir=args.get("data_dir"),
-                kind=f"dense checkpoint, epoch {state.get('epoch')}")
+                dummy=bool(args.get("dummy")), kind=f"dense checkpoint, epoch {state.get('epoch')}")
 
 
 def dense_model(source: dict):
@@ -183,7 +185,7 @@ def dense_model(source: dict):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UsageError(f"the weights do not fit a {source['arch']['model']} ({str(e).splitlines()[0][:120]})") from e
+        raise UsageError(f"the weights do not fit a {source['arch']['model']} ({brief(str(e))})") from e
     return model
 
 
@@ -272,8 +274,8 @@ class PruneJob:
 
     def save_cut(self, model, path: Path, gates: torch.Tensor, **info) -> None:
         """The cut network, as a pruned.pt of the kept channels (``info`` goes to its source record)."""
-        save_pruned(model, path, dict(dataset=self.args.dataset, data_dir=self.args.data_dir, seed=self.args.seed,
-                                      **info), gates=gates)
+        save_pruned(model, path, dict(dataset=self.args.dataset, data_dir=self.args.data_dir, dummy=self.args.dummy,
+                                      seed=self.args.seed, **info), gates=gates)
 
 
 def _run_dir(args, name: str) -> Path:
@@ -288,7 +290,13 @@ def _run_dir(args, name: str) -> Path:
         if run_dir.exists() and any(run_dir.iterdir()) and args.resume is None:
             raise UsageError(f"{run_dir} already holds a run; continue it with --resume auto --out-dir {run_dir}")
         return run_dir
-    return Path("runs") / name if args.resume == "auto" else fresh_out_dir(Path("runs") / name)
+    if args.resume == "auto":
+        return Path("runs") / name
+    run_dir = fresh_out_dir(Path("runs") / name)
+    note = new_run_note(Path("runs") / name, run_dir)
+    if note:
+        print(note, file=sys.stderr)
+    return run_dir
 
 
 def run(args) -> int:
@@ -306,6 +314,12 @@ def run_phases(args, ctx: distributed.Context) -> int:
     source = load_source(args.checkpoint)
     arch = source["arch"]
     imagenet = arch["model"] == "resnet50"
+    if source.get("dummy") and not args.dummy and args.dataset is None and args.data_dir is None:
+        # A baseline trained on synthetic data is pruned on synthetic data unless real data is named.
+        args.dummy = True
+        if ctx.is_main:
+            print(f"{args.checkpoint} was trained on synthetic data (--dummy); pruning on the same "
+                  f"(give --dataset/--data-dir for real data)")
     args.dataset = args.dataset or source["dataset"] or ("imagenet" if imagenet else "cifar10")
     args.data_dir = args.data_dir or source["data_dir"] or (None if imagenet else "./data")
     if args.data_dir is None and not args.dummy:
@@ -329,6 +343,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     (reproduce.py checks a table's rows with it before running any)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.epochs == 0:
+        parser.error("--epochs 0 fine-tunes nothing (no results.json); give at least 1")
     if args.target_macs is not None and args.target_macs >= 1.0:
         parser.error(f"--target-macs {args.target_macs:g}: must be below 1 (a fraction of the dense MACs)")
     return args

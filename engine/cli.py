@@ -9,6 +9,7 @@ reference uses in different scripts map to one destination: ``--epoch`` and
 """
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 
@@ -93,8 +94,8 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--num_classes", type=positive_int,
                    help="number of classes (CIFAR: 10 or 100 selects the dataset; default: from the data)")
     g.add_argument("--dummy", action="store_true", help="synthetic data of the right shape: no download, runs anywhere")
-    g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=recipe.workers,
-                   help="data-loading processes (-w is the reference CIFAR scripts' spelling)")
+    g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=min(recipe.workers, os.cpu_count() or 1),
+                   help="data-loading processes (-w is the reference CIFAR scripts' spelling; at most the machine's cores)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("-b", "--batch-size", type=positive_int, default=recipe.batch_size,
@@ -159,6 +160,9 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
             if flag in given and flag not in spec.own_flags():
                 parser.error(other.foreign_flag_message(flag, args))
     spec.check(parser, args, given)
+    if args.epochs + args.fine_tune_epoch == 0:
+        parser.error("--epoch 0 with no fine-tuning epochs trains nothing (no results.json, an untrained "
+                     "pruned.pt); give --epoch N")
     if args.nesterov and args.momentum == 0:
         parser.error("Nesterov momentum needs --momentum above 0 (or --no-nesterov)")
     if recipe.imagenet:

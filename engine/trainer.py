@@ -40,10 +40,10 @@ from utils import distributed
 from utils.checkpoint import FORMAT, link_or_copy, load_checkpoint, save_checkpoint, write_json
 from utils.cli import program_name
 from utils.data import DeviceNormalize, build_datasets
-from utils.errors import EXIT_PREEMPTED, TrainingDiverged, UsageError, run_reporting_errors
+from utils.errors import EXIT_PREEMPTED, TrainingDiverged, UsageError, brief, run_reporting_errors
 from utils.logger import RunLogger, human
 from utils.run import (StopSignals, check_out_dir, create_out_dir, find_resumable, fresh_out_dir, git_commit,
-                       kill_loader_workers, loader_options, select_device)
+                       kill_loader_workers, loader_options, new_run_note, select_device)
 from utils.sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
 
 from .cli import Recipe, parse_args
@@ -192,6 +192,8 @@ class Trainer:
         self.log = RunLogger(self.out_dir, imagenet=args.imagenet, enabled=ctx.is_main,
                              loss_name=self.method.loss_name)
         self.log.start(args.to_dict(), device, self.out_dir, len(train_set), len(val_set), ctx.world_size)
+        if checkpoint is not None:
+            self.log.message(f"resumed from {checkpoint['path']}: epoch {self.epoch + 1}, step {self.step}")
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -214,6 +216,9 @@ class Trainer:
         else:
             out_dir = Path(args.out_dir) if args.out_dir else fresh_out_dir(Path("runs") / args.name)
             out_dir = Path(ctx.gather(str(out_dir))[0])  # rank 0's choice, for every rank
+            note = None if args.out_dir else new_run_note(Path("runs") / args.name, out_dir)
+            if note and ctx.is_main:
+                print(note, file=sys.stderr)
         if checkpoint is not None:
             self._check_identity(checkpoint)
             args.seed = checkpoint["args"]["seed"]
@@ -249,7 +254,7 @@ class Trainer:
             # An optimiser laid out differently: an earlier version's (e.g. --gen_optim SGD's second
             # optimiser, one learning rate for a budget run's generator), or another --gen_optim.
             raise UsageError(f"{state['path']}: its optimiser state does not fit this version's optimisers "
-                             f"({str(e).splitlines()[0][:100]}); start the run afresh") from e
+                             f"({brief(str(e), 100)}); start the run afresh") from e
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
         self.weight_schedule.load_state_dict(state["weight_scheduler"])
@@ -335,6 +340,7 @@ class Trainer:
             self._set_rng(resume_state)
             self.train_totals.copy_(resume_state["train_totals"].to(device))
         self.sampler.start_at(epoch, self.step)
+        self.epoch_started = time.time()
         steps = self.sampler.steps() if args.limit_batches is None else min(self.sampler.steps(), args.limit_batches)
         active = method.steps_optimizers(epoch)
         own = [optimizer for optimizer, _ in method.optimizers().values()] if active else []
@@ -388,8 +394,12 @@ class Trainer:
                 now = time.time()
                 count = interval[2].item()
                 rate = count * self.ctx.world_size / max(now - tick, 1e-9)
+                per_step = (now - tick) / count * n
+                run_steps = steps - self.step + (args.epochs + args.fine_tune_epoch - epoch - 1) * steps
                 self.log.progress(epoch, self.step, steps, loss_avg, reg_avg, self.weights.param_groups[0]["lr"],
-                                  rate, (now - tick) / count * n * (steps - self.step))
+                                  rate, per_step * (steps - self.step),
+                                  None if done or method.ends_by_own_rule else per_step * run_steps,
+                                  method.phase(epoch))
                 self.log.scalars(epoch * steps + self.step, method.progress_scalars(epoch + self.step / steps))
                 interval.zero_()
                 tick = now
@@ -432,7 +442,8 @@ class Trainer:
         new_best = val_stats["top1"] >= self.best_top1
         self.best_top1 = max(self.best_top1, val_stats["top1"])
         results = self.results(val_stats)
-        self.log.epoch(self.epoch - 1, train_stats, val_stats, results, self.method)
+        self.log.epoch(self.epoch - 1, train_stats, val_stats, results, self.method,
+                       seconds=time.time() - self.epoch_started)
         message = self.method.epoch_message(finished_epoch, results)
         if message:
             self.log.message(message)
@@ -520,7 +531,8 @@ class Trainer:
             path = self.out_dir / "pruned.pt"
             # The reductions are against the network this run started from (prune.py's fine-tuning
             # starts from an already cut one).
-            info = dict(dataset=self.args.dataset, data_dir=self.args.data_dir, epoch=self.epoch, seed=self.args.seed,
+            info = dict(dataset=self.args.dataset, data_dir=self.args.data_dir, dummy=self.args.dummy, epoch=self.epoch,
+                        seed=self.args.seed,
                         macs_dense=self.baseline["macs"], params_dense=self.baseline["params"])
             _, pruned = save_pruned(self.model, path, info, gates=self.method.channel_gates(),
                                     sparse_layers=self.method.sparse_layer_names())

@@ -5,7 +5,7 @@ carries (and a checkpoint stores).
 """
 import inspect
 
-from utils.errors import UsageError
+from utils.errors import UsageError, brief
 
 from .common import GatedNetwork
 from .resnet_cifar import CifarResNet, resnet56
@@ -54,7 +54,7 @@ def load_model_state(model: GatedNetwork, checkpoint: dict, source="the checkpoi
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
-        raise UsageError(f"{source}: its weights do not fit its own arch ({str(e).splitlines()[0][:120]})") from e
+        raise UsageError(f"{source}: its weights do not fit its own arch ({brief(str(e))})") from e
     if frozen and not stored:
         model.gates.freeze()
 

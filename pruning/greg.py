@@ -39,6 +39,8 @@ float32, accumulate and are compared with the limits in float32 as in the code
 exceeds 1 after 10,000 updates; GReg-2 picks at update 1,001 (1000 additions of
 1e-5 fall just short of 0.01 in float32) and ends after 10,901.
 """
+import math
+
 import torch
 
 from utils.cli import nonneg_int, positive_float, positive_int
@@ -59,6 +61,7 @@ class GReg(PruningMethod):
     """The regularisation phase of GReg-1 (``variant=1``) or GReg-2 (``variant=2``)."""
 
     loss_name = "reg"
+    ends_by_own_rule = True
 
     def __init__(self, model, ratios: list[float], variant: int, update_interval: int, stabilize_interval: int,
                  upper_limit: float = 1.0, upper_limit_pick: float = 1e-2, granularity_pick: float = 1e-5,
@@ -218,10 +221,28 @@ class GReg(PruningMethod):
             stopped_at_iteration=self.stopped_at, done=self.done, reg_pruned_mean=pruned, reg_kept_mean=kept,
             mag_ratio=[h for h in self.hist], reg_max=[float(r.max()) for r in self.reg]))
 
+    def updates_bound(self) -> int:
+        """Updates after which every layer has stopped at the latest: the coefficients grow by
+        ``--reg_granularity_prune`` per update up to ``--reg_upper_limit`` (GReg-2 first by
+        ``--reg_granularity_pick`` up to ``--reg_upper_limit_pick``); the magnitude ratio may stop
+        a layer sooner."""
+        bound = math.ceil(self.upper_limit / self.granularity_prune) + 1
+        if self.variant == 2:
+            bound += math.ceil(self.upper_limit_pick / self.granularity_pick) + 1
+        return bound
+
     def epoch_message(self, epoch: int, results: dict) -> str | None:
         pruned, kept, ratio = self._means()
-        state = ("done" if self.done else f"stabilising since iteration {self.stopped_at}" if self.stopped_at is not None
-                 else f"{sum(self.finished_layers)}/{len(self.finished_layers)} layers stopped")
+        if self.done:
+            state = "done"
+        elif self.stopped_at is not None:
+            left = self.stopped_at + self.stabilize_interval - self.iteration
+            state = f"stabilising since iteration {self.stopped_at}, {left} iterations left"
+        else:
+            left = max(self.updates_bound() - self.updates, 0)
+            state = (f"{sum(self.finished_layers)}/{len(self.finished_layers)} layers stopped; at most {left} more "
+                     f"updates ({left * self.update_interval} iterations) and {self.stabilize_interval} stabilising "
+                     f"iterations left")
         return (f"greg: iteration {self.iteration}, {self.updates} updates, {state}; coefficient pruned "
                 f"{pruned:.3g} kept {kept:.3g}, smallest magnitude ratio {ratio:.3g}")
 

@@ -73,6 +73,9 @@ class L0Method(PruningMethod):
     def steps_optimizers(self, epoch: int) -> bool:
         return epoch < self.epochs
 
+    def phase(self, epoch: int) -> str | None:
+        return "fine-tune" if epoch >= self.epochs else None
+
     def forward_args(self, epoch: int) -> dict:
         if epoch >= self.epochs:
             self._log_alpha = None

@@ -40,6 +40,8 @@ class PruningMethod:
     loss_name = "reg"
     # What :meth:`network_key` compares, in words (results.json's ``best_top1_over``).
     network_name = "open channels"
+    # True for a phase that ends when :meth:`finished` says so, not after its epochs (no run ETA).
+    ends_by_own_rule = False
 
     def __init__(self, model):
         self.model = model
@@ -95,6 +97,10 @@ class PruningMethod:
     def finished(self) -> bool:
         """True once the method's work is done and the run should end (checked after every step)."""
         return False
+
+    def phase(self, epoch: int) -> str | None:
+        """A label for ``epoch`` in the progress lines (e.g. ``fine-tune``), or None."""
+        return None
 
     # -- what it decides -----------------------------------------------------------------------
 

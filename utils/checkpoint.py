@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, brief
 
 FORMAT = "dep-l0-checkpoint/1"
 
@@ -93,7 +93,7 @@ def load_checkpoint(path, expected_format: str = FORMAT) -> dict:
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, struct.error) as e:
             # ValueError includes a damaged member name that no longer decodes as UTF-8.
             raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: "
-                             f"{(str(e).splitlines() or [type(e).__name__])[0][:120]})") from e
+                             f"{brief(str(e)) or type(e).__name__})") from e
         if damaged is not None:
             raise UsageError(f"{path} is corrupt (checksum mismatch in {damaged})")
     try:
@@ -104,11 +104,11 @@ def load_checkpoint(path, expected_format: str = FORMAT) -> dict:
         refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
         if refused:
             raise UsageError(f"refusing to load {path}: it holds Python objects that could run code "
-                             f"({refused[0][:120]})") from e
+                             f"({brief(refused[0])})") from e
         raise UsageError(f"{path} is not a readable checkpoint (not a torch file of plain tensors and values)") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error, KeyError, IndexError) as e:
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: "
-                         f"{(str(e).splitlines() or [type(e).__name__])[0][:120]})") from e
+                         f"{brief(str(e)) or type(e).__name__})") from e
     if not isinstance(state, dict) or state.get("format") != expected_format:
         raise UsageError(f"{path} is not a {expected_format} file")
     return state

@@ -1,6 +1,7 @@
 """Command-line helpers every script shares: a parser whose mistakes are one line, a help
 formatter that shows defaults, and checked number types."""
 import argparse
+import re
 import sys
 
 
@@ -21,6 +22,9 @@ class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # A negative number in exponent form (``--lamba -1e-6``) is a value, so its type check can say
+        # what is wrong with it; argparse alone takes it for a flag ("expected one argument").
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -21,6 +21,15 @@ class TrainingDiverged(Exception):
     """A non-finite loss or gate logit: the run stops instead of training on."""
 
 
+def brief(text: str, limit: int = 120) -> str:
+    """The first line of ``text``, cut at a word boundary to at most ``limit`` characters (a quoted
+    library message inside one of ours must not end mid-word)."""
+    line = (text.strip().splitlines() or [""])[0]
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
 def one_line(error: Exception) -> str:
     """The message of an error; one re-raised from a DataLoader worker carries
     the worker's traceback, of which only the last line is the message."""

@@ -91,13 +91,17 @@ class RunLogger:
         print("arguments: " + json.dumps(settings, sort_keys=True, default=str))
         self.writer.add_text("args", json.dumps(settings, sort_keys=True, indent=1, default=str), 0)
 
-    def progress(self, epoch, step, steps, loss, penalty, lr, images_per_s, eta_s):
+    def progress(self, epoch, step, steps, loss, penalty, lr, images_per_s, eta_s, run_eta_s=None, phase=None):
+        """A progress line: the epoch's ETA and, given ``run_eta_s``, the whole run's (training steps
+        at the current rate; evaluations not counted); ``phase`` labels the epoch (e.g. fine-tune)."""
         if not self.enabled:
             return
         global_step = epoch * steps + step
         eta = datetime.timedelta(seconds=round(eta_s))
-        print(f"Epoch [{epoch + 1}][{step:>{len(str(steps))}}/{steps}]  loss {loss:.4f}  {self.loss_name} {penalty:.4f}  "
-              f"lr {lr:.4g}  {images_per_s:.0f} img/s  ETA {eta}", flush=True)
+        run_eta = f"  run ETA {datetime.timedelta(seconds=round(run_eta_s))}" if run_eta_s is not None else ""
+        label = f"  ({phase})" if phase else ""
+        print(f"Epoch [{epoch + 1}][{step:>{len(str(steps))}}/{steps}]  loss {loss:.4f}  {self.loss_name} "
+              f"{penalty:.4f}  lr {lr:.4g}  {images_per_s:.0f} img/s  ETA {eta}{run_eta}{label}", flush=True)
         self.writer.add_scalar("Train/loss", loss, global_step)
         self.writer.add_scalar("train/l0_penalty", penalty, global_step)
         self.writer.add_scalar("train/lr", lr, global_step)
@@ -109,7 +113,7 @@ class RunLogger:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, global_step)
 
-    def epoch(self, epoch, train_stats, val_stats, results, method=None):
+    def epoch(self, epoch, train_stats, val_stats, results, method=None, seconds=None):
         if not self.enabled:
             return
         w, step = self.writer, epoch + 1
@@ -134,7 +138,8 @@ class RunLogger:
         print(f"Epoch {step}: top-1 {val_stats['top1']:.2f}%{top5} (best {results['best_top1']:.2f}%)  "
               f"val loss {val_stats['loss']:.4f}  kept {sum(kept)}/{total} channels  "
               f"MACs {human(results['macs_pruned'])} (-{results['macs_reduction']:.1f}%)  "
-              f"params {human(results['params_pruned'])} (-{results['params_reduction']:.1f}%)", flush=True)
+              f"params {human(results['params_pruned'])} (-{results['params_reduction']:.1f}%)"
+              + (f"  {seconds:.0f} s" if seconds is not None else ""), flush=True)
 
     def close(self):
         if not self.enabled:

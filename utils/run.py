@@ -6,6 +6,7 @@ checkpoint a resumed run continues from, how SIGTERM/SIGINT/SIGUSR1 become a
 clean stop after the current step, and the DataLoader settings that keep a
 GPU fed. ``engine/trainer.py`` is the loop that uses them.
 """
+import json
 import multiprocessing
 import os
 import signal
@@ -41,6 +42,33 @@ def fresh_out_dir(base: Path) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+def unfinished_run(base: Path) -> Path | None:
+    """The newest of ``base``, ``base-2``, ... that holds a run stopped before its end (a checkpoint,
+    and no results.json whose ``epochs_done`` reached ``epochs_total``), or None."""
+    found, path, n = None, base, 1
+    while path.exists():
+        started = (path / "last.pt").exists() or (path / "regularize" / "last.pt").exists()
+        try:
+            results = json.loads((path / "results.json").read_text())
+            done = results["epochs_done"] >= results["epochs_total"]
+        except (OSError, ValueError, KeyError, TypeError):
+            done = False
+        if started and not done:
+            found = path
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return found
+
+
+def new_run_note(base: Path, chosen: Path) -> str | None:
+    """A line for starting ``chosen`` afresh while an earlier run of the same command is unfinished."""
+    stopped = unfinished_run(base)
+    if stopped is None:
+        return None
+    return (f"note: {stopped} holds an unfinished run of this command; starting afresh in {chosen}. To continue "
+            f"that one instead, add --resume auto --out-dir {stopped}")
 
 
 def check_out_dir(path: Path, resuming: bool) -> Path:

@@ -1,0 +1,128 @@
+"""What a new user hits in the first hour (issue: the first hour and the thirty-hour table).
+
+Each case failed before: a negative number in exponent form taken for a flag, a
+run of zero epochs accepted, a library message cut mid-word, a second run of an
+interrupted command starting a new folder without a word, evaluate.py and
+prune.py reaching for real data for a run made on synthetic data, a progress
+line with no run ETA or phase, a resumed run that does not say where from.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate
+import prune
+import train_vgg
+from engine import trainer
+from engine.cli import parse_args
+from models import build_model, default_arch
+from pruning import GReg
+from utils.errors import brief
+from utils.run import new_run_note, unfinished_run
+
+TINY = ("--dummy", "--width-mult", "0.125", "-b", "8", "--limit-batches", "2", "-j", "0", "--seed", "0")
+
+
+def one_line_error(capsys, action) -> str:
+    with pytest.raises(SystemExit) as stop:
+        action()
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_negative_number_in_exponent_form_is_a_value_with_a_clear_error(capsys):
+    line = one_line_error(capsys, lambda: parse_args(train_vgg.RECIPE, ["--lamba", "-1e-6"], prog="train_vgg.py"))
+    assert "--lamba: must be >= 0.0, got -1e-6" in line
+    assert parse_args(train_vgg.RECIPE, ["--lamba", "1e-6"]).lamba == 1e-6
+
+
+def test_zero_epochs_are_refused(capsys):
+    line = one_line_error(capsys, lambda: parse_args(train_vgg.RECIPE, ["--epoch", "0", "--fine_tune_epoch", "0"]))
+    assert "trains nothing" in line
+    line = one_line_error(capsys, lambda: parse_args(train_vgg.RECIPE, ["--sparse", "static", "--density", "0.5",
+                                                                         "--epoch", "0"]))
+    assert "trains nothing" in line
+    line = one_line_error(capsys, lambda: prune.parse_args(["best.pt", "--method", "l1", "--target-macs", "0.5",
+                                                            "--epochs", "0"]))
+    assert "--epochs 0 fine-tunes nothing" in line
+    # --epoch 0 with fine-tuning epochs is a real run (the gates as initialised, then fine-tuning).
+    assert parse_args(train_vgg.RECIPE, ["--epoch", "0", "--fine_tune_epoch", "2"]).epochs == 0
+
+
+def test_a_quoted_message_is_cut_at_a_word():
+    text = "PytorchStreamReader failed reading zip archive: failed finding central directory. " * 3
+    cut = brief(text)
+    assert len(cut) <= 124 and cut.endswith(" ...")
+    assert cut[:-4] == text[:len(cut) - 4] and text[len(cut) - 4] == " "
+    assert brief("short line\nsecond") == "short line"
+
+
+def test_data_workers_default_to_at_most_the_machines_cores():
+    config = parse_args(train_vgg.RECIPE, [])
+    assert config.workers == min(train_vgg.RECIPE.workers, os.cpu_count() or 1)
+    assert prune.parse_args(["b.pt", "--method", "l1", "--target-macs", "0.5"]).workers <= (os.cpu_count() or 1)
+
+
+def test_an_unfinished_run_of_the_same_command_is_named(tmp_path):
+    base = tmp_path / "runs" / "vgg16_cifar10_dep_lam1e-06"
+    base.mkdir(parents=True)
+    (base / "last.pt").write_bytes(b"x")
+    (base / "results.json").write_text(json.dumps(dict(epochs_done=3, epochs_total=10)))
+    finished = base.with_name(base.name + "-2")
+    finished.mkdir()
+    (finished / "last.pt").write_bytes(b"x")
+    (finished / "results.json").write_text(json.dumps(dict(epochs_done=10, epochs_total=10)))
+    assert unfinished_run(base) == base
+    note = new_run_note(base, base.with_name(base.name + "-3"))
+    assert f"--resume auto --out-dir {base}" in note and "-3" in note
+    (base / "results.json").write_text(json.dumps(dict(epochs_done=10, epochs_total=10)))
+    assert unfinished_run(base) is None and new_run_note(base, base) is None
+
+
+def test_greg_says_how_many_updates_can_remain():
+    model = build_model(default_arch("resnet56", 10, 0.125, net="dense"))
+    greg = GReg(model, [0.0] + [0.5] * (len(model.gated_layers) - 1), 1, update_interval=10, stabilize_interval=100)
+    assert greg.updates_bound() == 10_001  # 1e-4 per update up to 1: the docstring's 10,000 updates, and the stop
+    message = greg.epoch_message(0, {})
+    assert "at most 10001 more updates (100010 iterations) and 100 stabilising iterations left" in message
+
+
+@pytest.fixture
+def dummy_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit) as stop:
+        trainer.main(train_vgg.RECIPE, ["--net", "hc", "--target-macs", "0.6", "--epoch", "1", "--fine_tune_epoch",
+                                        "1", "-p", "1", *TINY, "--out-dir", "run"])
+    assert stop.value.code == 0
+    return tmp_path / "run", capsys.readouterr().out
+
+
+def test_progress_lines_give_the_run_eta_and_the_phase(dummy_run):
+    _, out = dummy_run
+    progress = [line for line in out.splitlines() if line.startswith("Epoch [")]
+    assert all("run ETA" in line for line in progress if "[1][1/" in line)
+    assert any(line.startswith("Epoch [2][") and line.endswith("(fine-tune)") for line in progress)
+    assert not any(line.startswith("Epoch [1][") and "fine-tune" in line for line in progress)
+    assert any(line.startswith("Epoch 1: top-1") and line.endswith(" s") for line in out.splitlines())
+
+
+def test_a_resumed_run_says_from_where(dummy_run, capsys):
+    run, _ = dummy_run
+    with pytest.raises(SystemExit) as stop:
+        trainer.main(train_vgg.RECIPE, ["--net", "hc", "--target-macs", "0.6", "--epoch", "1", "--fine_tune_epoch",
+                                        "1", *TINY, "--out-dir", "run", "--resume", "auto"])
+    assert stop.value.code == 0
+    assert "resumed from run/last.pt: epoch 3, step 0" in capsys.readouterr().out
+
+
+def test_a_synthetic_run_is_evaluated_and_pruned_on_synthetic_data(dummy_run, capsys):
+    run, _ = dummy_run
+    for path in (run / "best.pt", run / "pruned.pt"):
+        assert evaluate.main([str(path), "--limit-batches", "1", "-j", "0", "-b", "8"]) == 0
+        out = capsys.readouterr().out
+        assert "trained on synthetic data (--dummy); evaluating on the same" in out and "on dummy cifar10 val" in out
