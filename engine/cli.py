@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from l0_layers import NETS
+from models import MODEL_CLASSES
 from pruning import METHODS
 from utils.cli import DefaultsFormatter, OneLineParser, milestone_list, nonneg_float, nonneg_int, positive_float, positive_int
 
@@ -61,6 +62,12 @@ def selected_method(net: str | None, sparse: str | None):
     return METHODS.get(net or "dep")
 
 
+def architectures(recipe: Recipe) -> list[str]:
+    """The registered networks for this script's images (its own first)."""
+    kind = MODEL_CLASSES[recipe.model].data_kind
+    return [recipe.model] + sorted(n for n, cls in MODEL_CLASSES.items() if cls.data_kind == kind and n != recipe.model)
+
+
 def sparse_names() -> list[str]:
     return [spec.name for spec in training_methods() if spec.selected_by[0] == "--sparse"]
 
@@ -76,6 +83,9 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--sparse", choices=sparse_names(),
                    help="train from scratch with per-weight masks: DSR, SET, DeepR or a static random mask "
                         "(selects the method's own schedule unless a flag overrides it)")
+    g.add_argument("--arch", choices=architectures(recipe), default=recipe.model,
+                   help="the network (models/): this script's paper network, or another registered one for the "
+                        "same images")
     g.add_argument("--width-mult", type=positive_float, default=1.0,
                    help="scale every channel width of the model (1.0: the paper's model)")
     for spec in training_methods():
@@ -180,6 +190,6 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
             args.dataset = cifar.get(args.num_classes, "cifar10")
         elif args.dataset != "folder" and args.num_classes not in (None, int(args.dataset[5:])):
             parser.error(f"--num_classes {args.num_classes} contradicts --dataset {args.dataset}")
-    name = f"{recipe.model}_{'dummy-' if args.dummy else ''}{args.dataset}_{spec.run_label(args)}"
-    return RunConfig.from_namespace(args, model=recipe.model, imagenet=recipe.imagenet, method=spec.name, name=name,
+    name = f"{args.arch}_{'dummy-' if args.dummy else ''}{args.dataset}_{spec.run_label(args)}"
+    return RunConfig.from_namespace(args, model=args.arch, imagenet=recipe.imagenet, method=spec.name, name=name,
                                     identity=("dataset", "num_classes", "width_mult", *spec.settings))

@@ -205,6 +205,8 @@ class GatedNetwork(nn.Module):
     # unstructured sparse training masks the classifier too (DSR's code: ResNet50 only).
     stages_are_layers = False
     sparse_classifier = False
+    # The images it takes: "cifar" (3x32x32; the CIFAR scripts' data) or "imagenet" (3x224x224).
+    data_kind = "cifar"
 
     @classmethod
     def default_arch(cls, num_classes: int, scale) -> dict:

@@ -68,6 +68,7 @@ class ImageNetResNet(GatedNetwork):
 
     paper_penalty = "static_input"
     sparse_classifier = True  # DSR's code masks ResNet50's fc too
+    data_kind = "imagenet"
 
     def __init__(self, blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), num_classes: int = 1000,
                  net: str = "hc", back_dep: bool = False, temperature: float = DEFAULT_TEMPERATURE,
