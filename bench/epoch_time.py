@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import torchvision.datasets.cifar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,9 +64,14 @@ def main():
     p.add_argument("--amp", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--project", type=int, default=300, metavar="N",
+                   help="also print the time of N such epochs (the recipe's 300; default: 300)")
     args = p.parse_args()
     if args.epochs < 2:
         p.error("--epochs must be at least 2: the first epoch is not timed")
+    where = (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if torch.cuda.is_available()
+             else "CPU")
+    print(f"{where}, torch {torch.__version__}", flush=True)
 
     ends = []
     end_epoch = engine.Trainer.end_epoch
@@ -94,7 +100,8 @@ def main():
     flags = "".join(f" {flag}" for flag in argv[argv.index("--out-dir") + 2:])
     print(f"{args.model} --net {args.net}{flags} -b {args.batch_size}, {args.images} training and "
           f"{args.test_images} test images; epochs 2..{args.epochs}: " + ", ".join(f"{s:.1f}" for s in epochs) + " s")
-    print(f"seconds per epoch (median): {median:.1f}")
+    print(f"seconds per epoch (median): {median:.1f}", flush=True)
+    print(f"projected {args.project} epochs: {args.project * median / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":
