@@ -64,6 +64,7 @@ def main():
     p.add_argument("--amp", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--width-mult", type=float, default=1.0, help="channel width multiplier (a quick look: 0.125)")
     p.add_argument("--project", type=int, default=300, metavar="N",
                    help="also print the time of N such epochs (the recipe's 300; default: 300)")
     args = p.parse_args()
@@ -87,7 +88,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar10(Path(tmp), args.images, args.test_images)
         argv = ["--data-dir", tmp, "--net", args.net, "--epoch", str(args.epochs), "-b", str(args.batch_size),
-                "-j", str(args.workers), "-p", "1000000", "--seed", "0", "--out-dir", str(Path(tmp) / "run")]
+                "-j", str(args.workers), "-p", "1000000", "--seed", "0", "--width-mult", str(args.width_mult),
+                "--out-dir", str(Path(tmp) / "run")]
         argv += [flag for flag, on in (("--back_dep", args.back_dep), ("--amp", args.amp),
                                        ("--channels-last", args.channels_last), ("--compile", args.compile)) if on]
         try:
@@ -98,7 +100,7 @@ def main():
     epochs = [b - a for a, b in zip(ends, ends[1:])]
     median = statistics.median(epochs)
     flags = "".join(f" {flag}" for flag in argv[argv.index("--out-dir") + 2:])
-    print(f"{args.model} --net {args.net}{flags} -b {args.batch_size}, {args.images} training and "
+    print(f"{args.model} x{args.width_mult:g} --net {args.net}{flags} -b {args.batch_size}, {args.images} training and "
           f"{args.test_images} test images; epochs 2..{args.epochs}: " + ", ".join(f"{s:.1f}" for s in epochs) + " s")
     print(f"seconds per epoch (median): {median:.1f}", flush=True)
     print(f"projected {args.project} epochs: {args.project * median / 60:.1f} min", flush=True)

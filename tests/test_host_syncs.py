@@ -26,6 +26,7 @@ import contextlib
 import os
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -218,10 +219,42 @@ CASES = {
 REWIRING_PERIOD = 100  # the CIFAR schedule's first period: DSR and SET rewire at iteration 100
 
 
-def per_step_syncs(tmp_path, argv, method=None, start_iteration=0):
+class CudaSyncCounter:
+    """The same count on CUDA, from the CUDA runtime's own record: ``torch.cuda.set_sync_debug_mode``
+    warns at every synchronising call (a stream or device sync, a blocking copy)."""
+
+    def __init__(self):
+        self.records = None
+
+    @property
+    def count(self):
+        return len(self.events)
+
+    @property
+    def events(self):
+        return [str(w.message) for w in self.records if "synchronizing CUDA operation" in str(w.message)]
+
+    @contextlib.contextmanager
+    def pause(self):
+        yield
+
+    def __enter__(self):
+        self.catcher = warnings.catch_warnings(record=True)
+        self.records = self.catcher.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        self.catcher.__exit__(*exc)
+
+
+def per_step_syncs(tmp_path, argv, method=None, start_iteration=0, counting=count_host_syncs):
     """Host syncs of each training step of one epoch of the engine (ResNet56 x1/8, batch 8, the
     device CIFAR loader on fake data), the last step, which writes the progress line, left out;
-    and the iterations they ran at."""
+    and the iterations they ran at. ``counting``: :func:`count_host_syncs` (any device) or
+    :class:`CudaSyncCounter` (CUDA)."""
     data = write_fake_cifar10(tmp_path / "cifar", per_batch=12, val=8)
     args = parse_args(train_resnet56.RECIPE, ["--data-dir", str(data), "--loader", "device", "--width-mult", "0.125",
                                               "-b", "8", "--epoch", "1", "--limit-batches", str(STEPS + 1),
@@ -244,7 +277,7 @@ def per_step_syncs(tmp_path, argv, method=None, start_iteration=0):
         method.before_step = lambda it: marked(it + start_iteration)
         after_step = method.after_step
         method.after_step = lambda it: after_step(it + start_iteration)
-    with count_host_syncs() as counter:
+    with counting() as counter:
         with contextlib.redirect_stdout(open(os.devnull, "w")):
             with engine.distributed.LaggedAny(trainer.ctx, trainer.device) as vote:
                 from utils.run import StopSignals
@@ -274,3 +307,16 @@ def test_host_syncs_per_step(name, tmp_path, engine_env, capsys):
         assert method.picked_at == 2 and any(method.picked)  # both phases ran
     if name == "deepr":
         assert method.reallocated_epoch > 0  # weights were dropped and regrown
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["dense", "dep", "dep-amp", "deepr", "greg1", "greg2"])
+def test_cuda_syncs_per_step(name, tmp_path, monkeypatch):
+    """The same limits on a GPU, counted by the CUDA runtime (the CUDA run of the GPU check)."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    argv, method, limit = CASES[name]
+    counts, _, events, _ = per_step_syncs(tmp_path, argv, method, counting=CudaSyncCounter)
+    print(f"CUDA host syncs per step, {name}: {counts}")
+    assert max(counts) <= limit, (counts, events[:10])
