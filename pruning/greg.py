@@ -90,6 +90,7 @@ class GReg(PruningMethod):
         self._layer = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths)).to(device)
         starts = torch.tensor([0] + widths[:-1]).cumsum(0)
         self._start = starts.to(device)
+        self._slot = (torch.arange(sum(widths)) - starts.repeat_interleave(torch.tensor(widths))).to(device)
         self._count = torch.tensor([pruned_count(w, r) for w, r in zip(widths, self.ratios)]).to(device)
         self._prunes = torch.tensor([r > 0 for r in self.ratios]).to(device)
         self._to_device()
@@ -166,15 +167,15 @@ class GReg(PruningMethod):
                                                           self.granularity_recover), reg))
         # Magnitude ratio: mean score of the kept filters over that of the pruned ones (inf if none is).
         n = len(self.widths)
-        n_pruned = torch.zeros(n, device=reg.device).index_add_(0, layer, sets.float())
-        n_kept = torch.zeros(n, device=reg.device).index_add_(0, layer, (~sets).float())
-        s_pruned = torch.zeros(n, device=reg.device).index_add_(0, layer, torch.where(sets, scores, 0.0))
-        s_kept = torch.zeros(n, device=reg.device).index_add_(0, layer, torch.where(sets, 0.0, scores))
+        n_pruned = self._per_layer(sets.float()).sum(1)
+        n_kept = self._per_layer((~sets).float()).sum(1)
+        s_pruned = self._per_layer(torch.where(sets, scores, 0.0)).sum(1)
+        s_kept = self._per_layer(torch.where(sets, 0.0, scores)).sum(1)
         ratio = torch.where(n_pruned > 0, (s_kept / n_kept) / (s_pruned / n_pruned), float("inf")).double()
         old_hist, old_has = self._hist.clone(), self._has_hist.clone()
         self._hist.copy_(torch.where(active, torch.where(old_has, 0.9 * old_hist + 0.1 * ratio, ratio), old_hist))
         self._has_hist |= active
-        reg_max = torch.full((n,), float("-inf"), device=reg.device).scatter_reduce_(0, layer, reg, "amax")
+        reg_max = self._per_layer(reg, float("-inf")).amax(1)
         over = reg_max > self.upper_limit
         apart = self._hist >= self.mag_ratio_limit
         if self.variant == 1:
@@ -200,6 +201,13 @@ class GReg(PruningMethod):
             self.picked_at = self.updates
         if all(self.finished_layers):
             self.stopped_at = self.iteration
+
+    def _per_layer(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """A per-channel vector as a ``(layers, widest layer)`` matrix padded with ``fill``: per-layer
+        sums and maxima as plain row reductions, in a fixed order (no atomic adds, whose order on a
+        GPU varies: every rank must see the same magnitude ratios to stop at the same update)."""
+        out = values.new_full((len(self.widths), max(self.widths)), fill)
+        return out.index_put_((self._layer, self._slot), values)
 
     # -- what it decides, state, reporting -----------------------------------------------------
 
