@@ -19,8 +19,10 @@ What is asserted, per step of the real engine (engine/trainer.py's ``train_epoch
 - DSR and SET: at most 1 on steps that do not rewire; their rewiring steps (every few hundred
   steps) are reported, not limited.
 
-The code before these limits made 49-160 syncs per DeepR step and about 244 per GReg update on
-ResNet56 (per-tensor counts, boolean masks and per-layer ``float()``).
+The code before these limits made 126-154 syncs per DeepR step and 217-244 per GReg update here
+(ResNet56 x1/8; per-tensor counts, boolean masks and per-layer ``float()``). On a GPU,
+:class:`CudaSyncCounter` counts the same steps from the CUDA runtime's own record
+(``test_cuda_syncs_per_step``, part of bench/gpu_check.py's CUDA tests).
 """
 import contextlib
 import os
