@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import torchvision.datasets.cifar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,9 +64,15 @@ def main():
     p.add_argument("--amp", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--width-mult", type=float, default=1.0, help="channel width multiplier (a quick look: 0.125)")
+    p.add_argument("--project", type=int, default=300, metavar="N",
+                   help="also print the time of N such epochs (the recipe's 300; default: 300)")
     args = p.parse_args()
     if args.epochs < 2:
         p.error("--epochs must be at least 2: the first epoch is not timed")
+    where = (f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if torch.cuda.is_available()
+             else "CPU")
+    print(f"{where}, torch {torch.__version__}", flush=True)
 
     ends = []
     end_epoch = engine.Trainer.end_epoch
@@ -81,7 +88,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar10(Path(tmp), args.images, args.test_images)
         argv = ["--data-dir", tmp, "--net", args.net, "--epoch", str(args.epochs), "-b", str(args.batch_size),
-                "-j", str(args.workers), "-p", "1000000", "--seed", "0", "--out-dir", str(Path(tmp) / "run")]
+                "-j", str(args.workers), "-p", "1000000", "--seed", "0", "--width-mult", str(args.width_mult),
+                "--out-dir", str(Path(tmp) / "run")]
         argv += [flag for flag, on in (("--back_dep", args.back_dep), ("--amp", args.amp),
                                        ("--channels-last", args.channels_last), ("--compile", args.compile)) if on]
         try:
@@ -92,9 +100,10 @@ def main():
     epochs = [b - a for a, b in zip(ends, ends[1:])]
     median = statistics.median(epochs)
     flags = "".join(f" {flag}" for flag in argv[argv.index("--out-dir") + 2:])
-    print(f"{args.model} --net {args.net}{flags} -b {args.batch_size}, {args.images} training and "
+    print(f"{args.model} x{args.width_mult:g} --net {args.net}{flags} -b {args.batch_size}, {args.images} training and "
           f"{args.test_images} test images; epochs 2..{args.epochs}: " + ", ".join(f"{s:.1f}" for s in epochs) + " s")
-    print(f"seconds per epoch (median): {median:.1f}")
+    print(f"seconds per epoch (median): {median:.1f}", flush=True)
+    print(f"projected {args.project} epochs: {args.project * median / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ def main():
                 transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
         }
         print(f"{args.images} JPEGs 500x375 -> RandomResizedCrop(224) + flip, batch {args.batch_size}, "
-              f"median of {args.reps} interleaved passes, torch {torch.__version__}")
-        print(f"{'workers':>8} {'uint8 img/s':>12} {'float32 img/s':>14} {'uint8/float32':>14}")
+              f"median of {args.reps} interleaved passes, torch {torch.__version__}", flush=True)
+        print(f"{'workers':>8} {'uint8 img/s':>12} {'float32 img/s':>14} {'uint8/float32':>14}", flush=True)
         for workers in (int(w) for w in args.workers.split(",")):
             rates = {name: [] for name in tails}
             loaders = {}
@@ -87,7 +87,7 @@ def main():
                         rates[name].append(seen / (time.perf_counter() - start))
             del loaders
             uint8, float32 = (statistics.median(rates[name]) for name in tails)
-            print(f"{workers:>8} {uint8:>12.1f} {float32:>14.1f} {uint8 / float32:>14.2f}")
+            print(f"{workers:>8} {uint8:>12.1f} {float32:>14.1f} {uint8 / float32:>14.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -95,13 +95,18 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = args.variants.split(",")
+    where = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}" if device.type == "cuda" else device
+    print(f"{args.model} x{args.width_mult:g}, batch {args.batch_size}, density {args.density:g}, {where}, "
+          f"torch {torch.__version__}, {args.reps} reps of {args.steps} steps, DSR/SET period {args.period}",
+          flush=True)
     steps = {name: make_step(name, args, device) for name in names}
-    for step in steps.values():
+    for name, step in steps.items():
         for _ in range(args.warmup):
             step()
-    sync(device)
+        sync(device)
+        print(f"warmed up: {name}", flush=True)
     times = {name: [] for name in names}
-    for _ in range(args.reps):
+    for rep in range(args.reps):
         for name, step in steps.items():
             sync(device)
             start = time.perf_counter()
@@ -109,8 +114,8 @@ def main(argv=None):
                 step()
             sync(device)
             times[name].append((time.perf_counter() - start) / args.steps)
-    print(f"{args.model} x{args.width_mult:g}, batch {args.batch_size}, density {args.density:g}, {device}, "
-          f"torch {torch.__version__}, {args.reps} reps of {args.steps} steps, DSR/SET period {args.period}")
+        print(f"rep {rep + 1}/{args.reps} ms/step: " + ", ".join(f"{n} {1000 * times[n][-1]:.1f}" for n in names),
+              flush=True)
     print("| variant | ms / step (median) | ratio to dense (median) | ratio IQR |")
     print("|---|---:|---:|---:|")
     for name in names:
@@ -118,9 +123,9 @@ def main(argv=None):
         if "dense" in times:
             ratios = sorted(t / d for t, d in zip(times[name], times["dense"]))
             q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-            print(f"| {name} | {ms:.1f} | {statistics.median(ratios):.3f} | {q[0]:.3f}-{q[2]:.3f} |")
+            print(f"| {name} | {ms:.1f} | {statistics.median(ratios):.3f} | {q[0]:.3f}-{q[2]:.3f} |", flush=True)
         else:
-            print(f"| {name} | {ms:.1f} | – | – |")
+            print(f"| {name} | {ms:.1f} | – | – |", flush=True)
 
 
 if __name__ == "__main__":

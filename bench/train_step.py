@@ -12,9 +12,14 @@ synthetic data. Variants are interleaved repetition by repetition after a
 warm-up, so drifts of the machine hit all of them alike; each variant's
 throughput is the median over repetitions, and its time ratio to dense the
 median of the per-repetition ratios, with their interquartile range. On CUDA
-it also reports peak memory. A benchmark, not a test.
+it also reports each variant's peak memory, measured in isolation before the
+timing: the variant alone is built, warmed up and freed again (its model,
+gradients and optimiser states; the input batch, shared by all, is counted).
+Each repetition prints a line as it ends, so a run cut short still reports.
+A benchmark, not a test.
 """
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -99,14 +104,40 @@ def main():
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in VARIANTS]:
         p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
-    steps = {}
-    for name in names:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes, as the training engine sets it
+
+    def build(name):
         torch.manual_seed(0)
         model = build_model(default_arch(args.model, classes, args.width_mult, **VARIANTS[name]))
         if name == "hc-composed":
             model = compose_bn(model)
         model = model.to(device, memory_format=fmt).train()
-        steps[name] = make_step(model, args, device)
+        return make_step(model, args, device)
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    flags = " ".join(f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last),
+                                     ("--compile", args.compile)) if on)
+    cuda = f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda" else ""
+    print(f"{args.model} x{args.width_mult:g}, batch {args.batch_size}, {where} {flags}, torch {torch.__version__}"
+          f"{cuda}; {args.reps} reps x {args.steps} steps, median", flush=True)
+
+    peak = {}
+    if device.type == "cuda":
+        for name in names:  # each variant alone on the device
+            step = build(name)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(max(args.warmup, 2)):  # the second step holds the optimiser states too
+                step(images, targets)
+            torch.cuda.synchronize()
+            peak[name] = torch.cuda.max_memory_allocated() / 2 ** 30
+            del step
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(f"peak memory {name}: {peak[name]:.2f} GiB (alone, input batch included)", flush=True)
+
+    steps = {name: build(name) for name in names}
 
     def timed(name):
         if device.type == "cuda":
@@ -118,26 +149,17 @@ def main():
             torch.cuda.synchronize()
         return args.batch_size * args.steps / (time.perf_counter() - start)
 
-    peak = {}
     for name in names:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
             steps[name](images, targets)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peak[name] = torch.cuda.max_memory_allocated() / 2 ** 30
     rates = {name: [] for name in names}
     for rep in range(args.reps):
         # Rotate the order every repetition so that no variant always runs right after another.
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             rates[name].append(timed(name))
+        print(f"rep {rep + 1}/{args.reps} img/s: " + ", ".join(f"{name} {rates[name][-1]:.1f}" for name in names),
+              flush=True)
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    flags = " ".join(f for f, on in (("--amp", args.amp), ("--channels-last", args.channels_last),
-                                     ("--compile", args.compile)) if on)
-    print(f"{args.model} x{args.width_mult:g}, batch {args.batch_size}, {where} {flags}, torch {torch.__version__}; "
-          f"{args.reps} reps x {args.steps} steps, median")
     # The time ratio is the median over repetitions of each repetition's own ratio (paired
     # measurements taken seconds apart), which a drifting machine disturbs less than a ratio of
     # medians; the interquartile range of those ratios shows how far one run can be trusted.
@@ -153,7 +175,7 @@ def main():
         else:
             ratio = f"{'':11} {'':13}"
         mem = f" {peak[name]:9.2f}" if peak else ""
-        print(f"{name:10} {rate:10.1f} {1000 * args.batch_size / rate:9.1f} {ratio}{mem}")
+        print(f"{name:10} {rate:10.1f} {1000 * args.batch_size / rate:9.1f} {ratio}{mem}", flush=True)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,8 @@ class Trainer:
         self.owns_process_group = not torch.distributed.is_initialized()
         self.ctx = ctx = distributed.init()
         self.device = device = select_device(args.gpu, ctx)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed-shape batches: cuDNN times its kernels once per shape
         if args.batch_size % ctx.world_size:
             raise UsageError(f"-b {args.batch_size} (the global batch) is not divisible by {ctx.world_size} processes")
         self.batch_size = args.batch_size // ctx.world_size

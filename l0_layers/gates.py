@@ -156,9 +156,16 @@ class ChannelGates(nn.Module):
         return len(self.widths)
 
     def log_alpha(self) -> torch.Tensor:
-        """All logits as one flat vector, layer after layer."""
+        """All logits as one flat vector, layer after layer, in float32 whatever the autocast: under
+        ``--amp`` Dep-L0's generator would otherwise run its matmuls in bf16/fp16 during evaluation,
+        and gates near the closing threshold would open or close unlike the float32 ones that the
+        kept channels, the cost and the export use."""
         if self.logits is None:
             raise RuntimeError("a dense network has no gate logits")
+        device_type = self.layer_of_channel.device.type
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self.logits()
         return self.logits()
 
     def param_groups(self, lr: float, fan_in_scaled: bool = False) -> list[dict]:
@@ -214,8 +221,11 @@ class ChannelGates(nn.Module):
         return tuple(g[..., None, None] for g in z.split(self.widths, dim=1))
 
     def per_layer_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum a per-channel vector within each layer: ``(total,) -> (num_layers,)``."""
-        return values.new_zeros(self.num_layers).index_add(0, self.layer_of_channel, values)
+        """Sum a per-channel vector within each layer: ``(total,) -> (num_layers,)``, on the gates'
+        device (values from elsewhere, e.g. a method's gates kept on the CPU, are moved there)."""
+        index = self.layer_of_channel
+        values = values.to(index.device)
+        return values.new_zeros(self.num_layers).index_add(0, index, values)
 
     def expected_open(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
         """S_l = sum_c P(z_c != 0) per layer (differentiable); full widths when dense."""

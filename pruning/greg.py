@@ -47,7 +47,7 @@ from utils.cli import nonneg_int, positive_float, positive_int
 
 from .method import PruningMethod
 from .registry import register
-from .selection import RatioMethod, decision, filter_scores, pick, pruned_count
+from .selection import RatioMethod, decision, filter_scores, pruned_count
 
 # The regularisation phase continues only with the settings it started with.
 GREG_SETTINGS = ("update_reg_interval", "stabilize_reg_interval", "reg_upper_limit", "reg_upper_limit_pick",
@@ -79,12 +79,18 @@ class GReg(PruningMethod):
         layers = model.gated_layers
         self.convs = [model.get_submodule(g.conv) for g in layers]
         device = self.convs[0].weight.device
-        self.reg = [torch.zeros(g.width, device=device) for g in layers]
-        # GReg-1 picks from the pretrained weights with --pick_pruned; GReg-2 picks later, always by 'min'.
-        initial = decision(model, self.ratios, rule=pick_rule, generator=generator) if variant == 1 else None
         widths = [g.width for g in layers]
-        self.pruned = [(z == 0).to(device) for z in initial.split(widths)] if initial is not None else \
-            [torch.zeros(w, dtype=torch.bool, device=device) for w in widths]
+        self.widths = widths
+        # The coefficients and pruned sets of all layers live in one flat tensor each (self.reg and
+        # self.pruned are per-layer views of them), so an update is a few whole-network operations
+        # on the device and one transfer (see _update).
+        self._reg = torch.zeros(sum(widths), device=device)
+        self._pruned = torch.zeros(sum(widths), dtype=torch.bool, device=device)
+        self.reg = list(self._reg.split(widths))
+        self.pruned = list(self._pruned.split(widths))
+        # GReg-1 picks from the pretrained weights with --pick_pruned; GReg-2 picks later, always by 'min'.
+        if variant == 1:
+            self._pruned.copy_(decision(model, self.ratios, rule=pick_rule, generator=generator) == 0)
         self.picked = [variant == 1 or r == 0 for r in self.ratios]
         self.hist = [None] * len(layers)
         self.finished_layers = [False] * len(layers)
@@ -93,6 +99,23 @@ class GReg(PruningMethod):
         self.picked_at = None       # GReg-2: the update at which the pruned sets were picked
         self.stopped_at = None      # the iteration at which every layer had stopped
         self.done = False
+        # Per channel: its layer, and per layer: its first channel, the filters it prunes, ratio > 0.
+        self._layer = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths)).to(device)
+        starts = torch.tensor([0] + widths[:-1]).cumsum(0)
+        self._start = starts.to(device)
+        self._slot = (torch.arange(sum(widths)) - starts.repeat_interleave(torch.tensor(widths))).to(device)
+        self._count = torch.tensor([pruned_count(w, r) for w, r in zip(widths, self.ratios)]).to(device)
+        self._prunes = torch.tensor([r > 0 for r in self.ratios]).to(device)
+        self._to_device()
+
+    def _to_device(self) -> None:
+        """The device's copy of the per-layer state the update reads (from the host lists)."""
+        device = self._reg.device
+        self._hist = torch.tensor([float("nan") if h is None else h for h in self.hist], dtype=torch.float64,
+                                  device=device)
+        self._has_hist = torch.tensor([h is not None for h in self.hist], device=device)
+        self._finished = torch.tensor(self.finished_layers, device=device)
+        self._picked = torch.tensor(self.picked, device=device)
 
     # -- the loop's hooks ----------------------------------------------------------------------
 
@@ -121,53 +144,83 @@ class GReg(PruningMethod):
 
     @torch.no_grad()
     def _update(self) -> None:
+        """One coefficient update of every layer that has not stopped, as the authors' code makes it
+        layer after layer, computed for all layers at once on the device; the host learns the
+        outcome (stopped and picked layers, magnitude ratios) from one transfer at the end.
+
+        Per layer (``active``: not stopped, ratio > 0; a layer of ratio 0 stops at once):
+
+        - GReg-1: pruned += delta_prune; h updated; stop when max lambda > the upper limit or when
+          every layer's h (those with one) >= the ratio limit, where, as in the code's loop, the
+          layers before it (and itself) have their new h and the layers after it their old one;
+        - GReg-2 before its pick: lambda += delta_pick on every filter, h against the tentative set
+          (the ratio's count of lowest scores, ties by index); picks when max lambda >= the pick
+          limit, and then stops already if h >= the ratio limit or max lambda > the upper limit;
+        - GReg-2 after: pruned += delta_prune, kept = delta_recover; h; stop as just said.
+        """
         self.updates += 1
-        scores = filter_scores(self.model)
-        for layer, (ratio, score) in enumerate(zip(self.ratios, scores)):
-            if self.finished_layers[layer]:
-                continue
-            if ratio == 0:
-                self.finished_layers[layer] = True
-                continue
-            if self.variant == 1:
-                self.finished_layers[layer] = self._greg1(layer, score)
-            else:
-                self.finished_layers[layer] = self._greg2(layer, score)
+        layer, reg, pruned = self._layer, self._reg, self._pruned
+        scores = torch.cat(filter_scores(self.model, on_device=True))
+        self._finished |= ~self._prunes  # a layer of ratio 0 stops with lambda = 0
+        active = ~self._finished
+        if self.variant == 1:
+            sets = pruned
+            reg.copy_(torch.where(active[layer] & pruned, reg + self.granularity_prune, reg))
+        else:
+            picking, recovering = (active & ~self._picked)[layer], (active & self._picked)[layer]
+            # The tentative pruned sets: within each layer, its count of lowest scores (stable order).
+            order = torch.sort(scores, stable=True).indices
+            order = order[torch.sort(layer[order], stable=True).indices]
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(len(order), device=order.device) - self._start[layer[order]]
+            tentative = rank < self._count[layer]
+            sets = torch.where(picking, tentative, pruned)
+            reg.copy_(torch.where(picking, reg + self.granularity_pick, reg))
+            reg.copy_(torch.where(recovering, torch.where(pruned, reg + self.granularity_prune,
+                                                          self.granularity_recover), reg))
+        # Magnitude ratio: mean score of the kept filters over that of the pruned ones (inf if none is).
+        n = len(self.widths)
+        n_pruned = self._per_layer(sets.float()).sum(1)
+        n_kept = self._per_layer((~sets).float()).sum(1)
+        s_pruned = self._per_layer(torch.where(sets, scores, 0.0)).sum(1)
+        s_kept = self._per_layer(torch.where(sets, 0.0, scores)).sum(1)
+        ratio = torch.where(n_pruned > 0, (s_kept / n_kept) / (s_pruned / n_pruned), float("inf")).double()
+        old_hist, old_has = self._hist.clone(), self._has_hist.clone()
+        self._hist.copy_(torch.where(active, torch.where(old_has, 0.9 * old_hist + 0.1 * ratio, ratio), old_hist))
+        self._has_hist |= active
+        reg_max = self._per_layer(reg, float("-inf")).amax(1)
+        over = reg_max > self.upper_limit
+        apart = self._hist >= self.mag_ratio_limit
+        if self.variant == 1:
+            ok_new = (~self._has_hist | apart).int()
+            ok_old = (~old_has | (old_hist >= self.mag_ratio_limit)).int()
+            before = ok_new.cummin(0).values.bool()  # every layer up to this one (new h) apart
+            after = torch.cat([ok_old.flip(0).cummin(0).values.flip(0)[1:], ok_old.new_ones(1)]).bool()
+            stops = active & ((before & after) | over)
+            picks = torch.zeros_like(active)
+        else:
+            picks = active & ~self._picked & (reg_max >= self.upper_limit_pick)
+            pruned.copy_(torch.where(picks[layer], tentative, pruned))
+            self._picked |= picks
+            stops = active & self._picked & (apart | over)  # picked before, or now (then stopped at the pick)
+        self._finished |= stops
+        # The update's one host sync.
+        state = torch.cat([self._finished.double(), picks.double(), self._has_hist.double(), self._hist]).tolist()
+        finished, picked, has_hist, hist = (state[i * n:(i + 1) * n] for i in range(4))
+        self.finished_layers = [bool(f) for f in finished]
+        self.hist = [h if has else None for h, has in zip(hist, has_hist)]
+        if any(picked):
+            self.picked = [p or bool(new) for p, new in zip(self.picked, picked)]
+            self.picked_at = self.updates
         if all(self.finished_layers):
             self.stopped_at = self.iteration
 
-    def _mag_ratio(self, layer: int, score: torch.Tensor, pruned: torch.Tensor) -> None:
-        score = score.to(pruned.device)
-        ratio = float(score[~pruned].mean() / score[pruned].mean()) if pruned.any() else float("inf")
-        previous = self.hist[layer]
-        self.hist[layer] = ratio if previous is None else 0.9 * previous + 0.1 * ratio
-
-    def _greg1(self, layer: int, score: torch.Tensor) -> bool:
-        pruned = self.pruned[layer]
-        self._mag_ratio(layer, score, pruned)
-        self.reg[layer][pruned] += self.granularity_prune
-        every_layer_apart = all(h >= self.mag_ratio_limit for h in self.hist if h is not None)
-        return every_layer_apart or bool(self.reg[layer].max() > self.upper_limit)
-
-    def _greg2(self, layer: int, score: torch.Tensor) -> bool:
-        reg, width = self.reg[layer], len(self.reg[layer])
-        if not self.picked[layer]:
-            reg += self.granularity_pick
-            tentative = torch.zeros(width, dtype=torch.bool, device=reg.device)
-            tentative[pick(score, pruned_count(width, self.ratios[layer])).to(reg.device)] = True
-            self._mag_ratio(layer, score, tentative)
-            if bool(reg.max() < self.upper_limit_pick):
-                return False
-            self.pruned[layer] = tentative
-            self.picked[layer] = True
-            self.picked_at = self.updates
-            # The code checks the stop in the same call: a layer already apart stops at its pick.
-            return self.hist[layer] >= self.mag_ratio_limit or bool(reg.max() > self.upper_limit)
-        pruned = self.pruned[layer]
-        reg[pruned] += self.granularity_prune
-        reg[~pruned] = self.granularity_recover
-        self._mag_ratio(layer, score, pruned)
-        return self.hist[layer] >= self.mag_ratio_limit or bool(reg.max() > self.upper_limit)
+    def _per_layer(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """A per-channel vector as a ``(layers, widest layer)`` matrix padded with ``fill``: per-layer
+        sums and maxima as plain row reductions, in a fixed order (no atomic adds, whose order on a
+        GPU varies: every rank must see the same magnitude ratios to stop at the same update)."""
+        out = values.new_full((len(self.widths), max(self.widths)), fill)
+        return out.index_put_((self._layer, self._slot), values)
 
     # -- what it decides, state, reporting -----------------------------------------------------
 
@@ -185,13 +238,13 @@ class GReg(PruningMethod):
                     stopped_at=self.stopped_at, done=self.done)
 
     def load_state_dict(self, state: dict) -> list[str]:
-        device = self.reg[0].device
-        self.reg = [r.to(device) for r in state["reg"]]
-        self.pruned = [p.to(device) for p in state["pruned"]]
+        self._reg.copy_(torch.cat(state["reg"]))
+        self._pruned.copy_(torch.cat(state["pruned"]))
         self.picked, self.hist = list(state["picked"]), list(state["hist"])
         self.finished_layers = list(state["finished_layers"])
         self.iteration, self.updates = state["iteration"], state["updates"]
         self.picked_at, self.stopped_at, self.done = state["picked_at"], state["stopped_at"], state["done"]
+        self._to_device()
         return []
 
     def _means(self) -> tuple[float, float, float]:

@@ -107,10 +107,12 @@ def pruned_count(width: int, ratio: float) -> int:
 
 
 @torch.no_grad()
-def filter_scores(model) -> list[torch.Tensor]:
-    """Per gated layer, the mean absolute weight of each filter of the producing conv."""
-    return [model.get_submodule(g.conv).weight.detach().abs().flatten(1).mean(1).float().cpu()
-            for g in model.gated_layers]
+def filter_scores(model, on_device: bool = False) -> list[torch.Tensor]:
+    """Per gated layer, the mean absolute weight of each filter of the producing conv (on the CPU, or
+    with ``on_device`` where the weights are: no transfer, for GReg's updates during training)."""
+    scores = [model.get_submodule(g.conv).weight.detach().abs().flatten(1).mean(1).float()
+              for g in model.gated_layers]
+    return scores if on_device else [score.cpu() for score in scores]
 
 
 def pick(scores: torch.Tensor, n: int, rule: str = "min", generator: torch.Generator | None = None) -> torch.Tensor:

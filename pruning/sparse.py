@@ -532,6 +532,11 @@ class DeepR(SparseMethod):
         self.rewired = [not bool(m.all()) for m in self.masks]
         self.noise_seed = int(torch.randint(2 ** 62, (), generator=self.generator))
         self.iteration = 0
+        self._count_active()
+
+    def _count_active(self) -> None:
+        """Active weights per tensor, kept on the host so that a step needs no count from the device."""
+        self.active_counts = self.active()
 
     def loss(self, progress: float) -> torch.Tensor | None:
         if self.l1 == 0:
@@ -556,21 +561,48 @@ class DeepR(SparseMethod):
 
     @torch.no_grad()
     def reallocate(self, iteration: int) -> None:
+        """Drop the active weights whose sign flipped, and regrow as many per tensor at random among
+        its inactive positions other than the dropped ones (fewer if fewer are free).
+
+        One transfer from the device per step: the number of flips per tensor. The flips are found,
+        dropped and replaced on the device: the regrown positions are the largest of uniform keys
+        drawn for the free positions (every k-subset of them equally likely), from a generator on the
+        weights' device seeded with (seed, t) like the noise, so nothing waits for the host."""
         if self.epoch >= self.stop_epoch:
             return
         weights, masks = self._flat()
-        reallocated = dropped_any = 0
-        for layer, (w, m) in enumerate(zip(weights, masks)):
-            if not self.rewired[layer]:
-                continue
-            sign = torch.sign(w)
-            dropped = drop_sign_flipped(w, m, self.signs[layer])
+        layers = [layer for layer, rewired in enumerate(self.rewired) if rewired]
+        if not layers:
+            return
+        flipped = []
+        for layer in layers:
+            sign = torch.sign(weights[layer])
+            # A recorded sign of 0 (a weight regrown at 0) never counts as a flip.
+            flipped.append(masks[layer] & (sign * self.signs[layer] < -0.5))
             self.signs[layer] = sign
-            dropped_any += dropped.numel()
-            reallocated += grow_random(m, dropped, dropped.numel(), self.generator).numel()
+        counts = torch.stack([f.sum() for f in flipped]).tolist()  # the step's one host sync
+        if not any(counts):
+            return
+        grow = torch.Generator(device=masks[0].device)
+        grow.manual_seed((self.noise_seed + 1_000_003 * self.iteration + 500_001) % 2 ** 63)
+        reallocated = 0
+        for layer, dropped, count in zip(layers, flipped, counts):
+            if count == 0:
+                continue
+            mask = masks[layer]
+            free = mask.numel() - self.active_counts[layer]  # inactive and not just dropped
+            grown = min(count, free)
+            mask &= ~dropped
+            if grown:
+                keys = torch.rand(mask.numel(), generator=grow, device=mask.device)
+                keys.masked_fill_(mask | dropped, -1.0)
+                chosen = keys.topk(grown, sorted=False).indices
+                # Only positions that were free (key >= 0) open, whatever the count says.
+                mask[chosen] |= keys[chosen] >= 0
+            self.active_counts[layer] += grown - count
+            reallocated += grown
         self.reallocated_epoch += reallocated
-        if dropped_any:
-            self.apply_masks()  # zero what was dropped (after_step has masked the rest)
+        self.apply_masks()  # zero what was dropped (after_step has masked the rest)
 
     def settings(self) -> dict:
         return dict(super().settings(), **{"--DeepR_eta": self.eta, "--L1-loss-coeff": self.l1,
@@ -582,7 +614,9 @@ class DeepR(SparseMethod):
     def load_state_dict(self, state: dict) -> list[str]:
         self.signs = [s.to(w.device) for s, w in zip(state["signs"], self.weights)]
         self.noise_seed = state["noise_seed"]
-        return super().load_state_dict(state)
+        warnings = super().load_state_dict(state)
+        self._count_active()
+        return warnings
 
     def results(self) -> dict:
         return dict(super().results(), deepr_eta=self.eta, l1_loss_coeff=self.l1)
