@@ -97,7 +97,7 @@ def test_cudnn_benchmark_on_cuda_only(device, data, tmp_path, monkeypatch):
     args = parse_args(train_resnet56.RECIPE, ["--data-dir", str(data), "--width-mult", "0.125", "-b", "4",
                                               "--epoch", "1", "-j", "0", "--seed", "1", "--out-dir",
                                               str(tmp_path / "run")])
-    trainer = engine.Trainer(train_resnet56.RECIPE, args)
+    trainer = engine.Trainer(args)
     trainer.log.close()
     assert trainer.device.type == device.type
     assert torch.backends.cudnn.benchmark == (device.type == "cuda")

@@ -262,7 +262,7 @@ def per_step_syncs(tmp_path, argv, method=None, start_iteration=0, counting=coun
                                               "-b", "8", "--epoch", "1", "--limit-batches", str(STEPS + 1),
                                               "-j", "0", "--seed", "1", "-p", "1000", "--out-dir",
                                               str(tmp_path / "run"), *argv])
-    trainer = engine.Trainer(train_resnet56.RECIPE, args, method=method)
+    trainer = engine.Trainer(args, method=method)
     assert isinstance(trainer.train_loader, engine.DeviceCifarLoader)
     method = trainer.method
     marks, iterations = [], []
