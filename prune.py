@@ -48,6 +48,7 @@ from engine.config import RunConfig
 from engine.trainer import Trainer
 from models import build_model, default_arch, save_pruned
 from models.export import FORMAT as PRUNED_FORMAT
+from models.structure import CONVENTIONS
 from pruning import METHODS, PruningMethod
 from pruning.selection import PICK_RULES
 from utils import distributed
@@ -81,11 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--target-macs", type=positive_float, metavar="F",
                        help="keep F of the dense MACs (L1/GReg: one global ratio, within 0.01; HSIC: its search)")
     which.add_argument("--target", type=positive_int, metavar="MACS",
-                       help="the same in absolute MACs (conv + linear multiply-accumulates), HSIC's --target")
+                       help="the same in absolute MACs (counted by --cost-convention), HSIC's --target")
     which.add_argument("--density", type=density_type, metavar="D",
                        help="IMP: the fraction of each sparse tensor's weights kept (pruning/sparse.py)")
     g.add_argument("--pick_pruned", choices=PICK_RULES, default="min",
                    help="which filters L1 and GReg-1 remove: the smallest mean |W| (min), the largest, at random")
+    g.add_argument("--cost-convention", choices=CONVENTIONS,
+                   help="how --target / --target-macs and the results count MACs: conv + linear multiply-accumulates "
+                        "(conv), or what thop counts (thop: BN and pooling modules too). Default: thop for HSIC-Lasso's "
+                        "absolute --target (its authors' count), else conv")
     for spec in methods:
         spec.add_arguments(p)
     g = p.add_argument_group("fine-tuning (defaults: CIFAR / ImageNet; GReg and L1, then HSIC)")
@@ -206,8 +211,11 @@ class PruneJob:
         self.run_dir: Path | None = None
 
     def dense_model(self):
-        """A fresh copy of the dense network, with the source's weights, on the CPU."""
-        return dense_model(self.source)
+        """A fresh copy of the dense network, with the source's weights, on the CPU, pricing its MACs in
+        the run's cost convention."""
+        model = dense_model(self.source)
+        model.cost.convention = self.args.cost_convention
+        return model
 
     @property
     def dense_macs(self) -> int:
@@ -331,6 +339,8 @@ def run_phases(args, ctx: distributed.Context) -> int:
     if given not in spec.targets:
         raise UsageError(spec.target_refusal(TARGET_FLAGS[given]))
     spec.check_args(args)
+    if args.cost_convention is None:
+        args.cost_convention = "thop" if spec.name == "hsic" and args.target is not None else "conv"
     job = PruneJob(args, source, ctx)
     for key, value in spec.defaults(job.kind).items():
         if getattr(args, key) is None:

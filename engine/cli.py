@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from l0_layers import NETS
 from models import MODEL_CLASSES
+from models.structure import CONVENTIONS
 from pruning import METHODS
 from utils.cli import DefaultsFormatter, OneLineParser, milestone_list, nonneg_float, nonneg_int, positive_float, positive_int
 
@@ -88,6 +89,9 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
                         "same images")
     g.add_argument("--width-mult", type=positive_float, default=1.0,
                    help="scale every channel width of the model (1.0: the paper's model)")
+    g.add_argument("--cost-convention", choices=CONVENTIONS, default="conv",
+                   help="the MACs results.json reports: conv + linear multiply-accumulates (the papers'), or what "
+                        "thop counts (BN and pooling modules too; HSIC-Lasso's numbers); a budget is always conv")
     for spec in training_methods():
         spec.add_arguments(p, recipe=recipe)
 

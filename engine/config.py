@@ -36,6 +36,7 @@ class RunConfig:
     lr_schedule: dict | None = None     # {first epoch: lr}, piecewise constant (GReg's --lr_ft)
     lr_cosine: bool = False             # the cosine of HSIC-Lasso's fine-tuning
     width_mult: float = 1.0
+    cost_convention: str = "conv"       # the MACs results.json reports: conv+linear, or thop's count
     gpu: int | None = None
     seed: int | None = None
     resume: str | None = None

@@ -157,6 +157,7 @@ class Trainer:
             arch = default_arch(args.model, num_classes, args.width_mult, **METHODS.get(args.method).arch_options(
                 args.options))
         self.model = model = build_model(arch).to(device)
+        model.cost.convention = args.cost_convention
         if checkpoint is None and start is not None:
             model.load_state_dict(start["state_dict"])
         self.method = (method or METHODS.get(args.method).build)(model, args)
@@ -467,6 +468,7 @@ class Trainer:
         macs, params = self.method.cost(kept)
         results = dict(
             model=args.model, dataset=args.dataset, method=self.method.name, seed=args.seed, epochs_done=self.epoch,
+            cost_convention=args.cost_convention,
             epochs_total=args.epochs + args.fine_tune_epoch, top1=val_stats["top1"], best_top1=self.best_top1,
             best_top1_epochs=[self.best_since, self.epoch],
             best_top1_over=(f"epochs {self.best_since}-{self.epoch}: those whose {self.method.network_name} are the "

@@ -4,7 +4,7 @@ from torch import nn
 
 from l0_layers import ChannelGates
 
-from .structure import CostModel, WeightLayer, gated_layers_of
+from .structure import CostModel, OpRecord, WeightLayer, gated_layers_of
 
 
 def bn_gate_relu(bn: nn.BatchNorm2d, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
@@ -167,6 +167,11 @@ class LayerRecorder:
     def __init__(self, input_size: int):
         self.size = input_size
         self.records: list[WeightLayer] = []
+        self.ops: list[OpRecord] = []
+
+    def pool(self, name, channels, out_hw, ops, *, gate=None):
+        """Record a pooling module thop counts (``ops`` per output element; see OpRecord)."""
+        self.ops.append(OpRecord(name, channels, out_hw, ops, gate))
 
     def conv(self, name, c_in, c_out, kernel, stride=1, padding=0, *, bias=False, in_gate=None, out_gate=None,
              bn=None, input_size=None, closable=False, role="body"):
@@ -232,14 +237,14 @@ class GatedNetwork(nn.Module):
         """Gated layers whose HSIC target is the pooled classifier input in the authors' code."""
         return set()
 
-    def _finish(self, arch: dict, records, widths, net, back_dep, temperature):
+    def _finish(self, arch: dict, records, widths, net, back_dep, temperature, ops=()):
         self.arch = dict(arch)
         self.weight_layers = tuple(records)
         self.gated_layers = gated_layers_of(self.weight_layers)
         assert tuple(g.width for g in self.gated_layers) == tuple(widths)
         self.init_weights()
         self.gates = ChannelGates(widths, net, back_dep, temperature, self.dep_input_dim)
-        self.cost = CostModel(self.weight_layers, len(widths))
+        self.cost = CostModel(self.weight_layers, len(widths), ops)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -151,15 +151,17 @@ def export_pruned(model: GatedNetwork, source_info: dict | None = None, gates: t
     compact.load_state_dict(compact_state_dict(model, keep, gates), strict=True)
     compact.eval()
     kept_counts = model.gates.per_layer_sum((gates > 0).float()).long().cpu()
-    macs, params = model.cost.pruned(kept_counts)
+    # pruned.pt's macs are conv + linear MACs whatever the run reports (macs_thop: thop's count).
+    macs, params = model.cost.pruned(kept_counts, "conv")
     # The compact model's own structure must price exactly as the gated model's
     # pruned cost, and its real parameters must number the same (a cheap guard;
     # tests also check against torch's FLOP counter).
     counted = _count_params(compact)
-    if compact.cost.dense() != (macs, params) or counted != params:
+    if compact.cost.dense("conv") != (macs, params) or counted != params:
         raise AssertionError(f"export cost mismatch: model says {(macs, params)}, compact structure says "
-                             f"{compact.cost.dense()}, parameter count {counted}")
-    macs_dense, params_dense = model.cost.dense()
+                             f"{compact.cost.dense('conv')}, parameter count {counted}")
+    macs_thop = model.cost.pruned(kept_counts, "thop")[0]
+    macs_dense, params_dense = model.cost.dense("conv")
     source = dict(arch=dict(model.arch), model=model.arch["model"], net=model.gates.net,
                   back_dep=bool(model.gates.back_dep), layers=[g.name for g in model.gated_layers],
                   dense_widths=list(model.gates.widths), kept=[int(k) for k in kept_counts.tolist()],
@@ -171,6 +173,8 @@ def export_pruned(model: GatedNetwork, source_info: dict | None = None, gates: t
     payload = dict(format=FORMAT, arch=dict(compact.arch, source=source),
                    state_dict={k: v.clone() for k, v in compact.state_dict().items()},
                    macs=int(macs), params=int(params))
+    if not sparse_layers:
+        payload["macs_thop"] = int(macs_thop)
     return compact, payload
 
 

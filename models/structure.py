@@ -54,6 +54,23 @@ class GatedLayer:
     closable: bool = False       # may close fully (a residual block's inner layer); else closing it cuts the network
 
 
+@dataclass(frozen=True)
+class OpRecord:
+    """An operation that multiplies no weight but that thop counts (``--cost-convention thop``): a
+    pooling module, ``ops`` per output element, over ``channels`` channels (those of gated layer
+    ``gate`` when it is gated) at ``out_hw`` output positions. BatchNorm needs no record: thop's
+    2 per element is read off the weight layer that carries it (``WeightLayer.bn``)."""
+
+    name: str
+    channels: int
+    out_hw: int
+    ops: float
+    gate: int | None = None
+
+
+CONVENTIONS = ("conv", "thop")
+
+
 def gated_layers_of(weight_layers) -> tuple[GatedLayer, ...]:
     """Derive the gate records from the weight-layer records."""
     producers = sorted((w for w in weight_layers if w.out_gate is not None), key=lambda w: w.out_gate)
@@ -75,8 +92,12 @@ class CostModel(nn.Module):
     expectation). All layers are evaluated in one vectorised expression.
     """
 
-    def __init__(self, weight_layers, num_gates: int):
+    def __init__(self, weight_layers, num_gates: int, ops=()):
         super().__init__()
+        # Which MACs dense() and pruned() report: "conv" (conv + linear multiply-accumulates, the
+        # papers' count) or "thop" (what thop.profile counts: those, plus 4 per BatchNorm output element (thop 0.1.1: 2, doubled for an affine BN) and
+        # the pooling modules' ops; HSIC-Lasso's --target). The budget always uses "conv".
+        self.convention = "conv"
         # An ungated side reads index num_gates, a constant 1, times its dense width.
         def index(gate):
             return num_gates if gate is None else gate
@@ -93,6 +114,11 @@ class CostModel(nn.Module):
         self.register_buffer("out_hw", as_tensor([w.out_hw for w in weight_layers]), persistent=False)
         self.register_buffer("per_out", as_tensor([int(w.bias) + 2 * int(w.bn is not None) for w in weight_layers]), persistent=False)
         self.register_buffer("dense_widths", as_tensor([0.0] * num_gates), persistent=False)
+        # thop's extra terms: per weight layer 4 per output element of its (affine) BN; per op record its ops.
+        self.register_buffer("bn_ops", as_tensor([4.0 * (w.bn is not None) for w in weight_layers]), persistent=False)
+        self.register_buffer("op_index", as_tensor([index(o.gate) for o in ops], torch.long), persistent=False)
+        self.register_buffer("op_const", as_tensor([constant(o.gate, o.channels) for o in ops]), persistent=False)
+        self.register_buffer("op_scale", as_tensor([o.ops * o.out_hw for o in ops]), persistent=False)
         for w in weight_layers:
             if w.out_gate is not None:
                 self.dense_widths[w.out_gate] = w.out_channels
@@ -106,6 +132,22 @@ class CostModel(nn.Module):
         """MACs with these widths; ``(..., num_gates) -> (...)``."""
         c_in, c_out = self._in_out(widths)
         return (self.kernel_area.to(widths.dtype) * self.out_hw.to(widths.dtype) * c_in * c_out).sum(-1)
+
+    def thop_macs(self, widths: torch.Tensor) -> torch.Tensor:
+        """What thop counts with these widths: the MACs, 4 per (affine) BN output element, the pooling
+        modules' ops; ``(..., num_gates) -> (...)``."""
+        _, c_out = self._in_out(widths)
+        dtype = widths.dtype
+        ext = torch.cat([widths, widths.new_ones(*widths.shape[:-1], 1)], dim=-1)
+        extra = (self.bn_ops.to(dtype) * self.out_hw.to(dtype) * c_out).sum(-1)
+        pools = (ext[..., self.op_index] * self.op_const.to(dtype) * self.op_scale.to(dtype)).sum(-1)
+        return self.macs(widths) + extra + pools
+
+    def _reported(self, widths: torch.Tensor, convention: str | None) -> int:
+        convention = convention or self.convention
+        if convention not in CONVENTIONS:
+            raise ValueError(f"unknown cost convention {convention!r}")
+        return int(round(float(self.macs(widths) if convention == "conv" else self.thop_macs(widths))))
 
     def params(self, widths: torch.Tensor) -> torch.Tensor:
         """Parameters with these widths; ``(..., num_gates) -> (...)``."""
@@ -127,16 +169,18 @@ class CostModel(nn.Module):
         c_in, c_out = self._in_out(self.dense_widths)
         return self.kernel_area * c_in * c_out
 
-    def dense(self) -> tuple[int, int]:
-        """(MACs, params) of the unpruned network, exact integers."""
-        return int(self.macs(self.dense_widths)), int(self.params(self.dense_widths))
+    def dense(self, convention: str | None = None) -> tuple[int, int]:
+        """(MACs, params) of the unpruned network, exact integers; MACs in ``convention`` (default:
+        :attr:`convention`)."""
+        return self._reported(self.dense_widths, convention), int(self.params(self.dense_widths))
 
-    def pruned(self, kept: torch.Tensor) -> tuple[int, int]:
-        """(MACs, params) with ``kept`` channels per gated layer, exact integers.
+    def pruned(self, kept: torch.Tensor, convention: str | None = None) -> tuple[int, int]:
+        """(MACs, params) with ``kept`` channels per gated layer, exact integers; MACs in
+        ``convention`` (default: :attr:`convention`).
 
         A layer whose gates are all closed still counts one channel: the
         exported network keeps one exactly-zero channel there so that it
         remains a valid chain of layers (see ``models/export.py``).
         """
         kept = kept.to(self.dense_widths).clamp(min=1)
-        return int(self.macs(kept)), int(self.params(kept))
+        return self._reported(kept, convention), int(self.params(kept))

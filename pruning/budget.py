@@ -111,7 +111,7 @@ class BudgetConstraint(nn.Module):
         self.register_buffer("closable", torch.tensor([layer.closable for layer in model.gated_layers]),
                              persistent=False)
         self.cost = CostModel(model.weight_layers, model.gates.num_layers)
-        self.dense = float(self.cost.dense()[0 if kind == "macs" else 1])
+        self.dense = float(self.cost.dense("conv")[0 if kind == "macs" else 1])
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
 
@@ -135,7 +135,7 @@ class BudgetConstraint(nn.Module):
         ``gates`` (``(total,)``) defaults to the model's own test gates.
         """
         kept = self.kept() if gates is None else self.per_layer_sum((gates > 0).float())
-        macs, params = self.cost.pruned(kept)
+        macs, params = self.cost.pruned(kept, "conv")
         return (macs if self.kind == "macs" else params) / self.dense
 
     def disconnected(self, gates: torch.Tensor | None = None) -> list[int]:
