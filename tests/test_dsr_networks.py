@@ -80,6 +80,17 @@ def test_wrn_28_2_numbers():
     assert len(model.gated_layers) == 13 and sum(g.width for g in model.gated_layers) == 16 + 4 * (32 + 64 + 128)
 
 
+@pytest.mark.parametrize("widen_factor, gated, channels, macs, params, sparse", [
+    (1, 12, 448, 54_968_960, 369_498, 364_032),
+    (10, 13, 4_496, 5_243_328_768, 36_479_194, 36_195_840),  # the published WRN-28-10 has 36.5 M
+])
+def test_wrn_28_k_table(widen_factor, gated, channels, macs, params, sparse):
+    """The other rows of docs/networks-dsr.md's table."""
+    model = wrn(widen_factor=widen_factor, net="dense")
+    assert (len(model.gated_layers), sum(model.gates.widths)) == (gated, channels)
+    assert model.cost.dense() == (macs, params) and n_params(model) == params and sparse_weights(model) == sparse
+
+
 @pytest.mark.parametrize("batch_norm, params", [(False, 266_610), (True, 267_020)])
 def test_lenet_300_100_numbers(batch_norm, params):
     model = lenet(batch_norm, net="dense")
