@@ -24,14 +24,18 @@ from pruning.sparse import IMP, SCHEDULES, StaticSparse, active_count, sparse_la
 torch.set_num_threads(1)
 
 
-def hook_macs(model: nn.Module, x: torch.Tensor) -> int:
+def hook_macs(model: nn.Module, x: torch.Tensor, nonzero: bool = False) -> int:
     """Conv and linear MACs of one forward of ``x`` (batch 1), counted by forward hooks on the modules
-    themselves: conv out-positions x out-channels x in-channels/groups x k_h x k_w; linear in x out."""
+    themselves: conv out-positions x out-channels x in-channels/groups x k_h x k_w; linear in x out.
+    ``nonzero``: each layer's non-zero weights x its output positions (unstructured sparsity)."""
     total = 0
 
     def count(module, inputs, output):
         nonlocal total
-        if isinstance(module, nn.Conv2d):
+        positions = output[0].numel() // module.weight.shape[0]
+        if nonzero:
+            total += int(torch.count_nonzero(module.weight)) * positions
+        elif isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             total += output[0].numel() * (module.in_channels // module.groups) * kh * kw
         else:
@@ -431,3 +435,27 @@ def test_wrn_gated_run_through_the_engine(monkeypatch, tmp_path):
     info = torch.load(tmp_path / "wrn" / "pruned.pt", weights_only=True)
     assert model.arch["layers"] == 28 and model.cost.dense()[0] == info["macs"] == results["macs_pruned"]
     assert info["macs"] == hook_macs(model, torch.randn(1, 3, 32, 32))
+
+
+def test_wrn_sparse_run_through_the_engine(monkeypatch, tmp_path):
+    """DSR on WRN: only the block convs are masked; pruned.pt's MACs are its non-zero weights' (hooks)."""
+    from engine import trainer
+    from engine.cli import Recipe
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Recipe(model="wrn", imagenet=False, lr=0.05, weight_decay=5e-4, milestones=(1,), lr_decay=0.1,
+                    gate_decay=None, epochs=1, fine_tune_epochs=0, batch_size=8, lamba=1e-3, workers=0)
+    argv = ["--sparse", "dsr", "--density", "0.2", "--dummy", "-j", "0", "--limit-batches", "2", "-b", "8",
+            "--seed", "0", "--width-mult", "0.125", "--epochs", "1", "--out-dir", "dsr"]
+    with pytest.raises(SystemExit) as stop:
+        trainer.main(recipe, argv)
+    assert stop.value.code == 0
+    model = load_pruned(tmp_path / "dsr" / "pruned.pt")
+    info = torch.load(tmp_path / "dsr" / "pruned.pt", weights_only=True)
+    sparse = set(info["arch"]["source"]["sparse_layers"])
+    assert sparse == {w.name for w in sparse_layers(model)}
+    for record in model.weight_layers:
+        weight = model.get_submodule(record.name).weight
+        density = torch.count_nonzero(weight).item() / weight.numel()
+        assert density == pytest.approx(0.2, abs=0.02) if record.name in sparse else density == 1.0
+    assert info["macs"] == hook_macs(model, torch.randn(1, 3, 32, 32), nonzero=True) < model.cost.dense()[0]
