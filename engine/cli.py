@@ -63,10 +63,14 @@ def selected_method(net: str | None, sparse: str | None):
     return METHODS.get(net or "dep")
 
 
+# The images each script's data has: the CIFAR scripts read CIFAR, folders and MNIST.
+SCRIPT_KINDS = {"cifar": ("cifar", "mnist"), "imagenet": ("imagenet",)}
+
+
 def architectures(recipe: Recipe) -> list[str]:
     """The registered networks for this script's images (its own first)."""
-    kind = MODEL_CLASSES[recipe.model].data_kind
-    return [recipe.model] + sorted(n for n, cls in MODEL_CLASSES.items() if cls.data_kind == kind and n != recipe.model)
+    kinds = SCRIPT_KINDS[MODEL_CLASSES[recipe.model].data_kind]
+    return [recipe.model] + sorted(n for n, cls in MODEL_CLASSES.items() if cls.data_kind in kinds and n != recipe.model)
 
 
 def sparse_names() -> list[str]:
@@ -92,6 +96,9 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--cost-convention", choices=CONVENTIONS, default="conv",
                    help="the MACs results.json reports: conv + linear multiply-accumulates (the papers'), or what "
                         "thop counts (BN and pooling modules too; HSIC-Lasso's numbers); a budget is always conv")
+    g = p.add_argument_group("network options (of the --arch that declares them)")
+    for name in architectures(recipe):
+        MODEL_CLASSES[name].add_arguments(g)
     for spec in training_methods():
         spec.add_arguments(p, recipe=recipe)
 
@@ -101,7 +108,7 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
         g.add_argument("--data-dir", dest="data_dir_flag", metavar="DIR", help="same as the positional DIR")
         g.set_defaults(dataset="imagenet")
     else:
-        g.add_argument("--dataset", choices=("cifar10", "cifar100", "folder"),
+        g.add_argument("--dataset", choices=("cifar10", "cifar100", "folder", "mnist"),
                        help="dataset (default: cifar10, or cifar100 with --num_classes 100); folder reads "
                             "DIR/train/<class>/* and DIR/val/<class>/*, resized to 32x32")
         g.add_argument("--data-dir", default="./data", help="where the dataset lives (CIFAR is downloaded there)")
@@ -188,12 +195,40 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
             parser.error("the ImageNet directory DIR is required (or --dummy for synthetic data)")
     else:
         cifar = {10: "cifar10", 100: "cifar100"}
+        if args.dataset is None and MODEL_CLASSES[args.arch].data_kind == "mnist":
+            args.dataset = "mnist"
         if args.dataset is None:
             if args.num_classes not in (None, 10, 100):
                 parser.error(f"--num_classes {args.num_classes}: CIFAR has 10 or 100 (use --dataset folder for other data)")
             args.dataset = cifar.get(args.num_classes, "cifar10")
-        elif args.dataset != "folder" and args.num_classes not in (None, int(args.dataset[5:])):
+        elif args.dataset in cifar.values() and args.num_classes not in (None, int(args.dataset[5:])):
             parser.error(f"--num_classes {args.num_classes} contradicts --dataset {args.dataset}")
-    name = f"{args.arch}_{'dummy-' if args.dummy else ''}{args.dataset}_{spec.run_label(args)}"
+    network = MODEL_CLASSES[args.arch]
+    check_network(parser, args, given, network)
+    options = network.options_from(args)
+    # The run name spells the options as DSR's names do (wrn-28-2); a switched-off default says so.
+    arch = args.arch + "".join(("" if value else f"-no{key.replace('_', '')}") if isinstance(value, bool)
+                               else f"-{value}" for key, value in options.items())
+    args.network_options = options
+    name = f"{arch}_{'dummy-' if args.dummy else ''}{args.dataset}_{spec.run_label(args)}"
     return RunConfig.from_namespace(args, model=args.arch, imagenet=recipe.imagenet, method=spec.name, name=name,
-                                    identity=("dataset", "num_classes", "width_mult", *spec.settings))
+                                    identity=("dataset", "num_classes", "width_mult", *options, *spec.settings))
+
+
+def check_network(parser, args, given: set[str], network) -> None:
+    """The network's images must be the data's, and another network's options are refused."""
+    mnist = args.dataset == "mnist"
+    if network.data_kind == "mnist" and not mnist:
+        parser.error(f"--arch {args.arch} takes MNIST's 1x28x28 images: add --dataset mnist")
+    if mnist and network.data_kind != "mnist":
+        parser.error(f"--dataset mnist gives 1x28x28 images; --arch {args.arch} takes {network.data_kind}'s")
+    own = set(network.option_names())
+    for name in architectures_of_parser(parser):
+        other = MODEL_CLASSES[name]
+        for action in parser._actions:
+            if action.dest in set(other.option_names()) - own and any(o in given for o in action.option_strings):
+                parser.error(f"{action.option_strings[0]} is --arch {name}'s option, not --arch {args.arch}'s")
+
+
+def architectures_of_parser(parser) -> list[str]:
+    return next(a.choices for a in parser._actions if a.dest == "arch")

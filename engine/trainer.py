@@ -154,8 +154,8 @@ class Trainer:
         elif start is not None:
             arch = start["arch"]
         else:
-            arch = default_arch(args.model, num_classes, args.width_mult, **METHODS.get(args.method).arch_options(
-                args.options))
+            arch = default_arch(args.model, num_classes, args.width_mult, options=args.get("network_options"),
+                                **METHODS.get(args.method).arch_options(args.options))
         self.model = model = build_model(arch).to(device)
         model.cost.convention = args.cost_convention
         if checkpoint is None and start is not None:

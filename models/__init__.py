@@ -1,4 +1,4 @@
-"""Gated VGG16, ResNet56 and ResNet50 and the structure records they expose.
+"""Gated VGG16, ResNet56, ResNet50, WRN-d-k and LeNet-300-100 and the structure records they expose.
 
 ``build_model(arch)`` rebuilds any of them from the ``arch`` dict a model
 carries (and a checkpoint stores).
@@ -8,10 +8,12 @@ import inspect
 from utils.errors import UsageError, brief
 
 from .common import GatedNetwork
+from .lenet import LeNet300100
 from .resnet_cifar import CifarResNet, resnet56
 from .resnet_imagenet import ImageNetResNet, resnet50
 from .structure import CostModel, GatedLayer, WeightLayer
 from .vgg import VGG, VGG16_CFG, vgg16
+from .wrn import WideResNet
 
 # The model registry: a family's name -> its class. A new network is one module (a GatedNetwork
 # subclass declaring its structure, stages and export rule) and one line here.
@@ -28,6 +30,8 @@ def register_model(name: str, cls: type) -> type:
 register_model("vgg16", VGG)
 register_model("resnet56", CifarResNet)
 register_model("resnet50", ImageNetResNet)
+register_model("wrn", WideResNet)
+register_model("lenet300_100", LeNet300100)
 
 
 def build_model(arch: dict) -> GatedNetwork:
@@ -59,18 +63,29 @@ def load_model_state(model: GatedNetwork, checkpoint: dict, source="the checkpoi
         model.gates.freeze()
 
 
-def default_arch(model: str, num_classes: int, width_mult: float = 1.0, **gate_args) -> dict:
-    """The ``arch`` of a registered family's paper network, every width times ``width_mult``."""
+def default_arch(model: str, num_classes: int, width_mult: float = 1.0, options: dict | None = None,
+                 **gate_args) -> dict:
+    """The ``arch`` of a registered family's paper network, every width times ``width_mult``.
+
+    ``options`` are the network's own options (``cls.options_from(args)``, e.g. WRN's
+    ``{'layers': 28, 'widen_factor': 2}``); an option the family does not declare is a ValueError."""
     def scale(widths):
         return tuple(w if w == "M" else max(1, round(w * width_mult)) for w in widths)
 
     if model not in MODEL_CLASSES:
         raise ValueError(f"unknown model {model!r}; expected one of {sorted(MODEL_CLASSES)}")
-    return dict(model=model, num_classes=num_classes, **MODEL_CLASSES[model].default_arch(num_classes, scale),
-                **gate_args)
+    cls = MODEL_CLASSES[model]
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(cls.option_names()))
+    if unknown:
+        known = ", ".join(cls.option_names()) or "none"
+        raise ValueError(f"{model} has no option {', '.join(map(repr, unknown))} (its options: {known})")
+    # Without options the family's default_arch is called as before (a family may not take any).
+    own = cls.default_arch(num_classes, scale, **options) if options else cls.default_arch(num_classes, scale)
+    return dict(model=model, num_classes=num_classes, **own, **gate_args)
 
 
 from .export import export_pruned, load_pruned, save_pruned  # noqa: E402  (export uses build_model)
 
 __all__ = ["MODEL_CLASSES", "register_model", "GatedNetwork", "CifarResNet", "ImageNetResNet", "VGG", "CostModel", "GatedLayer", "WeightLayer",
-           "build_model", "default_arch", "load_model_state", "resnet56", "resnet50", "vgg16", "export_pruned", "load_pruned", "save_pruned"]
+           "build_model", "default_arch", "load_model_state", "resnet56", "resnet50", "vgg16", "WideResNet", "LeNet300100", "export_pruned", "load_pruned", "save_pruned"]

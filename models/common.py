@@ -1,4 +1,6 @@
 """Pieces shared by the gated models: the base class, gate application, conv records."""
+import argparse
+
 import torch
 from torch import nn
 
@@ -180,9 +182,13 @@ class LayerRecorder:
                                         closable, role))
         return nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias), size
 
-    def linear(self, name, c_in, c_out, *, in_gate=None):
-        self.records.append(WeightLayer(name, c_in, c_out, 1, 1, in_gate, None, True, None, role="classifier"))
-        return nn.Linear(c_in, c_out)
+    def linear(self, name, c_in, c_out, *, in_gate=None, out_gate=None, bias=True, bn=None, closable=False,
+               role="classifier"):
+        """A Linear layer: one output position, kernel 1. By default the classifier (ungated outputs,
+        bias, no BN); a hidden layer (an MLP's) may gate its output units like a conv's channels
+        (``out_gate``, with ``bn`` its BatchNorm1d, if any) and takes ``role="body"``."""
+        self.records.append(WeightLayer(name, c_in, c_out, 1, 1, in_gate, out_gate, bias, bn, closable, role))
+        return nn.Linear(c_in, c_out, bias=bias)
 
 
 class GatedNetwork(nn.Module):
@@ -214,10 +220,30 @@ class GatedNetwork(nn.Module):
     data_kind = "cifar"
 
     @classmethod
-    def default_arch(cls, num_classes: int, scale) -> dict:
+    def default_arch(cls, num_classes: int, scale, **options) -> dict:
         """The paper's network of this family as an ``arch`` dict (without gate options), every
-        channel width passed through ``scale``."""
+        channel width passed through ``scale``; ``options`` are the network's own options
+        (:meth:`add_arguments`), each absent one at its default."""
         raise NotImplementedError
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        """Add the network's own command-line options (e.g. WRN's ``--layers``) to ``group`` (an
+        argparse parser or group), each with its default; their ``dest`` names are the keyword
+        options of :meth:`default_arch`. Default: none."""
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The ``dest`` names of the flags :meth:`add_arguments` adds."""
+        parser = argparse.ArgumentParser(add_help=False)
+        cls.add_arguments(parser.add_argument_group())
+        return tuple(action.dest for action in parser._actions)
+
+    @classmethod
+    def options_from(cls, args) -> dict:
+        """The network's options read from parsed arguments (a namespace with the flags of
+        :meth:`add_arguments`): ``{dest: value}`` for the :meth:`default_arch` call."""
+        return {name: getattr(args, name) for name in cls.option_names() if hasattr(args, name)}
 
     def compact_arch(self, keep: list[torch.Tensor]) -> dict:
         """The arch of the compact network that keeps the channels ``keep`` (per gated layer) of this
@@ -236,6 +262,12 @@ class GatedNetwork(nn.Module):
     def pooled_target_layers(self) -> set[int]:
         """Gated layers whose HSIC target is the pooled classifier input in the authors' code."""
         return set()
+
+    def imp_densities(self, density: float, layers) -> list[float]:
+        """The final density of each sparse layer (``layers``: their records, pruning/sparse.py's
+        ``sparse_layers``) when IMP prunes the network to ``density``: DSR's code uses one density for
+        every tensor (LeNet-300-100 declares its exception)."""
+        return [density] * len(layers)
 
     def _finish(self, arch: dict, records, widths, net, back_dep, temperature, ops=()):
         self.arch = dict(arch)

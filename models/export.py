@@ -13,6 +13,8 @@ gated model's eval-mode output up to float rounding:
   ``weight_c *= z_c, bias_c *= z_c``. Since ``z >= 0`` it commutes with the
   ReLU and max-pool that follow, and because BN's affine comes after the
   normalisation the fold holds in train mode as well.
+  A gated layer without BatchNorm (LeNet-300-100 with ``batch_norm=False``)
+  folds the gate into its own weight rows and bias instead.
 - **A fully closed layer keeps one exactly-zero channel.** If every gate of a
   layer is 0 the compact model keeps one channel (channel 0) with its
   filter, conv bias, BN weight and bias and running mean set to 0 (running
@@ -91,10 +93,16 @@ def compact_state_dict(model: GatedNetwork, keep: list[torch.Tensor], gates: tor
         weight = weight if rows is None else weight[rows]
         weight = weight if cols is None else weight[:, cols]
         dead = w.out_gate is not None and closed[w.out_gate]
+        # A gated layer without BatchNorm (an MLP's hidden layer without BN): the gate folds into its own
+        # rows and bias instead, relu(z (W x + b)) = relu((z W) x + z b) for z >= 0.
+        fold = z[w.out_gate][rows] if rows is not None and w.bn is None else None
+        if fold is not None:
+            weight = weight * fold.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
         out[f"{w.name}.weight"] = torch.zeros_like(weight) if dead else weight.clone()
         if w.bias:
             bias = source[f"{w.name}.bias"]
             bias = bias if rows is None else bias[rows]
+            bias = bias if fold is None else bias * fold.to(bias.dtype)
             out[f"{w.name}.bias"] = torch.zeros_like(bias) if dead else bias.clone()
         if w.bn is None:
             continue

@@ -5,12 +5,14 @@ runs them.
 **Sparse tensors** (:func:`sparse_layers`): every conv and linear layer except the stem conv and the
 1x1 projection shortcuts (the paper's rule, and its code's ResNet50); the classifier is sparse on
 ResNet50, as in the method's ResNet50, and dense on the CIFAR models, as in the method's CIFAR network
-(WRN-28-2, whose ``fc`` is a plain ``nn.Linear``). BatchNorm and biases stay dense. Masks are per
+(WRN-28-2, whose ``fc`` is a plain ``nn.Linear``); each network declares it (the layer records' roles
+and ``sparse_classifier``; LeNet-300-100 has every layer sparse). BatchNorm and biases stay dense. Masks are per
 weight (the code's ``--sub-kernel-granularity 4``, every published run).
 
 **Start** (:func:`initial_masks`): in every sparse tensor of n weights, int(d·n + 0.1) positions
 active, drawn uniformly at random, the same density d everywhere; every conv He-normal with fan-out,
-:math:`\mathcal N(0, 2/(k^2 C_{out}))`, the classifier PyTorch's uniform with zero bias, BN 1 and 0.
+:math:`\mathcal N(0, 2/(k^2 C_{out}))`, every linear layer (the classifier, LeNet-300-100's hidden
+layers) PyTorch's U(±1/sqrt(fan_in)) with zero bias, BN 1 and 0.
 
 **Masks are exact.** After backward the gradients of inactive weights are zeroed (what the code's
 forward, which multiplies each weight by its mask, gives them), and after every optimiser step each
@@ -43,7 +45,8 @@ zeroes what they dropped):
   epochs 0, 2, ..., 2(K−1) each tensor drops its int(f_i·M_l) + 1 smallest active weights, with
   :math:`f = 1 - d^{1/K}` (exponential) or, with ``--cubic``, the fraction that takes the density
   from :math:`\delta_i` to :math:`\delta_{i+1}`, :math:`\delta_i = d + (1 - d)(1 - i/K)^3`; 10 epochs
-  after the first prune of the last pair.
+  after the first prune of the last pair. d is the same for every tensor except where the network
+  declares otherwise (``imp_densities``: LeNet-300-100's output layer stops at 0.1 below d = 0.1).
 
 Schedules are the code's (``learning_schedules/*.yaml``): WRN-28-2's for the CIFAR models, ResNet50's
 for ResNet50 (:data:`SCHEDULES`). :math:`N_p` is the same fraction of the sparse tensors' size as in
@@ -305,9 +308,12 @@ class SparseMethod(PruningMethod):
     def _initialize(self) -> None:
         for record in self.model.weight_layers:
             layer = self.model.get_submodule(record.name)
-            if record.role == "classifier":
+            # Every linear layer as the code's (an nn.Linear head, or DynamicLinear's U(±1/sqrt(fan_in)),
+            # the same distribution: LeNet-300-100's hidden layers), with a zero bias where there is one.
+            if isinstance(layer, torch.nn.Linear):
                 layer.reset_parameters()
-                layer.bias.zero_()
+                if layer.bias is not None:
+                    layer.bias.zero_()
             else:
                 layer.weight.normal_(0.0, (2.0 / (record.kernel ** 2 * record.out_channels)) ** 0.5)
                 if layer.bias is not None:
@@ -632,6 +638,8 @@ class IMP(SparseMethod):
                  start: int = 0, every: int = 2):
         super().__init__(model, None, seed, initialize=False)
         self.target, self.iterations, self.cubic, self.start, self.every = density, iterations, cubic, start, every
+        # One target for every tensor, but where the network declares otherwise (LeNet-300-100's output layer).
+        self.targets = model.imp_densities(density, self.layers)
         self.prunes_done = 0
 
     def end_epoch(self, epoch: int) -> None:
@@ -641,9 +649,9 @@ class IMP(SparseMethod):
 
     @torch.no_grad()
     def prune(self) -> None:
-        fraction = imp_fraction(self.prunes_done, self.iterations, self.target, self.cubic)
         weights, masks = self._flat()
-        pruned = sum(drop_smallest(w, m, fraction).numel() for w, m in zip(weights, masks))
+        pruned = sum(drop_smallest(w, m, imp_fraction(self.prunes_done, self.iterations, d, self.cubic)).numel()
+                     for w, m, d in zip(weights, masks, self.targets))
         self.prunes_done += 1
         self.reallocated_epoch += pruned
         self.apply_masks()

@@ -26,6 +26,7 @@ from utils.data import (
     DeviceNormalize,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MNIST_STATS,
     SyntheticImages,
     build_datasets,
 )
@@ -153,12 +154,14 @@ def test_device_normalize_is_torchvisions_arithmetic(dataset, channels_last, dev
     """Pixels normalised on the device equal ToTensor + Normalize of the same image, bit for bit,
     in the batch's memory format; float (synthetic) batches pass through untouched."""
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8, generator=g)
-    pixels[0, :, 0, 0] = torch.tensor([0, 255, 128], dtype=torch.uint8)
+    channels = 1 if dataset == "mnist" else 3
+    pixels = torch.randint(0, 256, (4, channels, 9, 7), dtype=torch.uint8, generator=g)
+    pixels[0, :, 0, 0] = torch.tensor([0, 255, 128][:channels], dtype=torch.uint8)
     mean, std = CIFAR_STATS[100] if dataset == "cifar100" else CIFAR_STATS[10] if dataset == "cifar10" else (
-        IMAGENET_MEAN, IMAGENET_STD)
+        MNIST_STATS if dataset == "mnist" else (IMAGENET_MEAN, IMAGENET_STD))
     reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-    expected = torch.stack([reference(Image.fromarray(p.permute(1, 2, 0).numpy())) for p in pixels])
+    # A one-channel image is PIL's mode L, which fromarray makes of an (H, W) array.
+    expected = torch.stack([reference(Image.fromarray(p.permute(1, 2, 0).squeeze(-1).numpy())) for p in pixels])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     normalize = DeviceNormalize(dataset, device)
     out = normalize(pixels.to(device, memory_format=fmt))
@@ -291,8 +294,8 @@ def test_train_val_class_mismatch(tmp_path):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(UsageError, match="cifar10, cifar100, folder, imagenet"):
-        build_datasets("mnist", None)
+    with pytest.raises(UsageError, match="cifar10, cifar100, folder, imagenet, mnist"):
+        build_datasets("svhn", None)
 
 
 # ---------------------------------------------------------------- dummy data
@@ -359,4 +362,4 @@ def test_dummy_num_classes_checks():
 
 
 def test_dataset_names():
-    assert DATASETS == ("cifar10", "cifar100", "folder", "imagenet")
+    assert DATASETS == ("cifar10", "cifar100", "folder", "imagenet", "mnist")

@@ -4,13 +4,16 @@
 directory into ``(train_set, val_set, num_classes)``:
 
 * ``cifar10`` / ``cifar100``: torchvision's CIFAR readers, downloaded on demand;
+* ``mnist``: torchvision's MNIST reader on ``DIR/MNIST/raw/`` (the four idx files, plain or
+  ``.gz``), never downloaded; DSR's preprocessing (ToTensor + Normalize(0.1307, 0.3081), no
+  augmentation);
 * ``folder``: any ``DIR/train/<class>/*`` + ``DIR/val/<class>/*`` image tree,
   brought to CIFAR's 32x32 so the CIFAR models can train on it;
 * ``imagenet``: the same tree layout with the usual 224x224 ImageNet pipeline;
 * ``dummy=True``: :class:`SyntheticImages`, learnable data of the right shape
   that touches no disk, for trying the code without any dataset.
 
-Real images leave the datasets as uint8 ``(3, H, W)`` pixels, augmented but
+Real images leave the datasets as uint8 ``(C, H, W)`` pixels (C = 3; 1 for MNIST), augmented but
 not yet normalised: :class:`DeviceNormalize` scales and normalises whole
 batches after the copy to the device (see there for why).
 
@@ -20,6 +23,7 @@ the fix.
 """
 
 import contextlib
+import gzip
 import os
 import tarfile
 import zlib
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
-from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets import CIFAR10, CIFAR100, MNIST, ImageFolder
 from torchvision.datasets.utils import download_and_extract_archive
 
 from utils.errors import UsageError
@@ -47,6 +51,8 @@ CIFAR_STATS = MappingProxyType({
         (68.2 / 255, 65.4 / 255, 70.4 / 255),
     ),
 })
+# MNIST's (mean, std) as DSR's code (and torchvision's MNIST example) normalises it.
+MNIST_STATS = ((0.1307,), (0.3081,))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -71,14 +77,18 @@ class _Kind:
     title: str = ""
     # Per-channel (mean, std) of the pixels scaled to [0, 1].
     stats: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD)
+    channels: int = 3
+    # The data set has its own class count (CIFAR, MNIST), which --num-classes cannot change.
+    fixed_classes: bool = False
 
 
 # The one place that maps dataset names to everything about them.
 _KINDS = MappingProxyType({
-    "cifar10": _Kind(32, 10, (512, 256), CIFAR10, "CIFAR-10", CIFAR_STATS[10]),
-    "cifar100": _Kind(32, 100, (512, 256), CIFAR100, "CIFAR-100", CIFAR_STATS[100]),
+    "cifar10": _Kind(32, 10, (512, 256), CIFAR10, "CIFAR-10", CIFAR_STATS[10], fixed_classes=True),
+    "cifar100": _Kind(32, 100, (512, 256), CIFAR100, "CIFAR-100", CIFAR_STATS[100], fixed_classes=True),
     "folder": _Kind(32, 10, (512, 256)),
     "imagenet": _Kind(224, 1000, (64, 32)),
+    "mnist": _Kind(28, 10, (512, 256), None, "MNIST", MNIST_STATS, channels=1, fixed_classes=True),
 })
 DATASETS = tuple(_KINDS)
 
@@ -93,7 +103,7 @@ def build_datasets(
 ) -> tuple[Dataset, Dataset, int]:
     """Return ``(train_set, val_set, num_classes)`` for a dataset name.
 
-    ``dataset`` is one of :data:`DATASETS`. ``data_dir`` is the CIFAR root
+    ``dataset`` is one of :data:`DATASETS`. ``data_dir`` is the CIFAR or MNIST root
     (default ``./data``) or the root of a ``train/`` + ``val/`` image tree.
     ``dummy=True`` returns synthetic data without touching the disk; there
     ``num_classes`` sets the class count of the folder kinds. For real data a
@@ -105,7 +115,10 @@ def build_datasets(
         raise UsageError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if dummy:
         return _build_dummy(dataset, kind, num_classes)
-    if kind.cifar_reader is not None:
+    if dataset == "mnist":
+        train_set, val_set = _build_mnist(data_dir)
+        where = _mnist_folder(data_dir)
+    elif kind.cifar_reader is not None:
         train_set, val_set = _build_cifar(kind, data_dir, download)
         where = os.path.join(_cifar_root(data_dir), kind.cifar_reader.base_folder)
     else:
@@ -164,12 +177,14 @@ class SyntheticImages(Dataset):
     learn the classes and what it learns on ``train`` carries over to ``val``.
     """
 
-    def __init__(self, split: str, length: int, num_classes: int, image_size: int, noise: float = 0.5):
+    def __init__(self, split: str, length: int, num_classes: int, image_size: int, noise: float = 0.5,
+                 channels: int = 3):
         self.split = split
         self.length = length
         self.num_classes = num_classes
         self.image_size = image_size
         self.noise = noise
+        self.channels = channels
 
     def __len__(self) -> int:
         return self.length
@@ -181,13 +196,13 @@ class SyntheticImages(Dataset):
         gen = _generator(f"{self.split}/{index}")
         label = int(torch.randint(self.num_classes, (), generator=gen))
         size = self.image_size
-        noise = torch.randn(3, size, size, generator=gen)
+        noise = torch.randn(self.channels, size, size, generator=gen)
         return self._pattern(label) + self.noise * noise, label
 
     def _pattern(self, label: int) -> torch.Tensor:
         # Recomputed per item instead of cached: 1000 ImageNet-sized patterns
         # would take 600 MB, while one is a cheap interpolation of 48 numbers.
-        grid = torch.randn(1, 3, 4, 4, generator=_generator(f"class/{label}"))
+        grid = torch.randn(1, self.channels, 4, 4, generator=_generator(f"class/{label}"))
         size = (self.image_size, self.image_size)
         return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0]
 
@@ -200,7 +215,7 @@ def _generator(key: str) -> torch.Generator:
 def _build_dummy(dataset: str, kind: _Kind, num_classes: int | None) -> tuple[Dataset, Dataset, int]:
     if num_classes is None:
         num_classes = kind.num_classes
-    elif kind.cifar_reader is not None and num_classes != kind.num_classes:
+    elif kind.fixed_classes and num_classes != kind.num_classes:
         raise UsageError(
             f"--num-classes {num_classes} does not fit {dataset}, which has {kind.num_classes} classes: "
             "drop --num-classes or use --dataset folder"
@@ -208,8 +223,8 @@ def _build_dummy(dataset: str, kind: _Kind, num_classes: int | None) -> tuple[Da
     elif num_classes < 1:
         raise UsageError(f"--num-classes must be at least 1, got {num_classes}")
     train_len, val_len = kind.dummy_sizes
-    train_set = SyntheticImages("train", train_len, num_classes, kind.image_size)
-    val_set = SyntheticImages("val", val_len, num_classes, kind.image_size)
+    train_set = SyntheticImages("train", train_len, num_classes, kind.image_size, channels=kind.channels)
+    val_set = SyntheticImages("val", val_len, num_classes, kind.image_size, channels=kind.channels)
     return train_set, val_set, num_classes
 
 
@@ -297,6 +312,101 @@ def _reason(err: Exception) -> str:
     text = str(getattr(err, "reason", None) or err).strip()
     first_line = text.splitlines()[0] if text else type(err).__name__
     return first_line[:120]
+
+
+# --------------------------------------------------------------------- MNIST
+
+# Each split's (images, labels) file in torchvision's MNIST/raw folder; either may be gzipped.
+MNIST_FILES = MappingProxyType({
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+})
+_MNIST_FILE_LIST = ", ".join(name for names in MNIST_FILES.values() for name in names)
+
+
+def _mnist_folder(data_dir: str | None) -> str:
+    return os.path.join(os.path.expanduser(data_dir or DEFAULT_DATA_DIR), "MNIST", "raw")
+
+
+def _idx_file(folder: str, name: str) -> str | None:
+    """The file ``name`` or ``name.gz`` in ``folder`` (the plain one first), or None."""
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_idx(path: str, ndim: int) -> torch.Tensor:
+    """An idx file of unsigned bytes with ``ndim`` dimensions (MNIST's format: magic 0x0000080N,
+    then N big-endian uint32 sizes, then the bytes), plain or gzipped; a damaged file is a one-line
+    :class:`UsageError`."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise UsageError(f"MNIST file {path} is unreadable ({_reason(err)}): replace it, {_DUMMY_HINT}") from err
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise UsageError(f"{path} is not an MNIST idx file of {ndim}-d unsigned bytes (its header is wrong): "
+                         f"replace it, {_DUMMY_HINT}")
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    size = 1
+    for n in shape:
+        size *= n
+    if len(data) != header + size:
+        raise UsageError(f"MNIST file {path} holds {len(data) - header} bytes of data where its header says "
+                         f"{size} (truncated or damaged): replace it, {_DUMMY_HINT}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*shape)
+
+
+class _MnistReader(MNIST):
+    """torchvision's MNIST (its items: a PIL 'L' image through ``transform``, an int label) reading
+    ``root/MNIST/raw`` with each idx file plain or gzipped (torchvision itself reads only the
+    unpacked files its download leaves)."""
+
+    @property
+    def raw_folder(self) -> str:
+        return os.path.join(self.root, "MNIST", "raw")
+
+    @property
+    def processed_folder(self) -> str:
+        return os.path.join(self.root, "MNIST", "processed")
+
+    def _check_exists(self) -> bool:
+        return all(_idx_file(self.raw_folder, name) for names in MNIST_FILES.values() for name in names)
+
+    def _load_data(self):
+        image_name, label_name = MNIST_FILES[self.train]
+        images = read_idx(_idx_file(self.raw_folder, image_name), 3)
+        labels = read_idx(_idx_file(self.raw_folder, label_name), 1)
+        where = os.path.join(self.raw_folder, image_name)
+        if images.shape[1:] != (28, 28):
+            raise UsageError(f"{where} holds {images.shape[1]}x{images.shape[2]} images, not MNIST's 28x28")
+        if len(images) != len(labels):
+            raise UsageError(f"{where} holds {len(images)} images but {label_name} {len(labels)} labels: "
+                             "the two files of a split must match")
+        if len(labels) and int(labels.max()) > 9:
+            raise UsageError(f"{os.path.join(self.raw_folder, label_name)} has a label {int(labels.max())}; "
+                             "MNIST's are 0-9")
+        return images, labels.long()
+
+
+def _build_mnist(data_dir: str | None) -> tuple[MNIST, MNIST]:
+    """Read MNIST from ``data_dir/MNIST/raw`` (default ./data); a missing file is a one-line UsageError."""
+    folder = _mnist_folder(data_dir)
+    for names in MNIST_FILES.values():
+        for name in names:
+            if _idx_file(folder, name) is None:
+                raise UsageError(f"MNIST not found: {os.path.join(folder, name)}[.gz] does not exist; put MNIST's "
+                                 f"four idx files ({_MNIST_FILE_LIST}, plain or .gz) in {folder} "
+                                 "(torchvision.datasets.MNIST(DIR, download=True) writes them in DIR/MNIST/raw) and "
+                                 f"point --data-dir at DIR, {_DUMMY_HINT}")
+    root = os.path.dirname(os.path.dirname(folder))
+    # DSR's preprocessing: no augmentation; ToTensor + Normalize happen on the device (DeviceNormalize).
+    to_pixels = transforms.PILToTensor()
+    return (_MnistReader(root, train=True, transform=to_pixels, download=False),
+            _MnistReader(root, train=False, transform=to_pixels, download=False))
 
 
 # ---------------------------------------------------------- image-folder trees
