@@ -45,7 +45,8 @@ gated model's eval-mode output up to float rounding:
 
     {'format': 'dep-l0-pruned/1',
      'arch': {...compact model's arch..., 'source': {...the gated model...}},
-     'state_dict': {...}, 'macs': int, 'params': int}
+     'state_dict': {...}, 'macs': int, 'params': int,
+     'macs_thop': int}   # thop's count (--cost-convention thop); absent for sparse networks
 
 and :func:`load_pruned` rebuilds the compact model (in eval mode) with
 :func:`models.build_model`. It is built from standard layers only, so

@@ -140,7 +140,7 @@ def test_pruned_file_loads_with_weights_only(tmp_path, tiny, set_logits, random_
     path = tmp_path / "pruned.pt"
     compact, _ = save_pruned(model, path, dict(dataset="cifar10", epoch=7))
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == FORMAT and set(raw) == {"format", "arch", "state_dict", "macs", "params"}
+    assert raw["format"] == FORMAT and set(raw) == {"format", "arch", "state_dict", "macs", "params", "macs_thop"}
     arch = raw["arch"]
     assert arch["model"] == "resnet56" and arch["num_classes"] == 10 and arch["net"] == "dense"
     assert list(arch["inner_widths"]) == model.gates.kept()[1:].clamp(min=1).tolist()
