@@ -8,10 +8,13 @@ import inspect
 from utils.errors import UsageError
 
 from .common import GatedNetwork
+from .googlenet import GoogLeNet
 from .resnet_cifar import CifarResNet, resnet56
+from .resnet_cifar_a import CifarResNetA, ResNet20A, ResNet32A, ResNet56A, ResNet110A
 from .resnet_imagenet import ImageNetResNet, resnet50
 from .structure import CostModel, GatedLayer, WeightLayer
 from .vgg import VGG, VGG16_CFG, vgg16
+from .vgg_apib import VGGApib
 
 # The model registry: a family's name -> its class. A new network is one module (a GatedNetwork
 # subclass declaring its structure, stages and export rule) and one line here.
@@ -28,6 +31,12 @@ def register_model(name: str, cls: type) -> type:
 register_model("vgg16", VGG)
 register_model("resnet56", CifarResNet)
 register_model("resnet50", ImageNetResNet)
+register_model("resnet20a", ResNet20A)
+register_model("resnet32a", ResNet32A)
+register_model("resnet56a", ResNet56A)
+register_model("resnet110a", ResNet110A)
+register_model("vgg16_apib", VGGApib)
+register_model("googlenet", GoogLeNet)
 
 
 def build_model(arch: dict) -> GatedNetwork:
