@@ -35,6 +35,8 @@ tables list; params 6,166,250 with BN's 15,808 affine parameters, 6,150,442 with
 Compact (exported) networks are the same class with ``net='dense'`` and the blocks' kept widths
 in ``blocks``.
 """
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,14 @@ GOOGLENET_BLOCKS = (
 STEM = 192
 POOL_AFTER = (1, 6)  # a 3x3/2 max-pool after b3 and after e4
 INNER = (1, 3, 4)    # the gated entries of a block's widths: n3x3red, n5x5red, n5x5red2
+# HRank's and APIB's names of a block's layers (Sequential indices) -> ours.
+FOREIGN_PARTS = {"branch1x1.0": "b1.conv", "branch1x1.1": "b1.bn",
+                 "branch3x3.0": "b3_reduce.conv", "branch3x3.1": "b3_reduce.bn",
+                 "branch3x3.3": "b3.conv", "branch3x3.4": "b3.bn",
+                 "branch5x5.0": "b5_reduce.conv", "branch5x5.1": "b5_reduce.bn",
+                 "branch5x5.3": "b5_mid.conv", "branch5x5.4": "b5_mid.bn",
+                 "branch5x5.6": "b5.conv", "branch5x5.7": "b5.bn",
+                 "branch_pool.1": "pool_proj.conv", "branch_pool.2": "pool_proj.bn"}
 
 
 class ConvBN(nn.Module):
@@ -102,6 +112,11 @@ class Inception(nn.Module):
 
 class GoogLeNet(GatedNetwork):
     """Stem, nine Inception blocks ``inception_a3`` .. ``inception_b5``, average pool, ``linear``."""
+
+    # Other code bases' names (models/published.py): HRank's and APIB's.
+    FOREIGN_KEYS = ((r"^pre_layers\.0\.", "stem.conv."), (r"^pre_layers\.1\.", "stem.bn."),
+                    *((rf"^(inception_\w\d)\.{re.escape(theirs)}\.", rf"\1.{ours}.")
+                      for theirs, ours in FOREIGN_PARTS.items()))
 
     def __init__(self, blocks=GOOGLENET_BLOCKS, stem: int = STEM, num_classes: int = 10, net: str = "hc",
                  back_dep: bool = False, temperature: float = DEFAULT_TEMPERATURE, input_size: int = 32,

@@ -84,6 +84,14 @@ class CifarResNetA(GatedNetwork):
     their checkpoints load by name (``models/published.py``)."""
 
     blocks = 9  # blocks per stage of the registered depth (a subclass per depth)
+    # Other code bases' names (models/published.py): akamaster's and GReg's are ours; APIB's ResNet_CIFAR
+    # wraps each conv and its BN in a conv_bn Sequential and names blocks block_<b>.
+    FOREIGN_KEYS = (
+        (r"^conv_bn\.conv\.", "conv1."),
+        (r"^conv_bn\.bn\.", "bn1."),
+        (r"^(layer\d)\.block_(\d+)\.conv_bn(\d)\.conv\.", r"\1.\2.conv\3."),
+        (r"^(layer\d)\.block_(\d+)\.conv_bn(\d)\.bn\.", r"\1.\2.bn\3."),
+    )
 
     def __init__(self, blocks_per_stage: int | None = None, widths=(16, 32, 64), num_classes: int = 10,
                  net: str = "hc", back_dep: bool = False, temperature: float = DEFAULT_TEMPERATURE,

@@ -41,6 +41,12 @@ class VGGApib(GatedNetwork):
     ``classifier`` = (Linear, ReLU, Linear), as APIB's ``VGG_CIFAR``."""
 
     stages_are_layers = True
+    # APIB's names (models/published.py): feature.conv_<k> / feature.bn_<k>, k from 1; its classifier
+    # Sequential is ours.
+    FOREIGN_KEYS = (
+        (r"^feature\.conv_(\d+)\.", lambda m: f"features.{int(m.group(1)) - 1}.conv."),
+        (r"^feature\.bn_(\d+)\.", lambda m: f"features.{int(m.group(1)) - 1}.bn."),
+    )
 
     def __init__(self, cfg=APIB_VGG16_CFG, num_classes: int = 10, net: str = "hc", back_dep: bool = False,
                  temperature: float = DEFAULT_TEMPERATURE, input_size: int = 32, hidden: int = HIDDEN,
