@@ -57,8 +57,9 @@ def _shape(t: torch.Tensor) -> str:
     return "x".join(str(s) for s in t.shape) or "a scalar"
 
 
-def translate(cls: type, state: dict) -> dict:
-    """``state``'s tensors under this project's names for network class ``cls`` (no checks)."""
+def translate(cls: type, state: dict, origin: dict | None = None) -> dict:
+    """``state``'s tensors under this project's names for network class ``cls`` (no checks); ``origin``, if
+    given, receives each new name's key in ``state``."""
     rules = [(re.compile(pattern), replacement) for pattern, replacement in getattr(cls, "FOREIGN_KEYS", ())]
     out = {}
     for key, value in state.items():
@@ -69,7 +70,12 @@ def translate(cls: type, state: dict) -> dict:
             name, hits = pattern.subn(replacement, name, count=1)
             if hits:
                 break
+        if name in out:
+            raise UsageError(f"the checkpoint names two tensors {name!r} ({origin.get(name, '?')!r} and {key!r})"
+                             if origin is not None else f"the checkpoint names two tensors {name!r}")
         out[name] = value
+        if origin is not None:
+            origin[name] = key
     return out
 
 
@@ -79,20 +85,22 @@ def import_state(model: GatedNetwork, state: dict, source="the checkpoint") -> d
     ``num_batches_tracked`` may be absent (old files); the gates are ``model``'s own. Returns the
     mapped state dict, for ``model.load_state_dict(..., strict=False)``."""
     name = model.arch["model"]
-    mapped = translate(type(model), state)
+    origin = {}
+    mapped = translate(type(model), state, origin)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("gates.")}
     unexpected = [k for k in mapped if k not in own]
     if unexpected:
-        raise UsageError(f"{source} is not a {name} checkpoint: it has {unexpected[0]!r}, which {name} lacks "
-                         f"({len(unexpected)} such tensors)")
+        raise UsageError(f"{source} is not a {name} checkpoint: it has {origin[unexpected[0]]!r}, which {name} "
+                         f"lacks ({len(unexpected)} such tensors)")
     missing = [k for k in own if k not in mapped and not k.endswith("num_batches_tracked")]
     if missing:
         raise UsageError(f"{source} is not a {name} checkpoint: it lacks {missing[0]!r} "
                          f"({len(missing)} tensors missing)")
     for key, value in mapped.items():
         if value.shape != own[key].shape:
-            raise UsageError(f"{source} is not a {name} checkpoint of these widths: {key!r} is {_shape(value)}, "
-                             f"{name}'s is {_shape(own[key])}")
+            theirs = "" if plain_name(origin[key]) == key else f" (its {origin[key]!r})"
+            raise UsageError(f"{source} is not a {name} checkpoint of these widths: {key!r}{theirs} is "
+                             f"{_shape(value)}, {name}'s is {_shape(own[key])}")
     return {k: v.to(own[k].dtype) for k, v in mapped.items()}
 
 
