@@ -21,6 +21,7 @@ from engine import trainer
 from engine.cli import Recipe
 from models import MODEL_CLASSES, build_model, default_arch, export_pruned, load_pruned, save_pruned
 from pruning import hsic
+from pruning.greg import GReg
 from pruning.penalty import L0Penalty
 from pruning.selection import decision, layer_ratios, macs_fraction, parse_ratio_list, ratios_for_macs, uniform_layers
 from pruning.sparse import StaticSparse, sparse_layers
@@ -356,6 +357,20 @@ def test_every_method_runs(name, tmp_path, monkeypatch):
     assert idle
     with pytest.raises(UsageError, match=f"entry {idle[0]} .* has no prunable layer"):
         layer_ratios(dense, [0.5 if i == idle[0] else r for i, r in enumerate(stage_list)])
+    # GReg-1 and GReg-2's regularisation: two steps grow the coefficients of the layers to prune.
+    for variant in (1, 2):
+        model = tiny(name, net="dense").train()
+        greg = GReg(model, layer_ratios(model, stage_list), variant, update_interval=1, stabilize_interval=1)
+        weights = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        for step in range(2):
+            greg.before_step(step)
+            weights.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            greg.after_backward()
+            weights.step()
+            greg.after_step(step)
+        grown = [bool((reg > 0).any()) for reg in greg.reg]
+        assert grown == [s != 0 for s in stages] and greg.updates == 2
 
     # HSIC-Lasso: the groups are the declared layers, each judged at its consumer; one alpha decides.
     groups = hsic.calibration_groups(copy.deepcopy(dense), x, log=lambda *a: None)
