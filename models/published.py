@@ -61,6 +61,7 @@ def translate(cls: type, state: dict, origin: dict | None = None) -> dict:
     """``state``'s tensors under this project's names for network class ``cls`` (no checks); ``origin``, if
     given, receives each new name's key in ``state``."""
     rules = [(re.compile(pattern), replacement) for pattern, replacement in getattr(cls, "FOREIGN_KEYS", ())]
+    origin = {} if origin is None else origin
     out = {}
     for key, value in state.items():
         name = plain_name(key)
@@ -71,11 +72,9 @@ def translate(cls: type, state: dict, origin: dict | None = None) -> dict:
             if hits:
                 break
         if name in out:
-            raise UsageError(f"the checkpoint names two tensors {name!r} ({origin.get(name, '?')!r} and {key!r})"
-                             if origin is not None else f"the checkpoint names two tensors {name!r}")
+            raise UsageError(f"the checkpoint has two tensors for {name!r}: {origin[name]!r} and {key!r}")
         out[name] = value
-        if origin is not None:
-            origin[name] = key
+        origin[name] = key
     return out
 
 
