@@ -9,11 +9,14 @@ from utils.errors import UsageError, brief
 
 from .common import GatedNetwork
 from .lenet import LeNet300100
+from .googlenet import GoogLeNet
 from .resnet_cifar import CifarResNet, resnet56
+from .resnet_cifar_a import CifarResNetA, ResNet20A, ResNet32A, ResNet56A, ResNet110A
 from .resnet_imagenet import ImageNetResNet, resnet50
 from .structure import CostModel, GatedLayer, WeightLayer
 from .vgg import VGG, VGG16_CFG, vgg16
 from .wrn import WideResNet
+from .vgg_apib import VGGApib
 
 # The model registry: a family's name -> its class. A new network is one module (a GatedNetwork
 # subclass declaring its structure, stages and export rule) and one line here.
@@ -32,6 +35,12 @@ register_model("resnet56", CifarResNet)
 register_model("resnet50", ImageNetResNet)
 register_model("wrn", WideResNet)
 register_model("lenet300_100", LeNet300100)
+register_model("resnet20a", ResNet20A)
+register_model("resnet32a", ResNet32A)
+register_model("resnet56a", ResNet56A)
+register_model("resnet110a", ResNet110A)
+register_model("vgg16_apib", VGGApib)
+register_model("googlenet", GoogLeNet)
 
 
 def build_model(arch: dict) -> GatedNetwork:

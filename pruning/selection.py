@@ -91,6 +91,12 @@ def layer_ratios(model, ratios) -> list[float]:
     if ratios[-1] != 0.0:
         raise UsageError("--stage_pr: the classifier's ratio must be 0 (its outputs are the classes; GReg's code "
                          "would shrink them towards zero and never remove one)")
+    # An entry no gated layer belongs to (an option-A ResNet's or GoogLeNet's stem, APIB VGG16's hidden
+    # Linear) has nothing to prune: a ratio there would be silently ignored.
+    idle = [i for i in range(entries - 1) if i not in set(stages) and ratios[i] != 0.0]
+    if idle:
+        raise UsageError(f"--stage_pr: entry {idle[0]} of {family}'s {entries} ({what}) has no prunable layer; "
+                         f"its ratio must be 0")
     return [ratios[s] for s in stages]
 
 

@@ -8,7 +8,8 @@ a truncated copy) leaves a good one to resume from.
 
 Everything saved is tensors and plain Python values, and every load uses
 ``torch.load(..., weights_only=True)``, which refuses pickled objects: a
-tampered file cannot run code.
+tampered file cannot run code. Other code bases' checkpoints (:func:`load_foreign`)
+load through the same unpickler, their pickled objects read as inert data.
 """
 import json
 import os
@@ -77,6 +78,42 @@ def link_or_copy(src, dst) -> None:
         raise UsageError(f"could not write {dst} ({e.strerror or e})") from e
 
 
+def _check_zip(path: Path) -> None:
+    """A zip-format file's CRC-32s: torch's reader does not check them, so damage inside a tensor
+    would load silently as different numbers."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, struct.error) as e:
+        # ValueError includes a damaged member name that no longer decodes as UTF-8.
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: "
+                         f"{brief(str(e)) or type(e).__name__})") from e
+    if damaged is not None:
+        raise UsageError(f"{path} is corrupt (checksum mismatch in {damaged})")
+
+
+class _RefusedGlobal(Exception):
+    """The file names a Python object (a pickle GLOBAL) that ``weights_only`` refuses."""
+
+
+def _torch_load(path: Path):
+    """``torch.load(weights_only=True)`` with one-line errors; a refused global is ``_RefusedGlobal``."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if refused:
+            raise _RefusedGlobal(brief(refused[0])) from e
+        raise UsageError(f"{path} is not a readable checkpoint (not a torch file of plain tensors and values)") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error, KeyError, IndexError) as e:
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: "
+                         f"{brief(str(e)) or type(e).__name__})") from e
+
+
 def load_checkpoint(path, expected_format: str = FORMAT) -> dict:
     """Load a file of this project safely, or raise a one-line UsageError."""
     path = Path(path)
@@ -84,31 +121,67 @@ def load_checkpoint(path, expected_format: str = FORMAT) -> dict:
         path = path / "last.pt"
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
-    if zipfile.is_zipfile(path):
-        # torch's reader does not check the zip's CRC-32s, so damage inside a
-        # tensor would load silently as different numbers.
-        try:
-            with zipfile.ZipFile(path) as archive:
-                damaged = archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, struct.error) as e:
-            # ValueError includes a damaged member name that no longer decodes as UTF-8.
-            raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: "
-                             f"{brief(str(e)) or type(e).__name__})") from e
-        if damaged is not None:
-            raise UsageError(f"{path} is corrupt (checksum mismatch in {damaged})")
+    _check_zip(path)
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
-        if refused:
-            raise UsageError(f"refusing to load {path}: it holds Python objects that could run code "
-                             f"({brief(refused[0])})") from e
-        raise UsageError(f"{path} is not a readable checkpoint (not a torch file of plain tensors and values)") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error, KeyError, IndexError) as e:
-        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: "
-                         f"{brief(str(e)) or type(e).__name__})") from e
+        state = _torch_load(path)
+    except _RefusedGlobal as e:
+        raise UsageError(f"refusing to load {path}: it holds Python objects that could run code ({e})") from e
     if not isinstance(state, dict) or state.get("format") != expected_format:
         raise UsageError(f"{path} is not a {expected_format} file")
     return state
+
+
+class ForeignObject:
+    """A Python object pickled in another code base's checkpoint (a whole model, its command-line
+    arguments), read back as inert data: the arguments and state it was pickled with, in ``args`` and
+    ``state``. Its class is never imported and none of its code runs; ``name`` is the class's
+    ``module.qualname`` as the file spells it."""
+
+    name = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<foreign {self.name}>"
+
+
+def load_foreign(path) -> dict:
+    """Load another code base's checkpoint (the authors' published baselines) safely.
+
+    Tensors and plain values load as with :func:`load_checkpoint`. A zip-format file (``torch.save``
+    since PyTorch 1.6) that also pickles objects of other classes (GReg's checkpoints hold the
+    whole ``model``) loads with each such class replaced by an inert :class:`ForeignObject`
+    subclass, through torch's ``weights_only`` unpickler: nothing of the file's code is imported
+    or run, and globals of modules torch blocks (``os``, ``subprocess``, ...) are still refused.
+    An old-format file with objects is refused. Returns the loaded object (a dict for every
+    format this project reads); errors are one-line ``UsageError`` s."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    _check_zip(path)
+    try:
+        return _torch_load(path)
+    except _RefusedGlobal as e:
+        if not zipfile.is_zipfile(path):
+            raise UsageError(f"refusing to load {path}: an old-format torch file that holds Python objects "
+                             f"({e}); save its state_dict alone with torch.save") from e
+        refused = e
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as e:
+        raise UsageError(f"refusing to load {path}: it holds Python objects that could run code ({refused})") from e
+    placeholders = [(type(name.rsplit(".", 1)[-1], (ForeignObject,), {"name": name}), name) for name in sorted(names)]
+    try:
+        with torch.serialization.safe_globals(placeholders):
+            return _torch_load(path)
+    except _RefusedGlobal as e:  # a global of a module torch blocks
+        raise UsageError(f"refusing to load {path}: it holds Python objects that could run code ({e})") from e
