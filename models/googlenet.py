@@ -136,10 +136,13 @@ class GoogLeNet(GatedNetwork):
             c_in = block.out_channels
             if i in POOL_AFTER:
                 recorder.size = conv_out(recorder.size, 3, 2, 1)
+        # HRank's AvgPool2d(8, stride=1) over the last 8x8 maps: a module, so thop counts it.
+        self.avgpool = nn.AvgPool2d(recorder.size, stride=1)
+        recorder.pool("avgpool", c_in, 1, 1.0)
         self.linear = recorder.linear("linear", c_in, num_classes)
         self._finish(dict(model=model, blocks=blocks, stem=stem, num_classes=num_classes, net=net, back_dep=back_dep,
                           temperature=temperature, input_size=input_size),
-                     recorder.records, gate_widths, net, back_dep, temperature)
+                     recorder.records, gate_widths, net, back_dep, temperature, ops=recorder.ops)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -154,7 +157,7 @@ class GoogLeNet(GatedNetwork):
             x = getattr(self, f"inception_{name}")(x, *z[3 * i:3 * i + 3])
             if i in POOL_AFTER:
                 x = F.max_pool2d(x, 3, 2, 1)
-        return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.linear(self.avgpool(x).flatten(1))
 
     @classmethod
     def default_arch(cls, num_classes: int, scale) -> dict:

@@ -75,9 +75,12 @@ class VGGApib(GatedNetwork):
                                             role="body"))
         head = recorder.linear("classifier.2", hidden, num_classes)
         self.classifier = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), head)
+        # A module, as in the authors' network, so thop counts it (one op per output).
+        self.avgpool = nn.AvgPool2d(2)
+        recorder.pool("avgpool", c_in, 1, 1.0, gate=len(widths) - 1)
         self._finish(dict(model=model, cfg=cfg, num_classes=num_classes, net=net, back_dep=back_dep,
                           temperature=temperature, input_size=input_size, hidden=hidden),
-                     recorder.records, widths, net, back_dep, temperature)
+                     recorder.records, widths, net, back_dep, temperature, ops=recorder.ops)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -88,7 +91,7 @@ class VGGApib(GatedNetwork):
     def forward(self, x, log_alpha=None):
         for stage, z in zip(self.features, self.gates(x.shape[0], log_alpha)):
             x = stage(x, z)
-        return self.classifier(F.avg_pool2d(x, 2).flatten(1))
+        return self.classifier(self.avgpool(x).flatten(1))
 
     @classmethod
     def default_arch(cls, num_classes: int, scale) -> dict:
