@@ -46,7 +46,8 @@ import torch
 
 from engine.config import RunConfig
 from engine.trainer import Trainer
-from models import build_model, default_arch, save_pruned
+from models import MODEL_CLASSES, build_model, default_arch, save_pruned
+from models.published import load_published
 from models.export import FORMAT as PRUNED_FORMAT
 from models.structure import CONVENTIONS
 from pruning import METHODS, PruningMethod
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="IMP: the fraction of each sparse tensor's weights kept (pruning/sparse.py)")
     g.add_argument("--pick_pruned", choices=PICK_RULES, default="min",
                    help="which filters L1 and GReg-1 remove: the smallest mean |W| (min), the largest, at random")
+    g.add_argument("--arch", choices=sorted(MODEL_CLASSES), metavar="NAME",
+                   help="CHECKPOINT is an authors' published baseline (GReg's, HSIC-Lasso's or akamaster's format) of "
+                        "this registered network, e.g. resnet56a, vgg16_apib (docs/networks.md)")
     g.add_argument("--cost-convention", choices=CONVENTIONS,
                    help="how --target / --target-macs and the results count MACs: conv + linear multiply-accumulates "
                         "(conv), or what thop counts (thop: BN and pooling modules too). Default: thop for HSIC-Lasso's "
@@ -156,8 +160,15 @@ def _torchvision_resnet50(state: dict) -> dict:
     return out
 
 
-def load_source(path: str) -> dict:
-    """``{'arch', 'state_dict', 'dataset', 'data_dir'}`` of a dense checkpoint or torchvision weights."""
+def load_source(path: str, arch: str | None = None) -> dict:
+    """``{'arch', 'state_dict', 'dataset', 'data_dir'}`` of a dense checkpoint or torchvision weights, or
+    with ``arch`` of an authors' published checkpoint of that network (models/published.py)."""
+    if arch is not None:
+        network = load_published(path, arch)
+        classes = network.arch["num_classes"]
+        dataset = "mnist" if network.data_kind == "mnist" else "cifar100" if classes == 100 else "cifar10"
+        return dict(arch=network.arch, state_dict=network.state_dict(), dataset=dataset, data_dir=None,
+                    kind=f"published {arch} checkpoint")
     try:
         state = load_checkpoint(path)
     except UsageError as e:
@@ -319,7 +330,7 @@ def run(args) -> int:
 def run_phases(args, ctx: distributed.Context) -> int:
     spec = METHODS.get(args.method)
     args.method = spec.name
-    source = load_source(args.checkpoint)
+    source = load_source(args.checkpoint, args.arch)
     arch = source["arch"]
     imagenet = arch["model"] == "resnet50"
     if source.get("dummy") and not args.dummy and args.dataset is None and args.data_dir is None:

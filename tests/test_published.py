@@ -7,6 +7,7 @@ compares the outputs with the authors' architecture computed here, functionally,
 their tensor names: so every tensor must have landed in its place.
 """
 import io
+import json
 import sys
 import types
 
@@ -368,3 +369,21 @@ def test_a_blocked_module_is_refused(tmp_path):
     with pytest.raises(UsageError) as e:
         load_foreign(tmp_path / "evil.pt")
     assert "refusing to load" in one_line(e)
+
+
+def test_prune_py_starts_from_a_published_checkpoint(tmp_path, monkeypatch, capsys):
+    """``prune.py CHECKPOINT --arch resnet20a`` prunes an akamaster file as it was published."""
+    import prune
+    monkeypatch.setattr(sys.modules[__name__], "RESNET_WIDTHS", (16, 32, 64))
+    akamaster_file(tmp_path / "resnet20.th", resnet_state("aka", BLOCKS["resnet20a"], tracked=False))
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    argv = ["resnet20.th", "--arch", "resnet20a", "--method", "l1", "--target-macs", "0.6", "--dummy", "--epochs", "1",
+            "--limit-batches", "1", "-b", "8", "-j", "0", "--seed", "0", "--out-dir", "l1"]
+    assert prune.main(argv) == 0
+    assert "l1 on published resnet20a checkpoint resnet20.th" in capsys.readouterr().out
+    results = json.loads((tmp_path / "l1" / "results.json").read_text())
+    assert results["model"] == "resnet20a" and abs(results["macs_pruned"] / results["macs_dense"] - 0.6) < 0.011
+    # Without --arch the file is not this project's checkpoint: one line, no traceback.
+    assert prune.main(argv[:1] + argv[3:-1] + ["l1b"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
