@@ -43,6 +43,10 @@ VARIANTS = {
     # projected gates: epoch_1.pt holds them frozen, and resuming from it must keep them.
     "resnet56-budget": ("train_resnet56.py", ("--net", "hc", "--target-macs", "0.4", "--target-warmup", "1",
                                               "--epoch", "1", "--fine_tune_epoch", "2")),
+    # The peers' networks (--arch) resume as exactly as the paper's.
+    "resnet20a-dep": ("train_resnet56.py", ("--arch", "resnet20a", "--width-mult", "0.5")),
+    "wrn-hc": ("train_resnet56.py", ("--arch", "wrn", "--layers", "10", "--widen-factor", "1", "--net", "hc")),
+    "lenet-dep-back": ("train_vgg.py", ("--arch", "lenet300_100", "--net", "dep", "--back_dep")),
 }
 KILLED_VARIANTS = ("resnet56-dep", "vgg16-dep")
 CHECKPOINT_KEYS = {"model", "weight_optimizer", "weight_scheduler", "method", "epoch", "best_top1", "args", "arch"}
@@ -281,7 +285,8 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(reference):
     _assert_plain(last["args"], "args")
     _assert_plain(last["arch"], "arch")
     assert last["args"]["seed"] == 3
-    assert last["arch"]["net"] == (reference["extra"][1] if reference["extra"] else "dep")
+    extra = list(reference["extra"])
+    assert last["arch"]["net"] == (extra[extra.index("--net") + 1] if "--net" in extra else "dep")
     assert all(isinstance(v, torch.Tensor) for v in last["model"].values())
     assert isinstance(last["weight_optimizer"], dict) and isinstance(last["method"]["gate_optimizer"], dict)
 
