@@ -120,14 +120,15 @@ class Task:
                                     stdin=subprocess.DEVNULL, start_new_session=True)
 
     def last_line(self) -> str:
-        """The log's last non-empty line (progress bars' carriage returns split lines too)."""
+        """The run's last non-empty line in the log (progress bars' carriage returns split lines
+        too); the launcher's own notes of how a start ended are not the run's."""
         try:
             with open(self.cwd / self.log, "rb") as f:
                 f.seek(max(f.seek(0, os.SEEK_END) - TAIL_BYTES, 0))
                 tail = f.read().decode(errors="replace")
         except OSError:
             return "(no log)"
-        lines = [line for line in tail.splitlines() if line.strip()]
+        lines = [line for line in tail.splitlines() if line.strip() and not line.startswith(ENDED)]
         return lines[-1].strip() if lines else "(empty log)"
 
     def note_end(self, outcome: str, seconds: float) -> None:
@@ -284,13 +285,13 @@ def schedule(tasks: list[Task], jobs: int, start, poll, stop, say, done_before: 
                     continue
                 del running[key]
                 outcome[key] = result
-                progress.ended(task, result)
                 if result == DONE:
                     say(f"done    {key}")
                 elif result == STOPPED:
                     say(f"stopped {key}: saved; run reproduce.py again to continue it (--resume auto)")
                 else:
                     say(f"error: {key} failed: {task.last_line()} (log {task.log})")
+                progress.ended(task, result)
             if request.received is not None and pending:
                 for task in pending:
                     outcome[task.key] = STOPPED

@@ -111,7 +111,8 @@ def _stop_right_after_done(run_dir: Path, log: Path):
         pending = _wait(lambda: all(_sigterm_pending(pid) for pid in pids), seconds=30)
     finally:
         for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # a SIGTERM without handler ends it even frozen
+                os.kill(pid, signal.SIGCONT)
     return pids if pending else None
 
 
@@ -129,14 +130,13 @@ def chain(tmp_path_factory):
     runs = base / "runs"
     dense, peer = runs / "tiny/dense/seed0", runs / "tiny/l1-macs/seed0"
     dense_log, peer_log = runs / "tiny/logs/dense.seed0.log", runs / "tiny/logs/l1-macs.seed0.log"
-    steps, times = {}, {}
+    steps = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("PYTHONPATH", raising=False)
         for key, value in script_env().items():
             mp.setenv(key, value)
         mp.chdir(base)
         argv = ["tiny", *ROWS, "--runs-dir", str(runs)]
-        began = time.time()
         steps["startup"] = _call(argv + ["--progress", "0"], lambda: _stop_while_starting(dense, dense_log))
         after_startup = dict(saved=(dense / "last.pt").exists(), log=dense_log.read_text())
         steps["after_done"] = _call(argv + ["--progress", "0"], lambda: _stop_right_after_done(dense, dense_log))
@@ -147,9 +147,7 @@ def chain(tmp_path_factory):
         steps["again_submitit"] = _call(["tiny", *ROWS, "--runs-dir", str(copy / "runs"), "--progress", "0",
                                          "--launcher", "submitit-local"],
                                         lambda: _watchdog(copy / "runs/tiny/logs/l1-macs.seed0.log"))
-        times["chain_s"] = time.time() - began
-    return dict(base=base, dense=dense, peer=peer, dense_log=dense_log, steps=steps, times=times,
-                after_startup=after_startup)
+    return dict(base=base, dense=dense, peer=peer, dense_log=dense_log, steps=steps, after_startup=after_startup)
 
 
 def test_sigterm_while_a_run_starts_stops_it_and_exits_75(chain):
@@ -200,11 +198,6 @@ def test_progress_reports_runs_done_elapsed_eta_and_each_running_runs_last_line(
     assert any("prune.py" in lines[i + 1] or "Epoch" in lines[i + 1] or "run directory" in lines[i + 1]
                for i in reports), out
     assert "progress: " not in chain["steps"]["again_submitit"][1]  # --progress 0: none
-
-
-def test_chain_time(chain):
-    """The whole chain (four calls, three full runs) stays well inside the suite's budget."""
-    assert chain["times"]["chain_s"] < 240, chain["times"]
 
 
 # ------------------------------------------------------------------ the scheduler's decisions, in-process
