@@ -234,8 +234,8 @@ class Progress:
         n = len(self.times)
         basis = "the finished run's time" if n == 1 else f"{n} finished runs' times"
         when = f"ETA ~{clock(eta)} (from {basis})" if eta is not None else "ETA once a run has finished"
-        others = [f"{n} {state}" for state in (FAILED, STOPPED, BLOCKED)
-                  if (n := sum(s == state for s in outcome.values()))]
+        counts = {state: sum(s == state for s in outcome.values()) for state in (FAILED, STOPPED, BLOCKED)}
+        others = [f"{count} {state}" for state, count in counts.items() if count]
         head = (f"progress: {done}/{self.total} runs done, {len(running)} running, {len(pending)} waiting"
                 + "".join(f", {o}" for o in others) + f"; {clock(time.monotonic() - self.began)} elapsed, {when}")
         now = time.monotonic()

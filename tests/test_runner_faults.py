@@ -12,7 +12,8 @@ a user would call it again and again:
    pending): it counts as done, the peer was not started, exit 75;
 3. the next call finds the dense run finished and must start the peer that
    needs it (it used to wait forever), with progress reports every second;
-4. the same from a copy of that state with the submitit-local launcher.
+4. the same from a copy of that state with the submitit-local launcher (and
+   SLURM's dry run puts the peer in the first job array).
 
 A watchdog ends a call that starts nothing within a minute, so a hang fails
 the test instead of the suite. The rest are quick in-process checks of the
@@ -140,6 +141,7 @@ def chain(tmp_path_factory):
         steps["startup"] = _call(argv + ["--progress", "0"], lambda: _stop_while_starting(dense, dense_log))
         after_startup = dict(saved=(dense / "last.pt").exists(), log=dense_log.read_text())
         steps["after_done"] = _call(argv + ["--progress", "0"], lambda: _stop_right_after_done(dense, dense_log))
+        steps["slurm_dry_run"] = _call(argv + ["--dry-run", "--launcher", "slurm"])
         copy = base / "copy"
         shutil.copytree(runs, copy / "runs")
         steps["again_local"] = _call(argv + ["--progress", "1"], lambda: _watchdog(peer_log))
@@ -183,6 +185,15 @@ def test_a_dependency_finished_in_an_earlier_call_starts_its_dependents(chain, l
     assert "start   l1-macs/seed0: log" in out and "done    l1-macs/seed0" in out, out
     run = chain["peer"] if launcher == "again_local" else chain["base"] / "copy/runs/tiny/l1-macs/seed0"
     assert finished(run)
+
+
+def test_slurm_submits_the_dependent_of_a_finished_run_without_waiting(chain):
+    """SLURM's path: the peer goes in the first array, with no afterok on a job that will never run."""
+    status, out, _ = chain["steps"]["slurm_dry_run"]
+    assert status == 0, out
+    skip, peer = out.splitlines()
+    assert skip.startswith("skip    dense/seed0: finished") and peer.startswith("[slurm level 0] ")
+    assert "prune.py" in peer and "l1-macs/seed0" in peer
 
 
 def test_progress_reports_runs_done_elapsed_eta_and_each_running_runs_last_line(chain):
