@@ -3,22 +3,26 @@
     python summarize.py runs/                       # every run directory under runs/
     python summarize.py runs/vgg16_* runs/resnet56_cifar10_dep_lam5e-07
 
-Each argument is a run directory (it holds ``results.json``) or a folder of
-run directories. Prints one Markdown table (model, dataset, method, direction,
-lambda or budget target, top-1, MACs and reduction, params and reduction; top-5 too when an
+Each argument is a run directory (it holds ``results.json``) or a folder with
+run directories anywhere below it (reproduce.py's ``runs/<table>/<row>/seed<k>/``
+too). Prints one Markdown table (model, dataset, method, direction, lambda or
+budget target, top-1, MACs and reduction, params and reduction; top-5 too when an
 ImageNet run is present) sorted by model, dataset and method, and writes
 ``<run>/channels.png``: kept vs original channels per gated layer
-(utils/plots.py, the same figure TensorBoard shows each epoch). Directories
-without ``results.json`` are skipped with a warning.
+(utils/plots.py, the same figure TensorBoard shows each epoch). A run on
+synthetic data (``--dummy``) says so in its dataset cell and its figure's
+title: ``synthetic (CIFAR-10 shape)``. Folders directly in an argument with
+no run anywhere below them are skipped with a warning.
 """
 import json
+import re
 import sys
 from pathlib import Path
 
 from utils.cli import OneLineParser
 from utils.errors import UsageError, run_reporting_errors
 from utils.logger import human
-from utils.plots import METHOD_NAMES, run_title, save_channels_png
+from utils.plots import METHOD_NAMES, dataset_label, run_title, save_channels_png, synthetic_run
 
 METHOD = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}
 
@@ -27,7 +31,23 @@ def method_cell(r: dict) -> str:
     if "method" in r:
         return METHOD_NAMES.get(r["method"], r["method"])
     return METHOD.get(r.get("net", "?"), r.get("net", "?"))
-DATASET = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet", "folder": "folder"}
+
+
+def run_label(run: Path) -> str:
+    """The run column: the directory's name, or ``<table>/<row>/seed<k>`` for a run of reproduce.py."""
+    return "/".join(run.parts[-3:]) if re.fullmatch(r"seed\d+", run.name) else run.name
+
+
+def runs_below(folder: Path) -> list[Path]:
+    """The run directories (those holding results.json) in ``folder`` and below it, in path order; a
+    run directory's own subfolders are not searched."""
+    runs = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if (child / "results.json").is_file():
+            runs.append(child)
+        else:
+            runs += runs_below(child)
+    return runs
 
 
 def find_runs(paths) -> tuple[list[Path], list[str]]:
@@ -40,20 +60,24 @@ def find_runs(paths) -> tuple[list[Path], list[str]]:
             runs.append(path)
         elif path.is_dir():
             children = sorted(p for p in path.iterdir() if p.is_dir())
-            found = [p for p in children if (p / "results.json").is_file()]
-            warnings += [f"skipping {p}: no results.json" for p in children if p not in found]
+            for child in children:
+                found = [child] if (child / "results.json").is_file() else runs_below(child)
+                if not found:
+                    warnings.append(f"skipping {child}: no results.json")
+                runs += found
             if not children:
                 warnings.append(f"skipping {path}: no results.json and no run directories in it")
-            runs += found
         else:
             warnings.append(f"skipping {path}: not a run directory")
     return list(dict.fromkeys(runs)), warnings
 
 
 def read_results(run: Path, warnings: list) -> dict | None:
+    """The run's results.json, with ``dummy`` (synthetic data) filled in where it lacks one."""
     try:
         results = json.loads((run / "results.json").read_text())
         results["macs_pruned"], results["params_pruned"], results["channels"]  # noqa: B018  (required keys)
+        results["dummy"] = synthetic_run(run, results)
         return results
     except (OSError, ValueError, KeyError, TypeError) as e:
         warnings.append(f"skipping {run}: unreadable results.json ({str(e)[:100]})")
@@ -84,13 +108,13 @@ def table(rows) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for run, r in rows:
         net = r.get("net", "?")
-        cells = [r.get("model", "?"), DATASET.get(r.get("dataset"), str(r.get("dataset"))), method_cell(r),
+        cells = [r.get("model", "?"), dataset_label(r), method_cell(r),
                  ("backward" if r.get("back_dep") else "forward") if net == "dep" else "–",
                  penalty_cell(r),
                  f"{r.get('epochs_done', '?')}/{r.get('epochs_total', '?')}", f"{r.get('top1', float('nan')):.2f}"]
         cells += [f"{r['top5']:.2f}" if "top5" in r else "–"] if imagenet else []
         cells += [human(r["macs_pruned"]), f"{r.get('macs_reduction', 0.0):.1f}%",
-                  human(r["params_pruned"]), f"{r.get('params_reduction', 0.0):.1f}%", run.name]
+                  human(r["params_pruned"]), f"{r.get('params_reduction', 0.0):.1f}%", run_label(run)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -103,7 +127,7 @@ def summarize(paths) -> str:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     rows.sort(key=lambda x: (x[1].get("model", ""), x[1].get("dataset", ""), method_cell(x[1]),
-                             bool(x[1].get("back_dep")), x[1].get("lamba") or 0.0, x[0].name))
+                             bool(x[1].get("back_dep")), x[1].get("lamba") or 0.0, str(x[0])))
     for run, r in rows:
         try:
             save_channels_png(r["channels"], run / "channels.png", run_title(r))

@@ -6,7 +6,11 @@ parameters with their reductions from dense, next to the published number
 and the difference (ours - published). Written into ``<runs>/<table>/`` as
 ``report.md``, ``report.csv`` and ``report.png`` (each to a temporary file,
 then renamed: a report is never half-written). Rows without finished runs
-are listed with empty cells, so the report can be written at any time.
+are listed with empty cells, so the report can be written at any time. A
+row on synthetic data (its args pass ``--dummy``, or it prunes such a row,
+or its results.json says ``dummy``) is labelled ``synthetic (CIFAR-10 shape)`` in the
+dataset column (the CSV's ``synthetic`` column), with a warning above the
+table and in the plot's title: its accuracy measures nothing.
 """
 import csv
 import io
@@ -18,10 +22,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from utils.logger import human
+from utils.plots import dataset_label
 from .tables import Table, finished, load_table, read_results
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
-CSV_FIELDS = ("row", "method", "model", "dataset", "seeds_done", "seeds_planned", "top1_key", "top1_mean",
+CSV_FIELDS = ("row", "method", "model", "dataset", "synthetic", "seeds_done", "seeds_planned", "top1_key", "top1_mean",
               "top1_std", "macs_mean", "macs_reduction_mean", "macs_reduction_std", "params_mean",
               "params_reduction_mean", "params_reduction_std", "published_top1", "published_base",
               "published_macs_kept", "published_params_kept", "top1_minus_published", "published_source")
@@ -42,18 +47,25 @@ def published_macs_kept(published: dict | None) -> float | None:
     return 1.0 / published["speedup"] if "speedup" in published else None
 
 
+def synthetic_row(table: Table, row) -> bool:
+    """The row trains on synthetic data: it passes ``--dummy``, or prunes a row that does."""
+    return "--dummy" in row.args or any(synthetic_row(table, table.row(need)) for need in row.needs)
+
+
 def collect(table: Table, runs_dir: Path, seeds: tuple[int, ...]) -> list[dict]:
     """One entry per row: the statistics of its finished runs."""
     entries = []
     for row in table.rows:
         results = [r for seed in seeds if finished(d := runs_dir / table.name / row.name / f"seed{seed}")
                    and (r := read_results(d)) is not None]
+        synthetic = synthetic_row(table, row) or any(r.get("dummy") for r in results)
         top1 = _mean_std([r[row.top1] for r in results])
         macs_red = _mean_std([r["macs_reduction"] for r in results])
         params_red = _mean_std([r["params_reduction"] for r in results])
         published = row.published or {}
         entry = dict(row=row.name, method=row.method, model=results[0]["model"] if results else None,
-                     dataset=results[0]["dataset"] if results else None, seeds_done=len(results),
+                     dataset=results[0]["dataset"] if results else None, synthetic=synthetic,
+                     seeds_done=len(results),
                      seeds_planned=len(seeds), top1_key=row.top1, top1_mean=top1[0], top1_std=top1[1],
                      macs_mean=_mean_std([r["macs_pruned"] for r in results])[0],
                      macs_reduction_mean=macs_red[0], macs_reduction_std=macs_red[1],
@@ -78,7 +90,12 @@ def _pm(mean, std, digits=2, suffix="") -> str:
 def markdown(table: Table, entries: list[dict]) -> str:
     head = ["row", "method", "model", "dataset", "seeds", "top-1 (%)", "MACs", "MACs ↓ (%)", "params",
             "params ↓ (%)", "published top-1 (base)", "published at", "ours - published", "source"]
-    lines = [f"# {table.title}", "",
+    synthetic = [e["row"] for e in entries if e["synthetic"]]
+    where = ("every row" if len(synthetic) == len(entries) > 1
+             else f"row{'s' if len(synthetic) > 1 else ''} {', '.join(synthetic)}")
+    warning = ([f"**Synthetic data** (`--dummy`) in {where}: random images of the dataset's shape, so {'their' if len(synthetic) > 1 else 'its'} "
+                f"accuracy measures nothing (a test of the machinery, not a result).", ""] if synthetic else [])
+    lines = [f"# {table.title}", "", *warning,
              f"Mean ± std over the finished seeds (`{table.path.name}`); top-1 is each row's `top1` key of "
              f"results.json; an empty cell: no finished run, or no published number.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -92,7 +109,8 @@ def markdown(table: Table, entries: list[dict]) -> str:
         if e["published_params_kept"] is not None:
             where.append(f"{100 * e['published_params_kept']:.1f}% params")
         diff = e["top1_minus_published"]
-        cells = [e["row"], e["method"], e["model"] or "", e["dataset"] or "", f"{e['seeds_done']}/{e['seeds_planned']}",
+        dataset = dataset_label(e, e["synthetic"]) if e["dataset"] else ("synthetic" if e["synthetic"] else "")
+        cells = [e["row"], e["method"], e["model"] or "", dataset, f"{e['seeds_done']}/{e['seeds_planned']}",
                  _pm(e["top1_mean"], e["top1_std"]), human(e["macs_mean"]) if e["macs_mean"] is not None else "",
                  _pm(e["macs_reduction_mean"], e["macs_reduction_std"], 1),
                  human(e["params_mean"]) if e["params_mean"] is not None else "",
@@ -135,7 +153,8 @@ def figure(table: Table, entries: list[dict]) -> Figure:
         ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
     ax.set_xlabel("MACs kept (% of dense)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(table.title, fontsize=9)
+    synthetic = any(e["synthetic"] for e in entries) and "synthetic" not in table.title.lower()
+    ax.set_title(table.title + ("\n(synthetic data: not a result)" if synthetic else ""), fontsize=9)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return fig

@@ -105,7 +105,9 @@ def test_report_of_the_tiny_table(tiny):
         assert row["published_top1"] == "" and row["top1_minus_published"] == ""  # nothing published
     assert abs(float(rows["l1-macs"]["macs_reduction_mean"]) - 50) <= 1  # --target-macs 0.5
     md = (base / "runs/tiny/report.md").read_text()
-    assert "| l1-macs | L1 | vgg16 | cifar10 | 1/1 |" in md, md
+    assert "| l1-macs | L1 | vgg16 | synthetic (CIFAR-10 shape) | 1/1 |" in md, md
+    assert "**Synthetic data** (`--dummy`) in every row" in md
+    assert rows["l1-macs"]["dataset"] == "cifar10" and rows["l1-macs"]["synthetic"] == "True"
     assert (base / "runs/tiny/report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -132,14 +134,17 @@ def test_finished_rows_are_skipped(tiny, monkeypatch, capsys):
     assert not (runs / "dense/seed1").exists()
 
 
-def test_dry_run_writes_nothing_and_every_shipped_table_passes_its_scripts_parsers(tmp_path, monkeypatch, capsys):
+def test_dry_run_writes_nothing_and_every_shipped_table_passes_its_scripts_parsers(tmp_path_factory, monkeypatch,
+                                                                                    capsys):
+    tmp_path, data = tmp_path_factory.mktemp("dry"), tmp_path_factory.mktemp("data")
     monkeypatch.chdir(tmp_path)
     for path in sorted(TABLES_DIR.glob("*.toml")):
-        assert reproduce.main([path.stem, "--dry-run", "--data-dir", "/data"]) == 0, capsys.readouterr().err
+        assert reproduce.main([path.stem, "--dry-run", "--data-dir", str(data)]) == 0, capsys.readouterr().err
         out = capsys.readouterr().out.splitlines()
         table = load_table(path.stem)
         assert len(out) == len(table.rows) * len(table.seeds)
         assert all(f"--out-dir runs/{path.stem}/" in line and "--resume" not in line for line in out)
+        assert all(f"--data-dir {data}" in line for line in out)
         assert "Time on one GPU" in path.read_text()
     assert reproduce.main(["tiny", "--dry-run", "--launcher", "slurm"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -251,6 +256,92 @@ def test_report_mean_std_and_published_difference(tmp_path):
     assert any(list(line.get_xydata()[0]) == [49.5, 91.0] for line in lines if line not in hollow)
     md = (tmp_path / "runs/t/report.md").read_text()
     assert "| 91.00 ± 1.41 |" in md and "| 90.50 (93.00) | 50.0% MACs (2.00x) | +0.50 | paper |" in md, md
+
+
+def test_a_table_on_real_data_needs_an_existing_data_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "nonexistent")
+    assert reproduce.main(["resnet50_imagenet", "--dry-run", "--data-dir", missing]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"reproduce.py: error: --data-dir {missing} is not a directory, and row 'dense' of resnet50_imagenet reads "
+        f"real data from it (the ImageNet folder, with train/ and val/)"]
+    # Without --data-dir: advice that reproduce.py can follow (it has no --dummy).
+    for argv in (["resnet50_imagenet"], ["resnet50_imagenet_macs", "--only", "l1"]):
+        assert reproduce.main([*argv, "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "--data-dir DIR" in err and "python reproduce.py tiny" in err, err
+        assert "--dummy" not in err
+    assert "row 'l1' reads ImageNet" in err  # a peer reads the data of the baseline it prunes
+    # CIFAR downloads into an existing folder; synthetic rows read none.
+    assert reproduce.main(["resnet56_cifar10", "--dry-run", "--data-dir", missing]) == 2
+    assert "CIFAR: create the folder" in capsys.readouterr().err
+    assert reproduce.main(["resnet56_cifar10", "--dry-run"]) == 0
+    assert reproduce.main(["tiny", "--dry-run", "--data-dir", missing]) == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+RESULTS = dict(model="vgg16", dataset="cifar10", method="dense", net="dense", epochs_done=1, epochs_total=1,
+               top1=10.0, best_top1=10.0, macs_dense=100, macs_pruned=100, macs_reduction=0.0, params_dense=10,
+               params_pruned=10, params_reduction=0.0, channels=[dict(name="conv1", kept=4, total=8)])
+
+
+def test_summarize_finds_reproduce_runs_and_labels_synthetic_data(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import summarize
+
+    def run(path, checkpoint_args=None, **changes):
+        path.mkdir(parents=True)
+        (path / "results.json").write_text(json.dumps({**RESULTS, **changes}))
+        (path / "pruned.pt").write_bytes(b"")
+        if checkpoint_args is not None:
+            torch.save(dict(args=checkpoint_args), path / "last.pt")
+
+    runs = tmp_path / "runs"
+    run(runs / "tiny/dense/seed0", dict(dummy=True))   # reproduce.py's: its checkpoint's arguments say so
+    (runs / "tiny/logs").mkdir()
+    (runs / "tiny/logs/dense.seed0.log").write_text("$ python train_vgg.py --dummy\n")
+    run(runs / "vgg16_dummy-cifar10_dense")            # the scripts' own run name says so
+    run(runs / "vgg16_cifar10_dense", dict(dummy=False))
+    run(runs / "flagged", dummy=True)                  # results.json's own key
+    titles = {}
+    save = summarize.save_channels_png
+    monkeypatch.setattr(summarize, "save_channels_png",
+                        lambda channels, path, title: titles.setdefault(path.parent, title) and save(channels, path, title))
+    capsys.readouterr()
+    assert summarize.main([str(runs)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # no "skipping runs/tiny: no results.json"
+    rows = {cells[-1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                           for line in out.strip().splitlines()[2:])}
+    assert set(rows) == {"tiny/dense/seed0", "vgg16_dummy-cifar10_dense", "vgg16_cifar10_dense", "flagged"}
+    for name in ("tiny/dense/seed0", "vgg16_dummy-cifar10_dense", "flagged"):
+        assert rows[name][1] == "synthetic (CIFAR-10 shape)", rows[name]
+        assert "synthetic (CIFAR-10 shape)" in titles[runs / name]
+    assert rows["vgg16_cifar10_dense"][1] == "CIFAR-10"
+    assert "synthetic" not in titles[runs / "vgg16_cifar10_dense"] and "CIFAR-10" in titles[runs / "vgg16_cifar10_dense"]
+    assert (runs / "tiny/dense/seed0/channels.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_labels_synthetic_rows(tmp_path):
+    real = ["--net", "dense", "--epoch", "1"]
+    table = load_table(_table(tmp_path, HEAD + _row("real", real) + _row("fake", TINY_VGG)
+                              + _row("peer", ["{fake}/best.pt", "--method", "l1", "--target-macs", "0.5"], "prune.py")))
+    for row in ("real", "fake", "peer"):
+        run = tmp_path / "runs/t" / row / "seed0"
+        run.mkdir(parents=True)
+        (run / "pruned.pt").write_bytes(b"")
+        (run / "results.json").write_text(json.dumps(RESULTS))
+    write_report(table, tmp_path / "runs", (0,))
+    md = (tmp_path / "runs/t/report.md").read_text()
+    assert "| real | real | vgg16 | CIFAR-10 | 1/1 |" in md, md
+    assert "| fake | fake | vgg16 | synthetic (CIFAR-10 shape) | 1/1 |" in md
+    assert "| peer | peer | vgg16 | synthetic (CIFAR-10 shape) | 1/1 |" in md  # it prunes a synthetic row
+    assert "**Synthetic data** (`--dummy`) in rows fake, peer:" in md
+    with open(tmp_path / "runs/t/report.csv") as f:
+        assert [r["synthetic"] for r in csv.DictReader(f)] == ["False", "True", "True"]
+    title = figure(table, collect(table, tmp_path / "runs", (0,))).axes[0].get_title()
+    assert title == "t\n(synthetic data: not a result)"
 
 
 def _pids(fragment: str) -> list[int]:

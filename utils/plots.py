@@ -66,6 +66,37 @@ def save_channels_png(channels, path, title: str = "") -> Path:
     return path
 
 
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet", "folder": "folder"}
+
+
+def synthetic_run(run_dir, results: dict) -> bool:
+    """Whether a run trained on synthetic data (``--dummy``): results.json's ``dummy`` where it has
+    one, else the scripts' run name (``vgg16_dummy-cifar10_...``), else the arguments its checkpoint
+    (``last.pt``) was saved with; False where none of them says so."""
+    if "dummy" in results:
+        return bool(results["dummy"])
+    name = Path(run_dir).name
+    if name.startswith("dummy-") or "_dummy-" in name:
+        return True
+    checkpoint = Path(run_dir) / "last.pt"
+    if not checkpoint.is_file():
+        return False
+    try:
+        import torch  # only here: the tables and plots need no torch otherwise
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return bool(state.get("args", {}).get("dummy", False))
+    except Exception:  # an unreadable checkpoint says nothing about the data  # noqa: BLE001
+        return False
+
+
+def dataset_label(results: dict, synthetic: bool | None = None) -> str:
+    """The dataset as a table or a figure names it: ``CIFAR-10``, or ``synthetic (CIFAR-10 shape)`` for
+    a ``--dummy`` run (``synthetic``, default results' ``dummy``), whose accuracy measures nothing."""
+    name = DATASET_NAMES.get(results.get("dataset"), str(results.get("dataset", "?")))
+    synthetic = results.get("dummy", False) if synthetic is None else synthetic
+    return f"synthetic ({name} shape)" if synthetic else name
+
+
 # results.json's "method" as papers name it (every run since the pruning-method interface; older
 # runs have only "net").
 METHOD_NAMES = {"l0-hc": "L0-HC", "dep-l0": "Dep-L0", "dense": "dense", "l1": "L1", "greg1": "GReg-1",
@@ -74,8 +105,9 @@ METHOD_NAMES = {"l0-hc": "L0-HC", "dep-l0": "Dep-L0", "dense": "dense", "l1": "L
 
 
 def run_title(results: dict) -> str:
-    """A short figure title from a results dict: model, dataset, method, and what set the
-    pruning level: lambda, or the budget target that replaced it (``macs≤0.5``)."""
+    """A short figure title from a results dict: model, dataset (``synthetic (...)`` where
+    ``results['dummy']``), method, and what set the pruning level: lambda, or the budget target
+    that replaced it (``macs≤0.5``)."""
     net = results.get("net", "")
     method = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}.get(net, net)
     key = results.get("method")
@@ -95,4 +127,4 @@ def run_title(results: dict) -> str:
         level = f", {results['budget']['kind']}≤{results['budget']['target']:g}"
     elif net != "dense" and "lamba" in results:
         level = f", lambda {results['lamba']:g}"
-    return f"{results.get('model', '')} {results.get('dataset', '')} {method}{level}"
+    return f"{results.get('model', '')} {dataset_label(results)} {method}{level}"
