@@ -161,6 +161,13 @@ def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def compact_cfg_arch(arch: dict, keep: list[torch.Tensor]) -> dict:
+    """The compact arch of a network built from a VGG-style ``cfg`` list (widths and ``"M"``): each
+    width replaced by its kept channels, ``net='dense'``."""
+    widths = iter(len(k) for k in keep)
+    return dict(arch, net="dense", back_dep=False, cfg=tuple(v if v == "M" else next(widths) for v in arch["cfg"]))
+
+
 class LayerRecorder:
     """Creates conv/linear layers while tracking spatial size and recording
     each as a :class:`WeightLayer`, so the structure is written down once,

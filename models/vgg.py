@@ -18,7 +18,7 @@ from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
 
-from .common import GatedNetwork, LayerRecorder, bn_gate_relu
+from .common import GatedNetwork, LayerRecorder, bn_gate_relu, compact_cfg_arch
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -95,9 +95,7 @@ class VGG(GatedNetwork):
         return dict(cfg=scale(VGG16_CFG))
 
     def compact_arch(self, keep: list[torch.Tensor]) -> dict:
-        widths = iter(len(k) for k in keep)
-        return dict(self.arch, net="dense", back_dep=False,
-                    cfg=tuple(v if v == "M" else next(widths) for v in self.arch["cfg"]))
+        return compact_cfg_arch(self.arch, keep)
 
     def stage_of_layers(self) -> tuple[list[int], int, str]:
         n = len(self.gated_layers)

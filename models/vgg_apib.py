@@ -28,7 +28,7 @@ from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
 
-from .common import GatedNetwork, LayerRecorder
+from .common import GatedNetwork, LayerRecorder, compact_cfg_arch
 from .structure import WeightLayer
 from .vgg import ConvStage
 
@@ -98,9 +98,7 @@ class VGGApib(GatedNetwork):
         return dict(cfg=scale(APIB_VGG16_CFG), hidden=scale((HIDDEN,))[0])
 
     def compact_arch(self, keep: list[torch.Tensor]) -> dict:
-        widths = iter(len(k) for k in keep)
-        return dict(self.arch, net="dense", back_dep=False,
-                    cfg=tuple(v if v == "M" else next(widths) for v in self.arch["cfg"]))
+        return compact_cfg_arch(self.arch, keep)
 
     def stage_of_layers(self) -> tuple[list[int], int, str]:
         # GReg's VGG indices count every conv and linear: convs 0-12, the hidden Linear 13 (not

@@ -229,3 +229,15 @@ def write_fake_cifar10(root, per_batch=4, val=6):
                         "labels": [j % 10 for j in range(val)]})
     dump("batches.meta", {"label_names": [f"class{c}" for c in range(10)]})
     return _Path(root)
+
+
+def process_ids(fragment: str) -> list[int]:
+    """Processes whose command line contains ``fragment`` (Linux's /proc)."""
+    pids = []
+    for proc in _Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and fragment in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids

@@ -26,7 +26,7 @@ import submitit
 
 import reproduce
 from reproduction import launch
-from conftest import REPO_ROOT, script_command, script_env
+from conftest import REPO_ROOT, process_ids, script_command, script_env
 from reproduction.report import collect, figure, write_report
 from reproduction.tables import TABLES_DIR, load_table, plan
 
@@ -344,18 +344,6 @@ def test_report_labels_synthetic_rows(tmp_path):
     assert title == "t\n(synthetic data: not a result)"
 
 
-def _pids(fragment: str) -> list[int]:
-    """Processes whose command line contains ``fragment``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and fragment in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
 def _interrupt_long_run(base: Path, launcher: str, signum: int, capsys):
     """Run the long table in-process; once its first checkpoint exists, send ``signum`` to the
     training process (from a thread: the launcher's signal handlers need the main thread)."""
@@ -367,7 +355,7 @@ def _interrupt_long_run(base: Path, launcher: str, signum: int, capsys):
         deadline = time.time() + 120
         while not (run_dir / "last.pt").exists() and time.time() < deadline:
             time.sleep(0.05)
-        for pid in _pids(f"--out-dir {run_dir}"):
+        for pid in process_ids(f"--out-dir {run_dir}"):
             os.kill(pid, signum)
             sent.append(pid)
 

@@ -32,25 +32,13 @@ from pathlib import Path
 import pytest
 
 import reproduce
-from conftest import script_env
+from conftest import process_ids, script_env
 from reproduction import launch
 from reproduction.tables import finished, load_table, plan
 
 ROWS = ["--only", "dense", "--only", "l1-macs", "--seeds", "1"]
 STARTUP_S = 60   # a call that has not started the run it should within this long is hung
 WAIT_S = 240     # the most any one step may wait for a run to reach a point
-
-
-def _pids(fragment: str) -> list[int]:
-    """Processes whose command line contains ``fragment``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and fragment in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 def _wait(condition, seconds=WAIT_S, step=0.005):
@@ -92,7 +80,7 @@ def _call(argv, action=None):
 
 def _stop_while_starting(run_dir: Path, log: Path):
     """SIGTERM to reproduce.py as soon as the run's process exists (it is still importing torch)."""
-    pids = _wait(lambda: log.exists() and _pids(f"--out-dir {run_dir}"))
+    pids = _wait(lambda: log.exists() and process_ids(f"--out-dir {run_dir}"))
     if pids:
         os.kill(os.getpid(), signal.SIGTERM)
     return pids
@@ -101,7 +89,7 @@ def _stop_while_starting(run_dir: Path, log: Path):
 def _stop_right_after_done(run_dir: Path, log: Path):
     """Once the run has logged ``done:``: freeze it, SIGTERM reproduce.py, wait until the SIGTERM it
     forwards is pending in the run, and let the run go on to meet it."""
-    pids = _wait(lambda: log.exists() and "done: " in log.read_text() and _pids(f"--out-dir {run_dir}"),
+    pids = _wait(lambda: log.exists() and "done: " in log.read_text() and process_ids(f"--out-dir {run_dir}"),
                  step=0.002)
     if not pids:
         return None
