@@ -378,7 +378,9 @@ def prune_runs(dense_run):
     return base, run_parallel(jobs, workers=2)
 
 
-DEP_L0_KEYS = {"model", "dataset", "net", "back_dep", "lamba", "reg", "seed", "epochs_done", "epochs_total", "top1",
+# A Dep-L0 run's keys, less the penalty's (lamba, reg: only runs with gates write them), plus the
+# cost convention.
+RUN_KEYS = {"model", "dataset", "net", "back_dep", "cost_convention", "seed", "epochs_done", "epochs_total", "top1",
                "best_top1", "val_loss", "macs_dense", "macs_pruned", "macs_reduction", "params_dense",
                "params_pruned", "params_reduction", "channels", "disconnected", "wall_time_s", "device",
                "world_size", "torch_version", "git_commit", "best_top1_epochs", "best_top1_over", "method"}
@@ -388,7 +390,8 @@ DEP_L0_KEYS = {"model", "dataset", "net", "back_dep", "lamba", "reg", "seed", "e
 def test_prune_runs_end_to_end(name, prune_runs):
     base, outcomes = prune_runs
     proc, results = outcomes[name].get()
-    assert DEP_L0_KEYS <= set(results), DEP_L0_KEYS - set(results)
+    assert RUN_KEYS <= set(results), RUN_KEYS - set(results)
+    assert not {"lamba", "reg"} & set(results), "a run without gates reports no penalty settings"
     assert results["method"] == {"l1-macs": "l1"}.get(name, name)
     assert results["layer_ratios"][0] == 0.0
     dense = json.loads((base / "dense" / "results.json").read_text())

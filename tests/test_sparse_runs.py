@@ -20,7 +20,9 @@ from engine.trainer import Trainer
 
 TINY = ("--dummy", "-j", "0", "--seed", "0")
 CIFAR = ("--width-mult", "0.25", "--epoch", "2", "--limit-batches", "4", "-b", "32")
-DEP_L0_KEYS = {"model", "dataset", "net", "back_dep", "lamba", "reg", "seed", "epochs_done", "epochs_total", "top1",
+# A Dep-L0 run's keys, less the penalty's (lamba, reg: only runs with gates write them), plus the
+# cost convention.
+RUN_KEYS = {"model", "dataset", "net", "back_dep", "cost_convention", "seed", "epochs_done", "epochs_total", "top1",
                "best_top1", "val_loss", "macs_dense", "macs_pruned", "macs_reduction", "params_dense",
                "params_pruned", "params_reduction", "channels", "disconnected", "wall_time_s", "device",
                "world_size", "torch_version", "git_commit", "best_top1_epochs", "best_top1_over", "method"}
@@ -77,7 +79,8 @@ def sparse_runs(tmp_path_factory):
 def test_sparse_runs_end_to_end(name, sparse_runs):
     base, outcomes = sparse_runs
     proc, results = outcomes[name].get()
-    assert DEP_L0_KEYS <= set(results), DEP_L0_KEYS - set(results)
+    assert RUN_KEYS <= set(results), RUN_KEYS - set(results)
+    assert not {"lamba", "reg"} & set(results), "a run without gates reports no penalty settings"
     method = {"resnet50": "dsr"}.get(name, name)
     assert results["method"] == method and results["net"] == "dense"
     density = {"dsr": 0.2, "set": 0.3, "deepr": 0.4, "static": 0.1, "resnet50": 0.2}[name]
