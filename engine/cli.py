@@ -88,7 +88,8 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--sparse", choices=sparse_names(),
                    help="train from scratch with per-weight masks: DSR, SET, DeepR or a static random mask "
                         "(selects the method's own schedule unless a flag overrides it)")
-    g.add_argument("--arch", choices=architectures(recipe), default=recipe.model,
+    g.add_argument(*(("-a", "--arch") if recipe.imagenet else ("--arch",)), choices=architectures(recipe),
+                   default=recipe.model,
                    help="the network (models/): this script's paper network, or another registered one for the "
                         "same images")
     g.add_argument("--width-mult", type=positive_float, default=1.0,
@@ -149,6 +150,9 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--save_epoch", type=nonneg_int, default=0, help="also keep epoch_<k>.pt every k epochs (0: never)")
     g.add_argument("--max-grad-norm", type=positive_float, help="clip the gradient norm of all trainable parameters")
 
+    if recipe.imagenet:
+        add_reference_flags(p)
+
     g = p.add_argument_group("speed")
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where supported, else fp16 "
                                                        "with a gradient scaler")
@@ -159,6 +163,48 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
                    help="CIFAR on CUDA: keep the training set on the GPU and augment there (auto/device) "
                         "or use DataLoader worker processes")
     return p
+
+
+def add_reference_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of pytorch/examples' imagenet/main.py, which the reference's ResNet50 script is built
+    on: each honoured, or answered with the one line that says what does its job here
+    (:func:`check_reference_flags`)."""
+    g = p.add_argument_group("the reference ResNet50 script's pytorch/examples flags")
+    g.add_argument("--start-epoch", type=nonneg_int, default=0,
+                   help="as the reference: overwritten by the checkpoint's epoch with --resume (only 0 without)")
+    g.add_argument("-e", "--evaluate", action="store_true", help="evaluation is evaluate.py's (says how)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="torchvision's ImageNet weights start a prune here, not a Dep-L0 run (says how)")
+    g.add_argument("--world-size", type=int, default=-1, help="torchrun sets the processes (checked against it)")
+    g.add_argument("--rank", type=int, default=-1, help="torchrun sets each process's rank (checked against it)")
+    g.add_argument("--dist-url", default="tcp://224.66.41.62:23456", help="torchrun's rendezvous replaces it")
+    g.add_argument("--dist-backend", choices=("nccl", "gloo"), default="nccl",
+                   help="NCCL on CUDA, gloo on the CPU, as chosen by the engine")
+    g.add_argument("--multiprocessing-distributed", action="store_true",
+                   help="one process per GPU: start them with torchrun (says how)")
+
+
+def check_reference_flags(parser, args) -> None:
+    """Honour the pytorch/examples flags where they agree with how this engine runs, else one line."""
+    if args.evaluate:
+        parser.error("-e/--evaluate: evaluation is evaluate.py's here: python evaluate.py CHECKPOINT "
+                     "--data-dir DIR (top-1 and top-5 of a checkpoint or pruned.pt)")
+    if args.pretrained:
+        parser.error("--pretrained: Dep-L0 trains its gates from scratch here; torchvision's ImageNet weights start "
+                     "a prune: python prune.py resnet50-0676ba61.pth --data-dir DIR --method ...")
+    if args.start_epoch and not args.resume:
+        parser.error(f"--start-epoch {args.start_epoch} without --resume: the reference only renumbers its epochs "
+                     f"(a resumed checkpoint overwrites it); continue a run with --resume PATH or --resume auto")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "WORLD_SIZE" in os.environ
+    how = ("start one process per GPU with torchrun: torchrun --nproc_per_node=GPUS train_resnet50.py ... "
+           "(torchrun sets the world size, ranks and rendezvous)")
+    if args.multiprocessing_distributed and not launched:
+        parser.error(f"--multiprocessing-distributed: {how}")
+    if args.world_size > 1 and args.world_size != processes:
+        parser.error(f"--world-size {args.world_size}: this run has {processes} process(es); {how}")
+    if args.rank >= 0 and args.rank >= processes:
+        parser.error(f"--rank {args.rank}: this run has {processes} process(es); {how}")
 
 
 def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
@@ -181,6 +227,8 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
             if flag in given and flag not in spec.own_flags():
                 parser.error(other.foreign_flag_message(flag, args))
     spec.check(parser, args, given)
+    if recipe.imagenet:
+        check_reference_flags(parser, args)
     if args.epochs + args.fine_tune_epoch == 0:
         parser.error("--epoch 0 with no fine-tuning epochs trains nothing (no results.json, an untrained "
                      "pruned.pt); give --epoch N")
