@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pruning.penalty import L0Penalty  # noqa: E402
-from models import build_model, default_arch  # noqa: E402
+from models import MODEL_CLASSES, build_model, default_arch  # noqa: E402
 
 VARIANTS = {"dense": dict(net="dense"), "hc": dict(net="hc"), "dep": dict(net="dep"),
             "dep-back": dict(net="dep", back_dep=True), "hc-composed": dict(net="hc")}
-INPUT = {"vgg16": (32, 10), "resnet56": (32, 10), "resnet50": (224, 1000)}
+# (channels, side, classes) of each kind of images a registered network takes.
+INPUT = {"cifar": (3, 32, 10), "mnist": (1, 28, 10), "imagenet": (3, 224, 1000)}
 
 
 class ComposedBatchNorm(torch.nn.BatchNorm2d):
@@ -81,7 +82,7 @@ def make_step(model, args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(INPUT), default="resnet56")
+    p.add_argument("--model", choices=sorted(MODEL_CLASSES), default="resnet56", help="any registered network")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("-b", "--batch-size", type=int, default=128)
     p.add_argument("--amp", action="store_true")
@@ -96,9 +97,9 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     device = torch.device(args.device)
-    size, classes = INPUT[args.model]
+    channels, size, classes = INPUT[MODEL_CLASSES[args.model].data_kind]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    images = torch.randn(args.batch_size, 3, size, size, device=device).to(memory_format=fmt)
+    images = torch.randn(args.batch_size, channels, size, size, device=device).to(memory_format=fmt)
     targets = torch.randint(0, classes, (args.batch_size,), device=device)
 
     names = args.variants.split(",")
