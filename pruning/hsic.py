@@ -49,8 +49,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import Lasso
 
 from utils import distributed
 from utils.cli import positive_float, positive_int
@@ -174,6 +172,9 @@ def calibration_groups(model, images: torch.Tensor, y_source: str = "fc", log=pr
 def select_channels(group: Group, alpha: float, omega: int) -> tuple[np.ndarray, int]:
     """``(kept channel indices, fits that stopped at the iteration limit)`` of ``group`` at ``alpha``,
     with the ω floor's bisection when fewer than ``omega`` survive."""
+    # scikit-learn is imported here, not with the module: every script's --help imports the
+    # method registry, and scikit-learn alone would add more than a second to it.
+    from sklearn.linear_model import Lasso
     solver = Lasso(alpha=alpha, warm_start=True, selection="random", random_state=0)
     unconverged = 0
 
@@ -242,6 +243,7 @@ class HsicSearch:
         return counts
 
     def decide(self, alpha: float) -> Decision:
+        from sklearn.exceptions import ConvergenceWarning  # imported on use, as in select_channels
         started = time.time()
         with warnings.catch_warnings():
             # Counted instead (Decision.unconverged): one warning per fit would flood the console.
