@@ -1,5 +1,6 @@
 """Pieces shared by the gated models: the base class, gate application, conv records."""
 import argparse
+import re
 
 import torch
 from torch import nn
@@ -198,6 +199,12 @@ class LayerRecorder:
         return nn.Linear(c_in, c_out, bias=bias)
 
 
+# A residual block's conv or shortcut: ours (``layers.7.conv2``, ``layers.3.downsample.0``,
+# ``layers.2.shortcut.0``) or akamaster's and GReg's (``layer2.4.conv1``).
+_BLOCK_NAME = re.compile(r"^(?:layers\.(?P<k>\d+)|layer(?P<s>\d+)\.(?P<j>\d+))\."
+                         r"(?:conv(?P<c>\d+)|shortcut|downsample)(?:\.|$)")
+
+
 class GatedNetwork(nn.Module):
     """Base class of the gated models: one interface to gates and structure.
 
@@ -261,6 +268,40 @@ class GatedNetwork(nn.Module):
         """``(stage of each gated layer, entries of a --stage_pr list, what they are)``: GReg's
         stages, with the classifier the list's last entry."""
         raise NotImplementedError(f"no stage rule for {self.arch['model']}")
+
+    def greg_ids(self) -> list[tuple]:
+        """Per weight layer, what GReg's code calls it (``pruner/meta_pruner.py:21-45``): on a
+        single-branch network (:attr:`stages_are_layers`) ``(layer index, None, None)``, the index
+        counting convs and linear layers in order; on a ResNet ``(stage, block, conv)``: the stem
+        ``(0, None, None)``, a block's k-th conv ``(stage, block in stage, k - 1)``, its projection
+        shortcut ``(stage, block, -1)``, the classifier ``(last stage + 1, None, None)``. It decides
+        the stage ratio of each layer under ``--wg weight`` and what ``--skip_layers`` matches."""
+        if self.stages_are_layers:
+            return [(i, None, None) for i in range(len(self.weight_layers))]
+        ids, last = [], 0
+        for record in self.weight_layers:
+            if record.role == "stem":
+                ids.append((0, None, None))
+            elif record.role == "classifier":
+                ids.append((last + 1, None, None))
+            else:
+                match = _BLOCK_NAME.match(record.name)
+                if match is None:
+                    raise NotImplementedError(f"GReg's code names no layer of {self.arch['model']} "
+                                              f"like {record.name}")
+                if match.group("k") is not None:
+                    stage, block = self.greg_block(int(match.group("k")))
+                else:
+                    stage, block = int(match.group("s")), int(match.group("j"))
+                conv = match.group("c")
+                ids.append((stage, block, int(conv) - 1 if conv else -1))
+                last = stage
+        return ids
+
+    def greg_block(self, k: int) -> tuple[int, int]:
+        """``(stage from 1, block in the stage from 0)`` of the network's k-th residual block, for
+        :meth:`greg_ids` (networks whose blocks are numbered ``layers.k``)."""
+        raise NotImplementedError(f"GReg's code names no layer of {self.arch['model']}")
 
     def hsic_layers(self) -> list[int]:
         """The gated layers HSIC-Lasso prunes (its groups): every gated layer but the stem."""

@@ -141,6 +141,10 @@ class CifarResNet(GatedNetwork):
         stages = [0] + [1 + b // per_stage for b in range(len(self.gated_layers) - 1)]
         return stages, len(self.arch["widths"]) + 2, "stem, one per stage, fc"
 
+    def greg_block(self, k: int) -> tuple[int, int]:
+        stage, block = divmod(k, self.arch["blocks_per_stage"])
+        return 1 + stage, block
+
 
 def resnet56(num_classes: int = 10, **kwargs) -> CifarResNet:
     return CifarResNet(9, (16, 32, 64), num_classes, **kwargs)

@@ -128,6 +128,13 @@ class ImageNetResNet(GatedNetwork):
             stages += [1 + stage] * (2 * n_blocks)
         return stages, len(self.arch["blocks"]) + 2, "stem, one per stage, fc"
 
+    def greg_block(self, k: int) -> tuple[int, int]:
+        for stage, n_blocks in enumerate(self.arch["blocks"], start=1):
+            if k < n_blocks:
+                return stage, k
+            k -= n_blocks
+        raise IndexError("no such block")
+
     def pooled_target_layers(self) -> set[int]:
         # Every block's conv2 (the even gated layers after the stem): the authors judge them against
         # the pooled input of the classifier.
