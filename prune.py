@@ -276,13 +276,14 @@ class PruneJob:
                           results_file=results_file)
         return trainer.fit()
 
-    def fine_tune(self, cut: Path, schedule: dict, settings: tuple[str, ...], extra: dict) -> int:
+    def fine_tune(self, cut: Path, schedule: dict, settings: tuple[str, ...], extra: dict, method=None) -> int:
         """Fine-tune the cut network in ``cut`` (a pruned.pt) into the run directory, dense, with the
-        weights' ``schedule`` (``lr`` and ``lr_schedule`` or ``lr_cosine``)."""
+        weights' ``schedule`` (``lr`` and ``lr_schedule`` or ``lr_cosine``); ``method(model, config)``
+        builds the fine-tuning's in-loop method (default: none, a plain network)."""
         payload = load_checkpoint(cut, PRUNED_FORMAT)
         start = dict(arch={k: v for k, v in payload["arch"].items() if k != "source"}, state_dict=payload["state_dict"])
         config = self.config(settings, out_dir=str(self.run_dir), **schedule)
-        return self.train(config, lambda model, _: PruningMethod(model), start=start, extra_results=extra)
+        return self.train(config, method or (lambda model, _: PruningMethod(model)), start=start, extra_results=extra)
 
     def read_checkpoint(self, path: Path) -> dict:
         return load_checkpoint(path)

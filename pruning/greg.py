@@ -38,19 +38,34 @@ float32, accumulate and are compared with the limits in float32 as in the code
 (a float32 tensor against a Python number), so the counts match it exactly: GReg-1
 exceeds 1 after 10,000 updates; GReg-2 picks at update 1,001 (1000 additions of
 1e-5 fall just short of 0.01 in float32) and ends after 10,901.
+
+**Unstructured GReg** (``--wg weight``, GReg's Tab. 4; :class:`GRegUnstructured`): the group is one
+weight (``pruner/reg_pruner.py`` with ``args.wg == 'weight'``). Every conv and linear layer takes its
+stage's ratio (``pruner/meta_pruner.py:211-226``: on a ResNet the stem, shortcuts and classifier too,
+:func:`pruning.selection.weight_layer_ratios`) and prunes :math:`\min(\lceil rN \rceil, N - 1)` of its N
+weights, the smallest :math:`|w|` (GReg-1: of the pretrained weights, by ``--pick_pruned``; GReg-2:
+of the weights at its pick). The coefficients are per weight, with the same schedule as above, but
+with no magnitude ratio (the code skips it for single weights, ``reg_pruner.py:145,159,248,292-294``):
+a layer stops only when its :math:`\max\lambda >` ``--reg_upper_limit``. At the end of the phase the
+pruned weights are set to 0 (``_get_masks``, ``main.py:313-316``) and stay 0 through the fine-tuning,
+re-zeroed after every optimiser step (``main.py:519-521``; :class:`MaskedFineTune`). The network
+keeps its shape: its MACs and parameters are the dense network's, and ``results.json`` reports the
+weight sparsity (:func:`unstructured_summary`).
 """
 import math
 
 import torch
 
+from models.export import sparse_cost
 from utils.cli import nonneg_int, positive_float, positive_int
+from utils.errors import UsageError
 
 from .method import PruningMethod
 from .registry import register
-from .selection import RatioMethod, decision, filter_scores, pruned_count
+from .selection import RatioMethod, decision, filter_scores, pick, pruned_count
 
 # The regularisation phase continues only with the settings it started with.
-GREG_SETTINGS = ("update_reg_interval", "stabilize_reg_interval", "reg_upper_limit", "reg_upper_limit_pick",
+GREG_SETTINGS = ("wg", "update_reg_interval", "stabilize_reg_interval", "reg_upper_limit", "reg_upper_limit_pick",
                  "reg_granularity_pick", "reg_granularity_prune", "reg_granularity_recover", "mag_ratio_limit",
                  "batch_size_prune", "lr_prune")
 # The phase ends by its own rule; this only bounds the engine's epoch loop.
@@ -300,6 +315,280 @@ class GReg(PruningMethod):
                 f"{pruned:.3g} kept {kept:.3g}, smallest magnitude ratio {ratio:.3g}")
 
 
+def unstructured_summary(model, names: list[str], pruned: list[int], decided: bool = True) -> dict:
+    """``results.json``'s ``unstructured``: the weights in the pruned sets of the layers ``names``
+    (``pruned`` per layer) against every conv and linear weight of the network, the zeros measured
+    now, and the cost the zeros would save on hardware that skips them."""
+    counts = dict(zip(names, pruned))
+    sizes = {w.name: model.get_submodule(w.name).weight.numel() for w in model.weight_layers}
+    total, removed = sum(sizes.values()), sum(pruned)
+    with torch.no_grad():
+        zeros = sum(int((model.get_submodule(name).weight == 0).sum()) for name in sizes)
+    macs_nonzero, params_nonzero = sparse_cost(model, [w.name for w in model.weight_layers])
+    return dict(
+        wg="weight", sets_decided=decided, weights=total, pruned_weights=removed, weight_sparsity=removed / total,
+        zero_weights=zeros, layer_sparsity={name: counts.get(name, 0) / size for name, size in sizes.items()},
+        params_nonzero=params_nonzero, macs_nonzero=macs_nonzero,
+        structure=("unchanged: unstructured pruning keeps every layer's shape, so macs_pruned and params_pruned "
+                   "are the dense network's; weight_sparsity is the fraction of conv and linear weights that are "
+                   "exact zeros (pruned_weights of weights); params_nonzero / macs_nonzero count only the "
+                   "non-zero weights"))
+
+
+class GRegUnstructured(PruningMethod):
+    """The regularisation phase of GReg-1 (``variant=1``) or GReg-2 (``variant=2``) with GReg's
+    ``--wg weight``: one coefficient per weight, ``ratios`` one per weight layer (the model's
+    ``weight_layers``).
+
+    Within a layer the code's per-weight coefficients only ever hold two values, one shared by the
+    pruned weights and one by the kept ones (GReg-2's phase 1: one for all), so they are kept as
+    two float32 numbers per layer (``reg_pruned``, ``reg_kept``), updated and compared with the
+    limits in float32 exactly as the code's tensor is, and expanded once per update into the
+    tensor that multiplies the weights in the gradient: no transfer from the device during the
+    phase, and the same coefficients, gradients and stop counts as the code.
+    """
+
+    loss_name = "reg"
+    ends_by_own_rule = True
+
+    def __init__(self, model, ratios: list[float], variant: int, update_interval: int, stabilize_interval: int,
+                 upper_limit: float = 1.0, upper_limit_pick: float = 1e-2, granularity_pick: float = 1e-5,
+                 granularity_prune: float = 1e-4, granularity_recover: float = -1e-4, pick_rule: str = "min",
+                 generator: torch.Generator | None = None):
+        super().__init__(model)
+        if variant not in (1, 2):
+            raise ValueError(f"GReg has variants 1 and 2, not {variant}")
+        records = model.weight_layers
+        if len(ratios) != len(records):
+            raise ValueError(f"{len(ratios)} ratios for {len(records)} weight layers")
+        self.name = f"greg{variant}"
+        self.variant, self.ratios = variant, list(ratios)
+        self.update_interval, self.stabilize_interval = update_interval, stabilize_interval
+        self.upper_limit, self.upper_limit_pick = upper_limit, upper_limit_pick
+        self.granularity_pick, self.granularity_prune = granularity_pick, granularity_prune
+        self.granularity_recover = granularity_recover
+        self.names = [w.name for w in records]
+        self.weights = [model.get_submodule(name).weight for name in self.names]
+        # A ratio-0 layer prunes nothing (and a one-weight layer cannot lose its only weight).
+        self.counts = [pruned_count(w.numel(), r) if r > 0 else 0 for w, r in zip(self.weights, self.ratios)]
+        self.prunes = [c > 0 for c in self.counts]
+        # The pruned sets, flat in the weights' logical order; GReg-1's from the pretrained weights.
+        self.pruned = [torch.zeros(w.numel() if p else 0, dtype=torch.bool, device=w.device)
+                       for w, p in zip(self.weights, self.prunes)]
+        if variant == 1:
+            for w, p, n in zip(self.weights, self.pruned, self.counts):
+                if n:
+                    p[pick(w.detach().abs().flatten(), n, pick_rule, generator).to(p.device)] = True
+        zero = torch.zeros((), dtype=torch.float32)
+        self.reg_pruned = [zero.clone() for _ in self.names]
+        self.reg_kept = [zero.clone() for _ in self.names]
+        self.coefficients = [None] * len(self.names)
+        self.picked = [variant == 1 or not p for p in self.prunes]
+        self.finished_layers = [False] * len(self.names)
+        self.iteration = 0
+        self.updates = 0
+        self.picked_at = None
+        self.stopped_at = None
+        self.done = False
+
+    # -- the loop's hooks ----------------------------------------------------------------------
+
+    def changes_gradients(self) -> bool:
+        return True
+
+    def before_step(self, iteration: int) -> None:
+        if self.stopped_at is None and self.iteration % self.update_interval == 0:
+            self._update()
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        for w, coefficient in zip(self.weights, self.coefficients):
+            if coefficient is not None and w.grad is not None:
+                w.grad.add_(coefficient.view(w.shape) * w)  # the code's grad += reg * W, two roundings
+
+    def after_step(self, iteration: int) -> None:
+        if self.stopped_at is not None and self.iteration == self.stopped_at + self.stabilize_interval:
+            self.done = True
+            self.apply_masks()
+        self.iteration += 1
+
+    def finished(self) -> bool:
+        return self.done
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Set the pruned weights to 0 (the code's ``_get_masks`` and ``apply_mask_forward``)."""
+        for w, p in zip(self.weights, self.pruned):
+            if p.numel():
+                w.mul_((~p).view(w.shape))
+
+    # -- the coefficient update ----------------------------------------------------------------
+
+    def _reg_max(self, layer: int) -> torch.Tensor:
+        """The largest coefficient of the layer (float32): the pruned weights' value, and the kept
+        weights' where there are any (there always are: at most N - 1 are pruned)."""
+        if self.variant == 2 and not self.picked[layer]:
+            return self.reg_pruned[layer]  # phase 1: one value for all
+        return torch.maximum(self.reg_pruned[layer], self.reg_kept[layer])
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        """One update of every layer that has not stopped, in network order as the code's
+        ``_update_reg``: GReg-1 ``_greg_1``, GReg-2 ``_greg_2`` (``reg_pruner.py:141-299``)."""
+        self.updates += 1
+        any_picked = False
+        for layer in range(len(self.names)):
+            if self.finished_layers[layer]:
+                continue
+            if not self.prunes[layer]:
+                self.finished_layers[layer] = True  # ratio 0: stops at once, lambda = 0
+                continue
+            if self.variant == 1:
+                self.reg_pruned[layer] = self.reg_pruned[layer] + self.granularity_prune
+            elif self.picked[layer]:
+                self.reg_pruned[layer] = self.reg_pruned[layer] + self.granularity_prune
+                self.reg_kept[layer] = torch.tensor(self.granularity_recover, dtype=torch.float32)
+            else:
+                self.reg_pruned[layer] = self.reg_pruned[layer] + self.granularity_pick
+                self.reg_kept[layer] = self.reg_pruned[layer].clone()
+                if bool(self.reg_pruned[layer] >= self.upper_limit_pick):
+                    # The pick: the smallest |w| of the weights as they are now.
+                    w, p = self.weights[layer], self.pruned[layer]
+                    p.zero_()
+                    p[pick(w.detach().abs().flatten(), self.counts[layer], "min").to(p.device)] = True
+                    self.picked[layer] = any_picked = True
+            if self.picked[layer] and bool(self._reg_max(layer) > self.upper_limit):
+                self.finished_layers[layer] = True
+            self._expand(layer)
+        if any_picked:
+            self.picked_at = self.updates
+        if all(self.finished_layers):
+            self.stopped_at = self.iteration
+
+    def _expand(self, layer: int) -> None:
+        """The layer's coefficient tensor from its two values."""
+        p = self.pruned[layer]
+        if not self.picked[layer]:
+            self.coefficients[layer] = torch.full(p.shape, float(self.reg_pruned[layer]), device=p.device)
+            return
+        pruned, kept = (torch.tensor(float(v), device=p.device) for v in (self.reg_pruned[layer], self.reg_kept[layer]))
+        self.coefficients[layer] = torch.where(p, pruned, kept)
+
+    # -- what it decides, state, reporting -----------------------------------------------------
+
+    @torch.no_grad()
+    def channel_gates(self) -> torch.Tensor:
+        """Every channel stays: unstructured pruning removes none."""
+        return torch.ones(sum(self.model.gates.widths), device=self.weights[0].device)
+
+    def state_dict(self) -> dict:
+        return dict(layers=list(self.names), pruned=[p.cpu().clone() for p in self.pruned],
+                    reg_pruned=[float(v) for v in self.reg_pruned], reg_kept=[float(v) for v in self.reg_kept],
+                    picked=list(self.picked), finished_layers=list(self.finished_layers), iteration=self.iteration,
+                    updates=self.updates, picked_at=self.picked_at, stopped_at=self.stopped_at, done=self.done)
+
+    def load_state_dict(self, state: dict) -> list[str]:
+        if state["layers"] != self.names:
+            raise UsageError("the checkpoint's regularisation phase has other layers than this network")
+        for p, saved in zip(self.pruned, state["pruned"]):
+            p.copy_(saved)
+        self.reg_pruned = [torch.tensor(v, dtype=torch.float32) for v in state["reg_pruned"]]
+        self.reg_kept = [torch.tensor(v, dtype=torch.float32) for v in state["reg_kept"]]
+        self.picked, self.finished_layers = list(state["picked"]), list(state["finished_layers"])
+        self.iteration, self.updates = state["iteration"], state["updates"]
+        self.picked_at, self.stopped_at, self.done = state["picked_at"], state["stopped_at"], state["done"]
+        for layer in range(len(self.names)):  # as the last update left them
+            self.coefficients[layer] = None
+            if self.prunes[layer] and self.updates:
+                self._expand(layer)
+        return []
+
+    def _means(self) -> tuple[float, float]:
+        """(mean coefficient of the pruned weights, of the kept ones) over the layers that prune."""
+        layers = [i for i, p in enumerate(self.prunes) if p]
+        if not layers:
+            return 0.0, 0.0
+        pruned = sum(float(self.reg_pruned[i]) * self.counts[i] for i in layers) / sum(self.counts[i] for i in layers)
+        kept_n = [self.weights[i].numel() - self.counts[i] if self.picked[i] else self.weights[i].numel() for i in layers]
+        kept_v = [float(self.reg_kept[i]) for i in layers]
+        kept = sum(v * n for v, n in zip(kept_v, kept_n)) / max(sum(kept_n), 1)
+        return pruned, kept
+
+    def progress_scalars(self, progress: float) -> dict:
+        pruned, kept = self._means()
+        return {"greg/reg_pruned": pruned, "greg/reg_kept": kept, "greg/layers_stopped": float(sum(self.finished_layers))}
+
+    def log_epoch(self, writer, step: int, kept: list[int]) -> None:
+        for layer, name in enumerate(self.names):
+            if self.prunes[layer]:
+                writer.add_scalar(f"greg/reg_max/{name}", float(self._reg_max(layer)), step)
+
+    def results(self) -> dict:
+        pruned, kept = self._means()
+        decided = all(self.picked)
+        return dict(method=self.name, pruning_phase=dict(
+            wg="weight", iterations=self.iteration, updates=self.updates, picked_at_update=self.picked_at,
+            stopped_at_iteration=self.stopped_at, done=self.done, reg_pruned_mean=pruned, reg_kept_mean=kept,
+            reg_max=[float(self._reg_max(i)) for i in range(len(self.names))]),
+            unstructured=unstructured_summary(self.model, self.names, self.counts, decided))
+
+    def updates_bound(self) -> int:
+        """Updates after which every layer has stopped (no magnitude-ratio stop here)."""
+        bound = math.ceil(self.upper_limit / self.granularity_prune) + 1
+        if self.variant == 2:
+            bound += math.ceil(self.upper_limit_pick / self.granularity_pick) + 1
+        return bound
+
+    def epoch_message(self, epoch: int, results: dict) -> str | None:
+        pruned, kept = self._means()
+        if self.done:
+            state = "done: the pruned weights are zero"
+        elif self.stopped_at is not None:
+            left = self.stopped_at + self.stabilize_interval - self.iteration
+            state = f"stabilising since iteration {self.stopped_at}, {left} iterations left"
+        else:
+            left = max(self.updates_bound() - self.updates, 0)
+            state = (f"{sum(self.finished_layers)}/{len(self.finished_layers)} layers stopped; at most {left} more "
+                     f"updates ({left * self.update_interval} iterations) and {self.stabilize_interval} stabilising "
+                     f"iterations left")
+        sparsity = results.get("unstructured", {}).get("weight_sparsity", float("nan"))
+        return (f"greg (single weights): iteration {self.iteration}, {self.updates} updates, {state}; coefficient "
+                f"pruned {pruned:.3g} kept {kept:.3g}; weight sparsity {sparsity:.4f}")
+
+
+class MaskedFineTune(PruningMethod):
+    """Fine-tuning the result of unstructured GReg: after every optimiser step the pruned weights are
+    set back to 0 (GReg's ``main.py:519-521``, ``apply_mask_forward``: the weights only; their
+    momentum is left as the code leaves it, which changes no kept weight). ``pruned``: per layer
+    name, its pruned set (flat, the weight's logical order)."""
+
+    def __init__(self, model, pruned: dict, name: str = "greg"):
+        super().__init__(model)
+        self.name = name
+        self.names = [n for n, p in pruned.items() if p.numel()]
+        self.weights = [model.get_submodule(n).weight for n in self.names]
+        self.keep = [(~pruned[n]).to(w.device).view(w.shape) for n, w in zip(self.names, self.weights)]
+        self.counts = {n: int(pruned[n].sum()) for n in self.names}
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        if self.weights:
+            torch._foreach_mul_(self.weights, self.keep)
+
+    def after_step(self, iteration: int) -> None:
+        self.apply_masks()
+
+    def results(self) -> dict:
+        return dict(super().results(), unstructured=unstructured_summary(
+            self.model, self.names, [self.counts[n] for n in self.names]))
+
+    def epoch_message(self, epoch: int, results: dict) -> str | None:
+        summary = results["unstructured"]
+        return (f"{summary['zero_weights']} of {summary['weights']} conv and linear weights are 0 (weight sparsity "
+                f"{summary['weight_sparsity']:.4f}); the network keeps its shape, MACs and parameter count")
+
+
 class GRegSpec(RatioMethod):
     """``prune.py --method greg1 / greg2``: the regularisation phase through the engine in
     ``<run>/regularize/`` (its pruned.pt is the cut network), then GReg's fine-tuning."""
@@ -311,12 +600,17 @@ class GRegSpec(RatioMethod):
         self.summary = f"GReg-{variant} (Wang et al. 2021): growing regularisation, then the cut"
 
     def add_arguments(self, parser, **context) -> None:
+        super().add_arguments(parser, **context)
         if "--update_reg_interval" in parser._option_string_actions:
             return  # GReg-1 and GReg-2 share one group
         g = parser.add_argument_group("GReg's regularisation phase (defaults: CIFAR / ImageNet)")
+        g.add_argument("--wg", choices=("filter", "weight"), default="filter",
+                       help="GReg's weight group: whole filters (the cut network is smaller), or single weights "
+                            "(unstructured: a same-shape network with the pruned weights at 0)")
         g.add_argument("--update_reg_interval", type=positive_int, help="K_u: iterations between updates (10 / 5)")
-        g.add_argument("--stabilize_reg_interval", type=nonneg_int,
-                       help="K_s: iterations after the last stop (10000 / 40000)")
+        g.add_argument("--stabilize_reg_interval", "--stabilize", dest="stabilize_reg_interval", type=nonneg_int,
+                       help="K_s: iterations after the last stop (10000 / 40000); --stabilize is the spelling of "
+                            "GReg's README (an abbreviation its argparse accepts)")
         g.add_argument("--reg_upper_limit", type=positive_float, default=1.0, help="a layer stops above this coefficient")
         g.add_argument("--reg_upper_limit_pick", type=positive_float, default=1e-2, help="GReg-2 picks at this coefficient")
         g.add_argument("--reg_granularity_pick", type=positive_float, default=1e-5, help="GReg-2's phase-1 increment")
@@ -330,12 +624,19 @@ class GRegSpec(RatioMethod):
         args = job.args
         target = self.plan(job)
         phase_dir = job.run_dir / "regularize"
+        unstructured = args.wg == "weight"
         if not (job.run_dir / "last.pt").exists():
             config = job.config(self.settings + GREG_SETTINGS, batch_size=args.batch_size_prune, lr=args.lr_prune,
                                 epochs=REGULARIZE_EPOCHS, out_dir=str(phase_dir))
 
             def method(model, config):
                 generator = torch.Generator().manual_seed(config.seed)
+                if unstructured:
+                    return GRegUnstructured(model, args.layer_ratios, self.variant, args.update_reg_interval,
+                                            args.stabilize_reg_interval, args.reg_upper_limit,
+                                            args.reg_upper_limit_pick, args.reg_granularity_pick,
+                                            args.reg_granularity_prune, args.reg_granularity_recover,
+                                            args.pick_pruned, generator)
                 return GReg(model, args.layer_ratios, self.variant, args.update_reg_interval,
                             args.stabilize_reg_interval, args.reg_upper_limit, args.reg_upper_limit_pick,
                             args.reg_granularity_pick, args.reg_granularity_prune, args.reg_granularity_recover,
@@ -350,7 +651,11 @@ class GRegSpec(RatioMethod):
         args.seed = phase["args"]["seed"]  # the run's, when continued
         extra = dict(self.results(args, target), pruning_phase=(phase["results"] or {}).get("pruning_phase"),
                      greg={key: getattr(args, key) for key in GREG_SETTINGS})
-        return self.fine_tune(job, phase_dir / "pruned.pt", extra)
+        if not unstructured:
+            return self.fine_tune(job, phase_dir / "pruned.pt", extra)
+        pruned = dict(zip(phase["method"]["layers"], phase["method"]["pruned"]))
+        return self.fine_tune(job, phase_dir / "pruned.pt", extra,
+                              method=lambda model, _: MaskedFineTune(model, pruned, self.name))
 
 
 register(GRegSpec(1))

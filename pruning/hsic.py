@@ -360,6 +360,9 @@ class HsicLasso(MethodSpec):
     def check_args(self, args) -> None:
         if args.lr_ft is not None:
             raise UsageError("--lr_ft is GReg's schedule; HSIC-Lasso fine-tunes with a cosine from --lr")
+        if getattr(args, "wg", "filter") != "filter" or getattr(args, "skip_layers", None):
+            raise UsageError("--wg and --skip_layers are GReg's (--method GReg-1 / GReg-2); HSIC-Lasso chooses its "
+                             "channels itself")
 
     def defaults(self, kind: str) -> dict:
         return HSIC_DEFAULTS[kind]

@@ -43,6 +43,9 @@ class IterativeMagnitudePruning(MethodSpec):
             raise UsageError("--lr is HSIC-Lasso's cosine lr; IMP follows the code's schedule, or --lr_ft")
         if args.momentum == 0:
             raise UsageError("IMP trains with Nesterov momentum, as the code: --momentum must be above 0")
+        if getattr(args, "wg", "filter") != "filter" or getattr(args, "skip_layers", None):
+            raise UsageError("--wg and --skip_layers are GReg's (--method GReg-1 / GReg-2); IMP prunes every "
+                             "sparse tensor to --density")
 
     def defaults(self, kind: str) -> dict:
         code = SCHEDULES[kind]["imp"]

@@ -7,6 +7,8 @@ then fine-tuned as GReg fine-tunes (``--lr_ft``).
 """
 import torch
 
+from utils.errors import UsageError
+
 from .registry import register
 from .selection import RatioMethod, decision
 
@@ -15,6 +17,12 @@ class L1(RatioMethod):
     name = "l1"
     aliases = ("L1",)
     summary = "L1 (Li et al. 2017): the smallest filters removed at once"
+
+    def check_args(self, args) -> None:
+        super().check_args(args)
+        if getattr(args, "wg", "filter") == "weight":
+            raise UsageError("--wg weight is implemented for GReg-1 and GReg-2 (unstructured GReg); L1 here removes "
+                             "whole filters")
 
     def run(self, job) -> int:
         args = job.args

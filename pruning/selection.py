@@ -74,9 +74,10 @@ def stage_of_layers(model) -> tuple[list[int], int, str]:
         raise UsageError(str(e)) from None
 
 
-def layer_ratios(model, ratios) -> list[float]:
+def layer_ratios(model, ratios, skip: list[str] = ()) -> list[float]:
     """The ratio of each gated layer from a parsed ``--stage_pr`` (one-line errors for a list of the
-    wrong length, a classifier ratio, or the VGG form on a ResNet)."""
+    wrong length, a classifier ratio, or the VGG form on a ResNet); 0 for the layers ``--skip_layers``
+    names (:func:`skipped`)."""
     stages, entries, what = stage_of_layers(model)
     family = model.arch["model"]
     if isinstance(ratios, dict):
@@ -97,7 +98,72 @@ def layer_ratios(model, ratios) -> list[float]:
     if idle:
         raise UsageError(f"--stage_pr: entry {idle[0]} of {family}'s {entries} ({what}) has no prunable layer; "
                          f"its ratio must be 0")
-    return [ratios[s] for s in stages]
+    out = [ratios[s] for s in stages]
+    if skip:
+        out = [0.0 if s else r for r, s in zip(out, skipped(model, list(skip), [g.conv for g in model.gated_layers]))]
+    return out
+
+
+def parse_skip_layers(text: str | None) -> list[str]:
+    """GReg's ``--skip_layers``: ``[1.0,2.0,2.3]`` (brackets optional) as its list of strings
+    (``utils.py:336``'s ``strlist_to_list``: split at commas, blanks dropped)."""
+    if not text:
+        return []
+    body = text.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    items = [item.strip() for item in body.split(",") if item.strip()]
+    bad = [item for item in items if not re.fullmatch(r"\d+(\.(\d+|-1|None))*\.?", item)]
+    if bad:
+        raise UsageError(f"--skip_layers item {bad[0]!r}: expected a layer id such as 2.3 (stage.block) or, on VGG, "
+                         f"a layer index")
+    return items
+
+
+def skipped(model, skip: list[str], names: list[str]) -> list[bool]:
+    """Which of the weight layers ``names`` GReg's ``--skip_layers`` excludes (their ratio becomes 0),
+    by its code's rule: on a single-branch network the layer index written exactly
+    (``meta_pruner.py:194``); on a ResNet every layer whose ``'stage.block.conv'`` id starts with an
+    entry (``meta_pruner.py:218-221``; so ``1.1`` also matches block 10 of stage 1)."""
+    if not skip:
+        return [False] * len(names)
+    ids = dict(zip((w.name for w in model.weight_layers), greg_ids(model)))
+    if model.stages_are_layers:
+        return [str(ids[name][0]) in skip for name in names]
+    text = {name: f"{ids[name][0]}.{ids[name][1]}.{ids[name][2]}" for name in names}
+    return [any(text[name].startswith(s) for s in skip) for name in names]
+
+
+def greg_ids(model) -> list[tuple]:
+    try:
+        return model.greg_ids()
+    except NotImplementedError as e:
+        raise UsageError(f"{e} (GReg's --skip_layers and --wg weight follow its ResNet and single-branch "
+                         f"layer names)") from None
+
+
+def weight_layer_ratios(model, ratios, skip: list[str] = ()) -> list[float]:
+    """GReg's ``--wg weight`` ratios: every conv and linear layer takes its stage's entry of
+    ``--stage_pr`` (``meta_pruner.py:198-235``: on a ResNet the stem, the shortcuts and the classifier
+    included, and ``--skip_layers`` has no effect; on a single-branch network its layer index's entry,
+    ``--skip_layers`` by index). One-line errors for a list of the wrong length."""
+    _, entries, what = stage_of_layers(model)
+    family = model.arch["model"]
+    ids = greg_ids(model)
+    if isinstance(ratios, dict):
+        if not model.stages_are_layers:
+            raise UsageError(f"--stage_pr INDEX:RATIO is VGG's form; {family} takes {entries} ratios ({what})")
+        bad = [i for i in ratios if i >= entries]
+        if bad:
+            raise UsageError(f"--stage_pr: {family} has layer indices 0-{entries - 1}, got {bad[0]}")
+        ratios = [ratios.get(i, 0.0) for i in range(entries)]
+    if len(ratios) != entries:
+        raise UsageError(f"--stage_pr: {family} takes {entries} ratios ({what}), got {len(ratios)}")
+    out = [ratios[stage] for stage, _, _ in ids]
+    if model.stages_are_layers:
+        names = [w.name for w in model.weight_layers]
+        out = [0.0 if s else r for r, s in zip(out, skipped(model, list(skip), names))]
+    return out
 
 
 def uniform_layers(model) -> list[bool]:
@@ -150,9 +216,10 @@ def macs_fraction(model, ratios: list[float]) -> float:
     return model.cost.pruned(kept)[0] / dense
 
 
-def ratios_for_macs(model, target: float) -> tuple[float, list[float]]:
-    """``(r, per-layer ratios)``: one global ratio r on the :func:`uniform_layers`, found by
-    bisection, whose network's MACs are within ``TARGET_TOLERANCE`` of ``target`` times dense.
+def ratios_for_macs(model, target: float, skip: list[str] = ()) -> tuple[float, list[float]]:
+    """``(r, per-layer ratios)``: one global ratio r on the :func:`uniform_layers` (less those
+    ``--skip_layers`` names), found by bisection, whose network's MACs are within
+    ``TARGET_TOLERANCE`` of ``target`` times dense.
 
     The MACs fall as r grows, in steps (counts are whole filters, and at one r every layer of a
     width loses its next filter together). Where that step jumps over the tolerance band, the
@@ -161,6 +228,9 @@ def ratios_for_macs(model, target: float) -> tuple[float, list[float]]:
     one filter more than r gives). A target that still cannot be met is a one-line error naming
     the closest network."""
     prunable = uniform_layers(model)
+    if skip:
+        names = [g.conv for g in model.gated_layers]
+        prunable = [p and not s for p, s in zip(prunable, skipped(model, list(skip), names))]
 
     def ratios(r):
         return [r if p else 0.0 for p in prunable]
@@ -214,42 +284,72 @@ class RatioMethod(MethodSpec):
 
     kind = "prune"
     targets = ("stage_pr", "target_macs", "target")
-    settings = ("layer_ratios", "pick_pruned")
+    settings = ("layer_ratios", "pick_pruned", "wg")
 
     def target_refusal(self, flag: str) -> str:
         return f"{flag} is IMP's (--method imp); {self.name} takes --stage_pr, --target-macs or --target"
 
+    def add_arguments(self, parser, **context) -> None:
+        if "--skip_layers" in parser._option_string_actions:
+            return  # L1, GReg-1 and GReg-2 share it
+        parser.add_argument_group("L1's and GReg's layers").add_argument(
+            "--skip_layers", metavar="LIST",
+            help="GReg's layers left unpruned: ResNets every layer whose id stage.block.conv starts with an entry "
+                 "([1.0,2.3]: block 0 of stage 1, block 3 of stage 2), VGG layer indices ([0,2,6])")
+
     def check_args(self, args) -> None:
         if args.lr is not None:
             raise UsageError("--lr is HSIC-Lasso's cosine lr; L1 and GReg fine-tune with --lr_ft")
+        if getattr(args, "wg", "filter") == "weight" and args.stage_pr is None:
+            raise UsageError("--wg weight prunes single weights at --stage_pr's ratios; a MACs target does not apply "
+                             "(unstructured pruning leaves the MACs and the parameter count as they are)")
 
     def defaults(self, kind: str) -> dict:
         return FINE_TUNE_DEFAULTS[kind]
 
     def run_label(self, args) -> str:
         if args.stage_pr is not None:
-            return "pr" + args.stage_pr.strip("[]").replace(",", "_").replace(":", "-")
+            label = "pr" + args.stage_pr.strip("[]").replace(",", "_").replace(":", "-")
+            return ("wgweight_" if getattr(args, "wg", "filter") == "weight" else "") + label
         return f"target{args.target}" if args.target is not None else f"macs{args.target_macs:g}"
 
     def plan(self, job) -> int | None:
         """Set ``args.layer_ratios``, open the run; returns the absolute MACs target (or None)."""
         args, model = job.args, job.dense_model()
         target = job.absolute_target()
-        if args.stage_pr is not None:
-            args.layer_ratios = layer_ratios(model, parse_ratio_list(args.stage_pr))
+        skip = parse_skip_layers(args.skip_layers)
+        unstructured = getattr(args, "wg", "filter") == "weight"
+        if unstructured:
+            args.layer_ratios = weight_layer_ratios(model, parse_ratio_list(args.stage_pr), skip)
+            sizes = [model.get_submodule(w.name).weight.numel() for w in model.weight_layers]
+            pruned = sum(pruned_count(n, r) if r > 0 else 0 for n, r in zip(sizes, args.layer_ratios))
+            how = (f"--wg weight --stage_pr {args.stage_pr}: {pruned} single weights of {sum(sizes)} conv and linear "
+                   f"weights (sparsity {pruned / sum(sizes):.4f})")
+        elif args.stage_pr is not None:
+            args.layer_ratios = layer_ratios(model, parse_ratio_list(args.stage_pr), skip)
             how = f"--stage_pr {args.stage_pr}"
         else:
-            ratio, args.layer_ratios = ratios_for_macs(model, args.target_macs)
+            ratio, args.layer_ratios = ratios_for_macs(model, args.target_macs, skip)
             how = f"{target} MACs ({args.target_macs:.4f} of dense): global ratio {ratio:.4f}"
+        if skip:
+            how += f", --skip_layers {args.skip_layers}"
+            if unstructured and not model.stages_are_layers:
+                how += (" (no effect with --wg weight on a ResNet, as in GReg's code, meta_pruner.py:211-221: "
+                        "every layer takes its stage's ratio)")
         job.start(self.run_label(args), how)
         return target
 
     def results(self, args, target: int | None) -> dict:
-        """What the fine-tuning's results.json adds (the ratios and their schedule)."""
-        return dict(method=args.method, stage_pr=args.stage_pr, target_macs=args.target_macs, target=target,
-                    layer_ratios=args.layer_ratios, pick_pruned=args.pick_pruned, source=str(args.checkpoint),
-                    lr_ft={str(k): v for k, v in args.lr_ft.items()})
+        """What the fine-tuning's results.json adds (the ratios and their schedule; with ``--wg weight``
+        ``layer_ratios`` has one entry per conv and linear layer, in the order of ``unstructured``'s
+        ``layer_sparsity``)."""
+        out = dict(method=args.method, stage_pr=args.stage_pr, target_macs=args.target_macs, target=target,
+                   layer_ratios=args.layer_ratios, pick_pruned=args.pick_pruned, source=str(args.checkpoint),
+                   skip_layers=args.skip_layers, wg=getattr(args, "wg", "filter"), lr_ft={str(k): v for k, v in args.lr_ft.items()})
+        return out
 
-    def fine_tune(self, job, cut, extra: dict) -> int:
+    def fine_tune(self, job, cut, extra: dict, method=None) -> int:
+        """Fine-tune ``cut`` with GReg's ``--lr_ft`` (``method``: the in-loop method of the fine-tuning,
+        default none: a plain network)."""
         args = job.args
-        return job.fine_tune(cut, dict(lr=args.lr_ft[0], lr_schedule=args.lr_ft), self.settings, extra)
+        return job.fine_tune(cut, dict(lr=args.lr_ft[0], lr_schedule=args.lr_ft), self.settings, extra, method=method)
