@@ -51,7 +51,7 @@ from models.published import load_published
 from models.export import FORMAT as PRUNED_FORMAT
 from models.structure import CONVENTIONS
 from pruning import METHODS, PruningMethod
-from pruning.selection import PICK_RULES
+from pruning.selection import PICK_RULES, parse_ratio_list, parse_skip_layers
 from utils import distributed
 from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
@@ -369,6 +369,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--epochs 0 fine-tunes nothing (no results.json); give at least 1")
     if args.target_macs is not None and args.target_macs >= 1.0:
         parser.error(f"--target-macs {args.target_macs:g}: must be below 1 (a fraction of the dense MACs)")
+    try:  # what can be checked without the network: the syntax and range of the ratios and layer ids
+        if args.stage_pr is not None:
+            parse_ratio_list(args.stage_pr)
+        parse_skip_layers(args.skip_layers)
+    except UsageError as e:
+        parser.error(str(e))
     return args
 
 

@@ -255,3 +255,15 @@ def test_bad_unstructured_input_is_one_line(argv, needle, dense):
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], lines
+
+
+@pytest.mark.parametrize("stage_pr, needle", [("0,1,0.5,0.5,0", "[0, 1)"), ("0,-0.2,0.5,0.5,0", "[0, 1)"),
+                                              ("0,nan,0,0,0", "[0, 1)"), ("[1-12:1.5]", "[0, 1)"),
+                                              ("0,0.5,x,0,0", "not a number"), ("[]", "empty")])
+def test_bad_ratios_are_refused_when_the_command_is_parsed(stage_pr, needle, capsys):
+    """Before any checkpoint is read (reproduce.py checks its rows with this parser too)."""
+    with pytest.raises(SystemExit) as stop:
+        prune.parse_args(["best.pt", "--method", "greg1", "--stage_pr", stage_pr])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
