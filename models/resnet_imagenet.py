@@ -63,12 +63,33 @@ class Bottleneck(nn.Module):
         return torch.relu_(out + (x if self.downsample is None else self.downsample(x)))
 
 
+# Block k's number in ResNet50's four stages (3, 4, 6, 3 blocks): layer{s}.{j} is layers.{offset[s] + j}.
+_RESNET50_OFFSET = {1: 0, 2: 3, 3: 7, 4: 13}
+
+
+def _block(match) -> str:
+    return f"layers.{_RESNET50_OFFSET[int(match.group(1))] + int(match.group(2))}."
+
+
 class ImageNetResNet(GatedNetwork):
     """Bottleneck ResNet: 7x7/2 stem, 3x3/2 max-pool, four stages, avg-pool, Linear."""
 
     paper_penalty = "static_input"
     sparse_classifier = True  # DSR's code masks ResNet50's fc too
     data_kind = "imagenet"
+    # Other code bases' ResNet50 names (models/published.py): torchvision's (GReg's checkpoints, with
+    # DataParallel's module.) number blocks layer{s}.{j}; HSIC-Lasso's (APIB models/resnet_imagenet.py)
+    # also wrap each conv and its BN in a Sequential (conv1.conv, layer1.0.conv2.bn,
+    # layer1.0.downsample.conv).
+    FOREIGN_KEYS = (
+        (r"^conv1\.conv\.", "conv1."),
+        (r"^conv1\.bn\.", "bn1."),
+        (r"^layer(\d)\.(\d+)\.conv(\d)\.conv\.", lambda m: f"{_block(m)}conv{m.group(3)}."),
+        (r"^layer(\d)\.(\d+)\.conv(\d)\.bn\.", lambda m: f"{_block(m)}bn{m.group(3)}."),
+        (r"^layer(\d)\.(\d+)\.downsample\.conv\.", lambda m: f"{_block(m)}downsample.0."),
+        (r"^layer(\d)\.(\d+)\.downsample\.bn\.", lambda m: f"{_block(m)}downsample.1."),
+        (r"^layer(\d)\.(\d+)\.", _block),
+    )
 
     def __init__(self, blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), num_classes: int = 1000,
                  net: str = "hc", back_dep: bool = False, temperature: float = DEFAULT_TEMPERATURE,
