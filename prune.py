@@ -37,6 +37,7 @@ declares its flags, its defaults per kind of data, its run name and its
 phases, and runs them through the :class:`PruneJob` this script hands it.
 """
 import argparse
+import glob
 import os
 import re
 import sys
@@ -54,11 +55,21 @@ from pruning import METHODS, PruningMethod
 from pruning.selection import PICK_RULES, parse_ratio_list, parse_skip_layers
 from utils import distributed
 from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, load_foreign
 from utils.cli import OneLineParser, density_type, nonneg_int, positive_float, positive_int
 from utils.data import DATASETS
 from utils.errors import UsageError, brief, run_reporting_errors
 from utils.run import fresh_out_dir, new_run_note
+
+# The authors' names of the networks, as their command lines give them, and the networks here.
+# GReg's code (MingSun-Tse/Regularization-Pruning, model/__init__.py, main.py:101-109): its CIFAR
+# resnet56 is akamaster's option A; its ImageNet networks are torchvision's.
+GREG_ARCHS = {"resnet56": "resnet56a", "resnet50": "resnet50"}
+# HSIC-Lasso's code (songxmu/APIB, main.py:30-50).
+APIB_MODELS = {"vgg16": "vgg16_apib", "resnet56": "resnet56a", "resnet110": "resnet110a", "googlenet": "googlenet",
+               "resnet50": "resnet50"}
+TORCHVISION_RESNET50 = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "mnist": 10}
 
 # What every prune.py run must agree on to be continued; each method adds its own settings.
 IDENTITY = ("method", "dataset", "num_classes")
@@ -70,13 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="prune.py", description="Prune a dense baseline with a peer method of Dep-L0 ("
                                                    + ", ".join(spec.summary for spec in methods) + "), then fine-tune.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a dense training checkpoint (best.pt of --net dense), or torchvision ResNet50 weights")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?",
+                   help="a dense training checkpoint (best.pt of --net dense), or torchvision ResNet50 weights "
+                        "(or give it with the authors' --base_model_path / --ckpt, or --pretrained)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", required=True, choices=sorted(METHODS.names("prune")),
+    g.add_argument("--method", choices=sorted(METHODS.names("prune")),
                    metavar="{" + ",".join(spec.name for spec in methods) + "}",
                    help="; ".join(f"{spec.name}: {spec.summary}" for spec in methods) + "; also spelled "
-                        + ", ".join(a for spec in methods for a in spec.aliases))
+                        + ", ".join(a for spec in methods for a in spec.aliases)
+                        + " (required, except with HSIC-Lasso's --target, whose README gives no method)")
     which = g.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage_pr", metavar="LIST", help="GReg's ratios: ResNet56 [stem,s1,s2,s3,fc], ResNet50 "
                                                           "[stem,l1,l2,l3,l4,fc], VGG 1-12:0.5 or one per layer")
@@ -88,13 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="IMP: the fraction of each sparse tensor's weights kept (pruning/sparse.py)")
     g.add_argument("--pick_pruned", choices=PICK_RULES, default="min",
                    help="which filters L1 and GReg-1 remove: the smallest mean |W| (min), the largest, at random")
-    g.add_argument("--arch", choices=sorted(MODEL_CLASSES), metavar="NAME",
+    g.add_argument("--arch", "-a", metavar="NAME",
                    help="CHECKPOINT is an authors' published baseline (GReg's, HSIC-Lasso's or akamaster's format) of "
-                        "this registered network, e.g. resnet56a, vgg16_apib (docs/networks.md)")
+                        "this registered network, e.g. resnet56a, vgg16_apib (docs/networks.md); with GReg's "
+                        "--base_model_path or --pretrained, or without a checkpoint, GReg's name of it: "
+                        + ", ".join(f"{k} ({v})" for k, v in GREG_ARCHS.items()))
     g.add_argument("--cost-convention", choices=CONVENTIONS,
                    help="how --target / --target-macs and the results count MACs: conv + linear multiply-accumulates "
                         "(conv), or what thop counts (thop: BN and pooling modules too). Default: thop for HSIC-Lasso's "
                         "absolute --target (its authors' count), else conv")
+    g = p.add_argument_group("the authors' spellings (their READMEs' commands run as written)")
+    g.add_argument("--base_model_path", metavar="PATH",
+                   help="GReg's: the checkpoint its main.py saved (a shell pattern matching one file, as its code "
+                        "globs it); --arch / -a is GReg's name of the network")
+    g.add_argument("--pretrained", action="store_true",
+                   help="GReg's: torchvision's ImageNet weights of --arch (resnet50: resnet50-0676ba61.pth from "
+                        "torch.hub's cache, downloaded there if absent)")
+    g.add_argument("--ckpt", metavar="PATH", help="HSIC-Lasso's: the checkpoint (its published baselines)")
+    g.add_argument("--model", dest="apib_model", metavar="NAME",
+                   help="HSIC-Lasso's name of the network: " + ", ".join(f"{k} ({v})" for k, v in APIB_MODELS.items()))
+    g.add_argument("--data_path", metavar="DIR",
+                   help="the data folder as the authors' code reads it: GReg's DIR/<dataset> (default ./data), "
+                        "HSIC-Lasso's DIR; with a CHECKPOINT of ours, --data-dir")
+    g.add_argument("--project", metavar="NAME", help="GReg's experiment name: the run directory runs/NAME")
+    g.add_argument("--screen", "--screen_print", dest="screen", action="store_true",
+                   help="GReg's --screen_print (its README writes --screen): no effect, the log is always printed")
     for spec in methods:
         spec.add_arguments(p)
     g = p.add_argument_group("fine-tuning (defaults: CIFAR / ImageNet; GReg and L1, then HSIC)")
@@ -160,13 +191,28 @@ def _torchvision_resnet50(state: dict) -> dict:
     return out
 
 
+def _unpruned(arch: dict) -> dict:
+    """A compact network's arch that removed nothing (e.g. GReg's scratch training: L1 at ratios 0)
+    as the dense network's arch; any other arch as it is."""
+    compact = ("inner_widths", "stem_index", "stem_width")
+    if arch.get("net") != "dense" or not any(key in arch for key in ("inner_widths", "stem_index")):
+        return arch
+    plain = {k: v for k, v in arch.items() if k not in compact}
+    try:
+        same = list(build_model(plain).gates.widths) == list(build_model(arch).gates.widths)
+    except (TypeError, ValueError):
+        return arch
+    return plain if same else arch
+
+
 def load_source(path: str, arch: str | None = None) -> dict:
     """``{'arch', 'state_dict', 'dataset', 'data_dir'}`` of a dense checkpoint or torchvision weights, or
     with ``arch`` of an authors' published checkpoint of that network (models/published.py)."""
     if arch is not None:
         network = load_published(path, arch)
         classes = network.arch["num_classes"]
-        dataset = "mnist" if network.data_kind == "mnist" else "cifar100" if classes == 100 else "cifar10"
+        dataset = (network.data_kind if network.data_kind in ("mnist", "imagenet")
+                   else "cifar100" if classes == 100 else "cifar10")
         return dict(arch=network.arch, state_dict=network.state_dict(), dataset=dataset, data_dir=None,
                     kind=f"published {arch} checkpoint")
     try:
@@ -183,7 +229,7 @@ def load_source(path: str, arch: str | None = None) -> dict:
             return dict(arch=arch, state_dict=_torchvision_resnet50(raw), dataset="imagenet", data_dir=None,
                         kind="torchvision ResNet50 weights")
         raise
-    arch = state["arch"]
+    arch = _unpruned(state["arch"])
     if arch.get("net") != "dense" or any(key in arch for key in ("inner_widths", "stem_index")):
         what = "an already pruned" if arch.get("net") == "dense" else f"a gated (--net {arch.get('net')})"
         raise UsageError(f"{path} is {what} checkpoint; prune.py prunes a dense baseline: train one with "
@@ -191,6 +237,80 @@ def load_source(path: str, arch: str | None = None) -> dict:
     args = state.get("args") or {}
     return dict(arch=arch, state_dict=state["model"], dataset=args.get("dataset"), data_dir=args.get("data_dir"),
                 dummy=bool(args.get("dummy")), kind=f"dense checkpoint, epoch {state.get('epoch')}")
+
+
+# Where GReg's spellings name the network (its main.py): the data folder is DIR/<dataset>.
+GREG_KINDS = ("greg", "pretrained", "scratch")
+
+
+def named_source(args, ctx) -> dict:
+    """The dense network the command names (:func:`resolve_spellings`), as :func:`load_source` gives it."""
+    kind = args.source_kind
+    if kind in GREG_KINDS and args.arch is None:
+        raise UsageError(f"--arch {args.authors_arch}: GReg's {args.authors_arch} is not a network of this project "
+                         f"(GReg's networks here: " + ", ".join(f"{k} = {v}" for k, v in GREG_ARCHS.items()) + ")")
+    if kind == "greg":
+        matches = sorted(glob.glob(args.base_model_path))
+        if len(matches) != 1:
+            raise UsageError(f"--base_model_path {args.base_model_path}: "
+                             f"{len(matches) or 'no'} file{'s' if len(matches) != 1 else ''} match; GReg's code takes "
+                             f"exactly one (utils.py check_path)")
+        args.checkpoint = matches[0]
+        raw = load_foreign(args.checkpoint)
+        if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:  # one of ours (e.g. its scratch run)
+            source = load_source(args.checkpoint)
+            if source["arch"]["model"] != args.arch:
+                raise UsageError(f"--base_model_path {args.checkpoint} holds a {source['arch']['model']}, not GReg's "
+                                 f"{args.authors_arch} ({args.arch})")
+            return source
+    if kind == "pretrained":
+        if args.arch != "resnet50":
+            raise UsageError(f"--pretrained --arch {args.authors_arch}: torchvision's weights are read for resnet50 only "
+                             f"here; give a checkpoint")
+        args.checkpoint = str(torchvision_resnet50(ctx))
+        return load_source(args.checkpoint)
+    if kind == "scratch":
+        return fresh_source(args, ctx)
+    return load_source(args.checkpoint, args.arch)
+
+
+def torchvision_resnet50(ctx) -> Path:
+    """torchvision's ResNet50 weights (``pretrained=True``: IMAGENET1K_V1) in torch.hub's cache,
+    downloaded there by rank 0 if absent, as the authors' ``models.resnet50(pretrained=True)``."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_RESNET50.rsplit("/", 1)[1]
+    failure = None
+    if ctx.is_main and not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(TORCHVISION_RESNET50, str(path), hash_prefix="0676ba61")
+        except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad file: one line
+            failure = brief(str(e))
+    ctx.barrier()
+    if failure or not path.exists():
+        raise UsageError(f"--pretrained: torchvision's ResNet50 weights are not in {path} and could not be downloaded "
+                         f"({failure or 'see rank 0'}); fetch {TORCHVISION_RESNET50} and give the file as CHECKPOINT")
+    return path
+
+
+def fresh_source(args, ctx) -> dict:
+    """GReg's scratch training (its README's Step 3: ``--method L1 --stage_pr [0,0,0,0,0]`` and no base
+    model): the network freshly initialised under the run's seed; every ratio must be 0."""
+    ratios = parse_ratio_list(args.stage_pr)
+    if any(r != 0 for r in (ratios.values() if isinstance(ratios, dict) else ratios)):
+        raise UsageError("no checkpoint: GReg's code would prune a randomly initialised network; give the trained "
+                         "network (CHECKPOINT, --base_model_path or --pretrained), or --stage_pr of zeros to train "
+                         "it from scratch")
+    dataset = args.dataset or ("imagenet" if MODEL_CLASSES[args.arch].data_kind == "imagenet" else "cifar10")
+    classes = args.num_classes or NUM_CLASSES.get(dataset)
+    if classes is None:
+        raise UsageError(f"--dataset {dataset}: give --num_classes to train a network from scratch")
+    if args.seed is None:
+        args.seed = ctx.gather(int(torch.randint(0, 2 ** 31 - 1, ()).item()))[0]
+    torch.manual_seed(args.seed)
+    model = build_model(default_arch(args.arch, classes, net="dense"))
+    return dict(arch=model.arch, state_dict=model.state_dict(), dataset=dataset, data_dir=None,
+                kind=f"freshly initialised {args.arch} (no checkpoint: trained from scratch, as GReg's main.py "
+                     f"without --base_model_path)")
 
 
 def dense_model(source: dict):
@@ -247,11 +367,12 @@ class PruneJob:
         """Open the run directory (``runs/<model>_<data>_<method>_<label>`` unless given) once the
         command is known to be good; rank 0's choices of directory and seed hold for every rank."""
         args = self.args
-        name = f"{self.source['arch']['model']}_{'dummy-' if args.dummy else ''}{args.dataset}_{args.method}_{label}"
+        name = args.project or (f"{self.source['arch']['model']}_{'dummy-' if args.dummy else ''}{args.dataset}_"
+                                f"{args.method}_{label}")
         self.run_dir = Path(self.ctx.gather(str(_run_dir(args, name)))[0])
         if args.seed is None:
             args.seed = self.ctx.gather(int(torch.randint(0, 2 ** 31 - 1, ()).item()))[0]
-        self.log(f"{args.method} on {self.source['kind']} {args.checkpoint}: {how}")
+        self.log(f"{args.method} on {self.source['kind']} {args.checkpoint or ''}: {how}")
         return self.run_dir
 
     def log(self, message: str) -> None:
@@ -263,7 +384,8 @@ class PruneJob:
         (the phase's optimisation), identified by :data:`IDENTITY` plus ``settings``."""
         args = self.args
         values = dict(model=self.source["arch"]["model"], imagenet=self.imagenet, name=self.run_dir.name,
-                      identity=IDENTITY + tuple(settings), source=str(Path(args.checkpoint).resolve()))
+                      identity=IDENTITY + tuple(settings),
+                      source=str(Path(args.checkpoint).resolve()) if args.checkpoint else "none (from scratch)")
         values.update(fields)
         return RunConfig.from_namespace(args, **values)
 
@@ -329,9 +451,13 @@ def run(args) -> int:
 
 
 def run_phases(args, ctx: distributed.Context) -> int:
+    if not hasattr(args, "source_kind"):  # a namespace straight from build_parser()
+        resolve_spellings(build_parser(), args)
     spec = METHODS.get(args.method)
     args.method = spec.name
-    source = load_source(args.checkpoint, args.arch)
+    if args.screen and ctx.is_main:
+        print("--screen (GReg's --screen_print): no effect here; the log is always printed")
+    source = named_source(args, ctx)
     arch = source["arch"]
     imagenet = arch["model"] == "resnet50"
     if source.get("dummy") and not args.dummy and args.dataset is None and args.data_dir is None:
@@ -341,6 +467,8 @@ def run_phases(args, ctx: distributed.Context) -> int:
             print(f"{args.checkpoint} was trained on synthetic data (--dummy); pruning on the same "
                   f"(give --dataset/--data-dir for real data)")
     args.dataset = args.dataset or source["dataset"] or ("imagenet" if imagenet else "cifar10")
+    if args.source_kind in GREG_KINDS and args.data_dir is None:
+        args.data_dir = os.path.join(args.data_path or "./data", args.dataset)  # GReg's data/__init__.py, main.py:224
     args.data_dir = args.data_dir or source["data_dir"] or (None if imagenet else "./data")
     if args.data_dir is None and not args.dummy:
         raise UsageError("give the ImageNet directory with --data-dir (or --dummy for synthetic data)")
@@ -375,7 +503,59 @@ def parse_args(argv=None) -> argparse.Namespace:
         parse_skip_layers(args.skip_layers)
     except UsageError as e:
         parser.error(str(e))
+    resolve_spellings(parser, args)
     return args
+
+
+def resolve_spellings(parser, args) -> None:
+    """The authors' spellings onto this script's: where the network comes from
+    (``args.source_kind``: ``checkpoint`` (CHECKPOINT), ``greg`` (``--base_model_path``), ``pretrained``,
+    ``scratch`` (none: GReg's scratch training), ``apib`` (``--ckpt`` / ``--model``)), the registered
+    network (``args.arch``; None for an authors' network this project lacks, refused when the run
+    starts), the data folder and the method. Parse-time errors are one line."""
+    named = [(flag, value) for flag, value in (("CHECKPOINT", args.checkpoint), ("--base_model_path",
+                                                args.base_model_path), ("--ckpt", args.ckpt)) if value]
+    if len(named) > 1:
+        parser.error(f"{named[0][0]} and {named[1][0]} both name the checkpoint; give one")
+    if args.pretrained and named:
+        parser.error(f"--pretrained (torchvision's weights) and {named[0][0]} both name the network's weights; give one")
+    if args.data_path is not None and args.data_dir is not None:
+        parser.error("--data_path and --data-dir both name the data folder; give one")
+    args.authors_arch = None
+    if args.apib_model is not None or args.ckpt is not None:
+        args.source_kind = "apib"
+        if args.apib_model is None:
+            parser.error("--ckpt (HSIC-Lasso's spelling) takes its --model NAME: " + ", ".join(APIB_MODELS))
+        if args.arch is not None:
+            parser.error("--model and --arch both name the network; give one")
+        if not named:
+            parser.error(f"--model {args.apib_model}: give the checkpoint (--ckpt PATH)")
+        if args.apib_model not in APIB_MODELS:
+            parser.error(f"--model {args.apib_model}: HSIC-Lasso's networks here are " + ", ".join(APIB_MODELS))
+        args.authors_arch, args.arch = args.apib_model, APIB_MODELS[args.apib_model]
+        args.checkpoint = args.ckpt or args.checkpoint
+        args.data_dir = args.data_dir or args.data_path
+    elif args.checkpoint is not None:
+        args.source_kind = "checkpoint"
+        if args.arch is not None and args.arch not in MODEL_CLASSES:
+            parser.error(f"argument --arch: invalid choice: {args.arch!r} (choose from {', '.join(sorted(MODEL_CLASSES))})")
+        args.data_dir = args.data_dir or args.data_path
+    else:
+        args.source_kind = "greg" if args.base_model_path else "pretrained" if args.pretrained else "scratch"
+        if args.arch is None:
+            if args.source_kind == "scratch":
+                parser.error("give the network to prune: CHECKPOINT (or GReg's --base_model_path / --pretrained with "
+                             "--arch, HSIC-Lasso's --ckpt with --model)")
+            parser.error(f"{'--base_model_path' if args.base_model_path else '--pretrained'} takes GReg's name of the "
+                         f"network: --arch / -a NAME (" + ", ".join(GREG_ARCHS) + ")")
+        args.authors_arch, args.arch = args.arch, GREG_ARCHS.get(args.arch)
+        if args.source_kind == "scratch" and args.stage_pr is None:
+            parser.error("without a checkpoint prune.py trains from scratch as GReg's code does: give --stage_pr of "
+                         "zeros, or the network to prune (CHECKPOINT, --base_model_path, --pretrained)")
+    if args.method is None:
+        if args.target is None and args.source_kind != "apib":
+            parser.error("the following arguments are required: --method")
+        args.method = "hsic"  # HSIC-Lasso's main.py has no --method: its README's commands give none
 
 
 def main(argv=None) -> int:
