@@ -97,8 +97,10 @@ def test_how_many_and_which_weights(ratio, rule, want):
     assert method.pruned[0].nonzero().flatten().tolist() == want
 
 
-def test_greg1_float32_count_of_the_authors_code():
-    """10,000 additions of 1e-4 exceed 1 in float32 (the code's float32 tensor): 10,000 updates."""
+def test_float32_counts_of_the_authors_code():
+    """10,000 additions of 1e-4 exceed 1 in float32 (the code's float32 tensor): GReg-1 stops after
+    10,000 updates. GReg-2: 1000 additions of 1e-5 fall short of 0.01, so it picks at update 1,001,
+    and 9,900 additions of 1e-4 from there exceed 1: 10,901 updates."""
     method = GRegUnstructured(_tiny(), [0.5, 0.5, 0.5], 1, 1, 0)
     while not method.done:
         method.before_step(method.iteration)
@@ -106,6 +108,13 @@ def test_greg1_float32_count_of_the_authors_code():
     value = _float32_sum(1e-4, 10000)
     assert value > 1.0 and _float32_sum(1e-4, 9999) <= 1.0
     assert method.updates == 10000 and float(method.reg_pruned[0]) == value
+    method = GRegUnstructured(_tiny(), [0.5, 0.5, 0.5], 2, 1, 0)
+    while not method.done:
+        method.before_step(method.iteration)
+        method.after_step(method.iteration)
+    assert _float32_sum(1e-5, 1000) < float(np.float32(0.01)) <= _float32_sum(1e-5, 1001)
+    assert method.picked_at == 1001 and method.updates == 10901
+    assert float(method.reg_pruned[0]) == _float32_sum(1e-4, 9900, _float32_sum(1e-5, 1001))
 
 
 def test_greg2_phase_one_pick_by_the_weights_of_the_moment_then_phase_two_by_hand():
