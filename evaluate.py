@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from engine.trainer import evaluate_model
 from models import build_model, load_model_state
 from models.export import FORMAT as PRUNED_FORMAT
-from models.export import build_pruned, sparse_cost
+from models.export import build_pruned, sparse_cost, tied_cost
 from pruning.sparse import sparse_layers
 from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
@@ -51,9 +51,15 @@ def load_model(path):
     model = build_model(state["arch"])
     load_model_state(model, state, path)
     args = state.get("args") or {}
-    if args.get("sparse") or args.get("method") == "imp":
+    tied = (state.get("method") or {}).get("tied_values")
+    if tied:
+        # Tied weights (--sparse static --tied): each tied layer counts its free values.
+        macs, params = tied_cost(model, tied)
+    elif args.get("sparse") or args.get("method") == "imp":
         # Unstructured sparse training: its inactive weights are exact zeros; count the rest.
-        macs, params = sparse_cost(model, [w.name for w in sparse_layers(model)])
+        # The checkpoint names its sparse layers (older ones: the default rule).
+        names = (state.get("method") or {}).get("layers") or [w.name for w in sparse_layers(model)]
+        macs, params = sparse_cost(model, names)
     else:
         macs, params = model.cost.pruned(model.gates.kept())
     macs_dense, params_dense = model.cost.dense()

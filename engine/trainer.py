@@ -539,7 +539,8 @@ class Trainer:
                         seed=self.args.seed,
                         macs_dense=self.baseline["macs"], params_dense=self.baseline["params"])
             _, pruned = save_pruned(self.model, path, info, gates=self.method.channel_gates(),
-                                    sparse_layers=self.method.sparse_layer_names())
+                                    sparse_layers=self.method.sparse_layer_names(),
+                                    tied=self.method.tied_values())
             self.log.message(f"pruned model: {path} (MACs {human(pruned['macs'])}, params {human(pruned['params'])})")
             cut = self.model.disconnected_layers(self.kept())
             if cut:

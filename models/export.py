@@ -140,9 +140,19 @@ def sparse_cost(model: GatedNetwork, sparse_layers) -> tuple[int, int]:
     return model.cost.sparse(counts)
 
 
+def tied_cost(model: GatedNetwork, tied: dict) -> tuple[int, int]:
+    """(MACs, params) of ``model`` when each layer named in ``tied`` holds only ``tied[name]`` free
+    values shared by all its weights (pruning/tied.py): every weight still multiplies (the dense
+    MACs), and the parameters count the free values instead of the layer's weights."""
+    macs, params = model.cost.dense()
+    for name, values in tied.items():
+        params += int(values) - model.get_submodule(name).weight.numel()
+    return macs, params
+
+
 @torch.no_grad()
 def export_pruned(model: GatedNetwork, source_info: dict | None = None, gates: torch.Tensor | None = None,
-                  sparse_layers=()):
+                  sparse_layers=(), tied: dict | None = None):
     """Return ``(compact_model, payload)``: the compact model (CPU, eval mode)
     and the dict that :func:`save_pruned` writes.
 
@@ -151,7 +161,9 @@ def export_pruned(model: GatedNetwork, source_info: dict | None = None, gates: t
     model's test gates: a pruning method's (``PruningMethod.channel_gates``) for a dense model.
     ``sparse_layers`` names layers with unstructured sparsity (pruning/sparse.py): their pruned
     weights are exact zeros in the state dict, and ``macs``/``params`` count only their non-zero
-    weights (:func:`sparse_cost` of the compact model).
+    weights (:func:`sparse_cost` of the compact model). ``tied`` (``{layer: free values}``) names
+    layers with tied weights (pruning/tied.py): the state dict holds their full tensors and
+    ``params`` counts their free values (:func:`tied_cost`).
     """
     gates = model.gates.test_gates() if gates is None else gates
     keep = kept_indices(model, gates)
@@ -178,22 +190,25 @@ def export_pruned(model: GatedNetwork, source_info: dict | None = None, gates: t
     if sparse_layers:
         macs, params = sparse_cost(compact, sparse_layers)
         source["sparse_layers"] = list(sparse_layers)
+    if tied:
+        macs, params = tied_cost(compact, tied)
+        source["tied_layers"] = {name: int(values) for name, values in tied.items()}
     source.update(source_info or {})
     payload = dict(format=FORMAT, arch=dict(compact.arch, source=source),
                    state_dict={k: v.clone() for k, v in compact.state_dict().items()},
                    macs=int(macs), params=int(params))
-    if not sparse_layers:
+    if not sparse_layers and not tied:
         payload["macs_thop"] = int(macs_thop)
     return compact, payload
 
 
 def save_pruned(model: GatedNetwork, path, source_info: dict | None = None, gates: torch.Tensor | None = None,
-                sparse_layers=()):
-    """Export ``model`` (at ``gates``, default its test gates; ``sparse_layers`` as in
+                sparse_layers=(), tied: dict | None = None):
+    """Export ``model`` (at ``gates``, default its test gates; ``sparse_layers`` and ``tied`` as in
     :func:`export_pruned`) and write ``pruned.pt`` atomically; returns ``(compact, payload)``."""
     from utils.checkpoint import save_checkpoint
 
-    compact, payload = export_pruned(model, source_info, gates, sparse_layers)
+    compact, payload = export_pruned(model, source_info, gates, sparse_layers, tied)
     save_checkpoint(payload, Path(path))
     return compact, payload
 

@@ -122,6 +122,11 @@ class PruningMethod:
         """Layers whose weights are sparse (the export counts their non-zero weights); none by default."""
         return []
 
+    def tied_values(self) -> dict:
+        """Layers whose weights are tied to fewer free values, ``{name: free values}`` (the export counts
+        those as their parameters); none by default."""
+        return {}
+
     def non_finite_state(self) -> str | None:
         """What of the method's own state has gone non-finite, in words for the error line (e.g.
         ``'gate logit'``), or None. Checked with the loss at every progress line."""

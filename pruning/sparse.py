@@ -55,12 +55,13 @@ the code's setting (20,000 of WRN-28-2's 1,451,520 sparse weights; 400,000 of Re
 **Cost**: params = the non-zero weights of the sparse tensors + every dense parameter; MACs = per layer,
 its non-zero weights × its output positions (:meth:`models.structure.CostModel.sparse`).
 """
+import functools
 from types import SimpleNamespace
 
 import torch
 
 from models.export import sparse_cost
-from utils.cli import density_type, nonneg_float, nonneg_int, positive_float, positive_int
+from utils.cli import density_type, nonneg_float, nonneg_int, positive_float, positive_int, sparsity_type
 from utils.errors import UsageError
 
 from .method import PruningMethod
@@ -78,7 +79,8 @@ def schedule_value(schedule: dict, epoch: int):
 # ResNet56 unchanged: both train on CIFAR with the same batch (100) and so the same iterations per epoch.
 SCHEDULES = {
     "cifar": dict(
-        reference_sparse_weights=1_451_520, n_prune_params=20_000, stop_rewire_epoch=190,
+        reference_sparse_weights=1_451_520, n_prune_params=20_000, n_prune_params_kernels=2_000,
+        stop_rewire_epoch=190,
         rewire_periods={0: 100, 25: 200, 80: 400, 140: 800},
         deepr_temperatures={0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15},
         # SET's --rewire-fraction by density (wrnet_experiments.yaml: sparsity 0.9 ... 0.5).
@@ -89,7 +91,8 @@ SCHEDULES = {
         imp=dict(lr={0: 0.0, 1: 0.02, 25: 0.004, 35: 0.0008}, weight_decay=1e-4, batch_size=100),
     ),
     "imagenet": dict(
-        reference_sparse_weights=22_724_608, n_prune_params=400_000, stop_rewire_epoch=95,
+        reference_sparse_weights=22_724_608, n_prune_params=400_000, n_prune_params_kernels=40_000,
+        stop_rewire_epoch=95,
         rewire_periods={0: 1000, 25: 2000, 50: 4000, 75: 8000},
         deepr_temperatures={0: 1e-5, 25: 1e-8, 50: 1e-12, 75: 1e-15},
         set_fractions={0.2: 0.089, 0.1: 0.14},  # resnet_experiments.yaml
@@ -116,15 +119,49 @@ def training_recipe(kind: str, method: str) -> dict:
     return fields
 
 
-def sparse_layers(model) -> list:
-    """The weight-layer records whose weights are sparse (see the module docstring)."""
-    return [w for w in model.weight_layers if w.role == "body" or (w.role == "classifier" and model.sparse_classifier)]
+def sparse_layers(model, shortcuts: bool = False) -> list:
+    """The weight-layer records whose weights are sparse (see the module docstring); with ``shortcuts``
+    the 1x1 projection shortcuts too (the code's ``--sparse-resnet-downsample``, ResNet50 only)."""
+    roles = ("body", "shortcut") if shortcuts else ("body",)
+    return [w for w in model.weight_layers if w.role in roles or (w.role == "classifier" and model.sparse_classifier)]
 
 
-def default_n_prune_params(kind: str, sparse_weights: int) -> int:
-    """N_p: the code's number scaled by this network's sparse weights against the code's network's."""
+def is_linear(model, record) -> bool:
+    """Whether a sparse tensor is a linear layer's (the code's ``DynamicLinear``, which takes
+    ``--initial-sparsity-fc``) rather than a conv's (``DynamicConv2d``, ``--initial-sparsity-conv``)."""
+    return isinstance(model.get_submodule(record.name), torch.nn.Linear)
+
+
+def layer_densities(model, layers, density: float | None, conv: float | None = None,
+                    fc: float | None = None) -> list[float]:
+    """Each sparse tensor's density: ``fc`` for a linear layer, ``conv`` for a conv, where given, else
+    ``density``; a tensor left without one is refused (one line)."""
+    out = []
+    for record in layers:
+        linear = is_linear(model, record)
+        value = fc if linear else conv
+        value = density if value is None else value
+        if value is None:
+            kind = "fc" if linear else "conv"
+            raise UsageError(f"{record.name} is a {'linear' if linear else 'conv'} layer: give --density D or "
+                             f"--initial-sparsity-{kind} S")
+        out.append(value)
+    return out
+
+
+def mask_shape(weight: torch.Tensor, granularity: int) -> torch.Size:
+    """The shape of a tensor's mask: one entry per weight (``--sub-kernel-granularity 4``), or with 2
+    one per k x k kernel of a conv (the code's ``SparseTensor``: ``mask`` of ``size[:granularity]``;
+    a linear layer's 2-d mask is per weight either way)."""
+    return weight.shape[:2] if granularity == 2 and weight.dim() == 4 else weight.shape
+
+
+def default_n_prune_params(kind: str, sparse_weights: int, granularity: int = 4) -> int:
+    """N_p: the code's number (of weights; of kernels with ``granularity`` 2, its kernel runs') scaled by
+    this network's sparse weights against the code's network's."""
     schedule = SCHEDULES[kind]
-    return max(1, round(schedule["n_prune_params"] * sparse_weights / schedule["reference_sparse_weights"]))
+    code = schedule["n_prune_params"] if granularity == 4 else schedule["n_prune_params_kernels"]
+    return max(1, round(code * sparse_weights / schedule["reference_sparse_weights"]))
 
 
 def default_rewire_fraction(kind: str, density: float) -> float | None:
@@ -143,14 +180,38 @@ def active_count(n: int, density: float) -> int:
 # -- the rules, on one tensor (flat weights, flat bool mask) --------------------------------------
 
 
-def initial_masks(sizes: list[int], density: float, generator: torch.Generator) -> list[torch.Tensor]:
-    """A uniformly random mask with :func:`active_count` active positions per tensor (flat, bool, CPU)."""
+def initial_masks(sizes: list[int], density, generator: torch.Generator) -> list[torch.Tensor]:
+    """A uniformly random mask with :func:`active_count` active positions per tensor (flat, bool, CPU);
+    ``density`` is one for every tensor or a list, one per tensor."""
+    densities = density if isinstance(density, (list, tuple)) else [density] * len(sizes)
     masks = []
-    for n in sizes:
+    for n, d in zip(sizes, densities):
         mask = torch.zeros(n, dtype=torch.bool)
-        mask[torch.randperm(n, generator=generator)[:active_count(n, density)]] = True
+        mask[torch.randperm(n, generator=generator)[:active_count(n, d)]] = True
         masks.append(mask)
     return masks
+
+
+def l1_term(weights: list[torch.Tensor], group_lasso: bool = False) -> torch.Tensor:
+    """The code's ``L1Loss`` over the sparse tensors (main.py: the loss gets ``--L1-loss-coeff`` times
+    it): :math:`\\sum |w|`, or with ``--conv-group-lasso`` for a conv tensor the group lasso over its
+    k x k kernels, :math:`\\sum_{o,i} \\sqrt{\\sum_{h,w} w_{oihw}^2 + 10^{-12}}` (a linear tensor keeps
+    :math:`\\sum |w|`)."""
+    terms = []
+    for w in weights:
+        if group_lasso and w.dim() == 4:
+            terms.append(torch.sqrt(w.pow(2).sum(-1).sum(-1) + 1e-12).sum())
+        else:
+            terms.append(w.abs().sum())
+    return torch.stack(terms).sum()
+
+
+def new_weight_std(record, linear: bool) -> float:
+    """The std of a weight the code grows with ``--big-new-weights`` (its ``reinitialize_unused``): a
+    conv's :math:`\\sqrt{2/(k^2 C_{out})}`, a linear layer's :math:`1/\\sqrt{C_{in}}` (both normal)."""
+    if linear:
+        return 1.0 / record.in_channels ** 0.5
+    return (2.0 / (record.kernel ** 2 * record.out_channels)) ** 0.5
 
 
 def drop_below(weight: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -269,34 +330,69 @@ def imp_fraction(iteration: int, iterations: int, density: float, cubic: bool) -
     return 1.0 - remaining(iteration + 1) / remaining(iteration)
 
 
+@torch.no_grad()
+def initialize_as_code(model) -> None:
+    """The code's initialisation of every conv and linear layer: a conv He-normal with fan-out,
+    N(0, 2/(k²·C_out)), a linear layer (an nn.Linear head, or DynamicLinear's U(±1/sqrt(fan_in)), the
+    same distribution: LeNet-300-100's hidden layers) PyTorch's uniform; biases 0."""
+    for record in model.weight_layers:
+        layer = model.get_submodule(record.name)
+        if isinstance(layer, torch.nn.Linear):
+            layer.reset_parameters()
+        else:
+            layer.weight.normal_(0.0, (2.0 / (record.kernel ** 2 * record.out_channels)) ** 0.5)
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
 # -- the methods ----------------------------------------------------------------------------------
 
 
 class SparseMethod(PruningMethod):
-    """Per-weight masks on the sparse tensors, re-applied after every optimiser step; no rewiring.
+    """Masks on the sparse tensors, re-applied after every optimiser step; no rewiring.
 
-    ``density`` None starts with every weight active (IMP); else a random mask at ``density`` and,
-    with ``initialize``, the code's initialisation. ``seed`` seeds the method's own generator
-    (positions, the rounding draw, DeepR's noise), the same on every rank, so masks agree across
-    torchrun processes; its state is checkpointed."""
+    ``density`` None starts with every weight active (IMP); else a random mask at ``density`` (or at
+    ``densities``, one per sparse tensor: the code's conv / fc sparsities) and, with ``initialize``,
+    the code's initialisation. ``seed`` seeds the method's own generator (positions, the rounding
+    draw, new weights), the same on every rank, so masks agree across torchrun processes; its state
+    is checkpointed.
+
+    The code's switches (keyword-only): ``granularity`` 4 masks single weights, 2 whole k x k kernels
+    of every conv (``--sub-kernel-granularity``; a kernel's magnitude is its mean |w|);
+    ``shortcuts`` makes ResNet50's projection shortcuts sparse too (``--sparse-resnet-downsample``);
+    ``big_new_weights`` starts a regrown weight at a draw from the initial distribution instead of 0;
+    ``l1`` adds ``l1`` times :func:`l1_term` to the loss (``--L1-loss-coeff``; ``group_lasso``: per
+    kernel, ``--conv-group-lasso``); ``masks`` replaces the random masks (``--copy-mask-from``)."""
 
     name = "sparse"
     network_name = "active weights per sparse tensor"
 
-    def __init__(self, model, density: float | None, seed: int, initialize: bool = True):
+    def __init__(self, model, density: float | None, seed: int, initialize: bool = True, *,
+                 densities: list[float] | None = None, granularity: int = 4, shortcuts: bool = False,
+                 big_new_weights: bool = False, l1: float = 0.0, group_lasso: bool = False,
+                 masks: list[torch.Tensor] | None = None):
         super().__init__(model)
-        self.layers = sparse_layers(model)
+        self.layers = sparse_layers(model, shortcuts)
         self.weights = [model.get_submodule(w.name).weight for w in self.layers]
+        self.linear = [is_linear(model, w) for w in self.layers]
         self.density = density
+        self.start_densities = list(densities) if densities is not None else (
+            None if density is None else [density] * len(self.layers))
+        self.granularity, self.shortcuts, self.big_new_weights = granularity, shortcuts, big_new_weights
+        self.l1, self.group_lasso = l1, group_lasso
+        self.copied_masks = masks is not None
         self.generator = torch.Generator().manual_seed(seed)
         device = self.weights[0].device
-        if density is None:
-            masks = [torch.ones(w.numel(), dtype=torch.bool) for w in self.weights]
+        shapes = [mask_shape(w, granularity) for w in self.weights]
+        if self.start_densities is None:
+            drawn = [torch.ones(s.numel(), dtype=torch.bool) for s in shapes]
         else:
-            masks = initial_masks([w.numel() for w in self.weights], density, self.generator)
+            drawn = initial_masks([s.numel() for s in shapes], self.start_densities, self.generator)
+        if masks is not None:
+            drawn = [m.reshape(-1).bool() for m in masks]
         # Contiguous (the weights' logical order) whatever the weights' memory format.
-        self.masks = [m.view(w.shape).to(device) for m, w in zip(masks, self.weights)]
-        if density is not None and initialize:
+        self.masks = [m.view(s).to(device) for m, s in zip(drawn, shapes)]
+        if self.start_densities is not None and initialize:
             self._initialize()
         self.optimizer = None
         self.epoch = 0
@@ -304,20 +400,13 @@ class SparseMethod(PruningMethod):
         self.events = []                 # (iteration, reallocated, threshold) not yet logged
         self.apply_masks()
 
-    @torch.no_grad()
     def _initialize(self) -> None:
-        for record in self.model.weight_layers:
-            layer = self.model.get_submodule(record.name)
-            # Every linear layer as the code's (an nn.Linear head, or DynamicLinear's U(±1/sqrt(fan_in)),
-            # the same distribution: LeNet-300-100's hidden layers), with a zero bias where there is one.
-            if isinstance(layer, torch.nn.Linear):
-                layer.reset_parameters()
-                if layer.bias is not None:
-                    layer.bias.zero_()
-            else:
-                layer.weight.normal_(0.0, (2.0 / (record.kernel ** 2 * record.out_channels)) ** 0.5)
-                if layer.bias is not None:
-                    layer.bias.zero_()
+        initialize_as_code(self.model)
+
+    def full_masks(self) -> list[torch.Tensor]:
+        """The masks at the weights' shapes (a kernel mask broadcast over its k x k weights, a view)."""
+        return [m if m.shape == w.shape else m.view(*m.shape, 1, 1).expand(w.shape)
+                for m, w in zip(self.masks, self.weights)]
 
     # -- the engine's hooks ------------------------------------------------------------------
 
@@ -327,11 +416,16 @@ class SparseMethod(PruningMethod):
     def changes_gradients(self) -> bool:
         return True
 
+    def loss(self, progress: float) -> torch.Tensor | None:
+        if self.l1 == 0:
+            return None
+        return self.l1 * l1_term(self.weights, self.group_lasso)
+
     @torch.no_grad()
     def after_backward(self) -> None:
         """Zero the gradients of inactive weights: what the code's masked forward gives them, so that
         gradient clipping and DeepR's noise see the code's gradients."""
-        pairs = [(w.grad, m) for w, m in zip(self.weights, self.masks) if w.grad is not None]
+        pairs = [(w.grad, m) for w, m in zip(self.weights, self.full_masks()) if w.grad is not None]
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
@@ -348,16 +442,39 @@ class SparseMethod(PruningMethod):
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every inactive weight and its momentum buffer."""
-        torch._foreach_mul_(self.weights, self.masks)
+        full = self.full_masks()
+        torch._foreach_mul_(self.weights, full)
         if self.optimizer is not None:
             buffers = [self.optimizer.state.get(w, {}).get("momentum_buffer") for w in self.weights]
-            pairs = [(b, m) for b, m in zip(buffers, self.masks) if b is not None]
+            pairs = [(b, m) for b, m in zip(buffers, full) if b is not None]
             if pairs:
                 torch._foreach_mul_([b for b, _ in pairs], [m for _, m in pairs])
 
     def _flat(self):
-        """(weights, masks) as flat tensors: weight copies to read, mask views to edit."""
-        return [w.detach().reshape(-1) for w in self.weights], [m.view(-1) for m in self.masks]
+        """(magnitudes, masks) as flat tensors: per mask entry, a weight copy to read (a kernel's mean
+        |w| with kernel masks, the code's ``prune_*`` rules), and mask views to edit."""
+        scores = []
+        for w, m in zip(self.weights, self.masks):
+            w = w.detach()
+            scores.append(w.reshape(-1) if m.shape == w.shape
+                          else w.abs().sum((2, 3)).reshape(-1) / (w.shape[2] * w.shape[3]))
+        return scores, [m.view(-1) for m in self.masks]
+
+    @torch.no_grad()
+    def _fill_new(self, before: list[torch.Tensor]) -> None:
+        """With ``big_new_weights``: every position active now and not in ``before`` (the masks before a
+        reallocation) gets a draw from the initial distribution (:func:`new_weight_std`) instead of 0."""
+        if not self.big_new_weights:
+            return
+        seed = int(torch.randint(2 ** 62, (), generator=self.generator))
+        for layer, (record, w, old) in enumerate(zip(self.layers, self.weights, before)):
+            new = self.masks[layer] & ~old
+            if new.shape != w.shape:
+                new = new.view(*new.shape, 1, 1).expand(w.shape)
+            draw = torch.Generator(device=w.device).manual_seed(seed + layer)
+            values = torch.randn(w.shape, generator=draw, device=w.device, dtype=w.dtype)
+            values.mul_(new_weight_std(record, self.linear[layer]))
+            w.copy_(torch.where(new, values, w))
 
     def _record(self, iteration: int, reallocated: int, threshold: float | None = None) -> None:
         self.reallocated_epoch += reallocated
@@ -366,7 +483,8 @@ class SparseMethod(PruningMethod):
     # -- what it decides ---------------------------------------------------------------------
 
     def active(self) -> list[int]:
-        return [int(m.sum()) for m in self.masks]
+        """Active weights per sparse tensor (a kernel mask entry counts its k x k weights)."""
+        return [int(m.sum()) * (w.numel() // m.numel()) for m, w in zip(self.masks, self.weights)]
 
     def network_key(self) -> torch.Tensor:
         """The active weights per sparse tensor: best_top1 compares only epochs of the same size
@@ -383,19 +501,23 @@ class SparseMethod(PruningMethod):
 
     def settings(self) -> dict:
         """The method's resolved settings, ``{flag: value}``: a run resumes only with the same."""
-        return {"--density": self.density}
+        return {"--density": self.density, "--layer-densities": self.start_densities,
+                "--sub-kernel-granularity": self.granularity, "--sparse-resnet-downsample": self.shortcuts,
+                "--big-new-weights": self.big_new_weights, "--L1-loss-coeff": self.l1,
+                "--conv-group-lasso": self.group_lasso, "--copy-mask-from": self.copied_masks}
 
     def state_dict(self) -> dict:
         return dict(masks=[m.cpu().clone() for m in self.masks], generator=self.generator.get_state(),
                     epoch=self.epoch, reallocated_epoch=self.reallocated_epoch, events=list(self.events),
-                    settings=self.settings())
+                    settings=self.settings(), layers=self.sparse_layer_names())
 
     def load_state_dict(self, state: dict) -> list[str]:
         for flag, value in state["settings"].items():
             if self.settings().get(flag) != value:
                 raise UsageError(f"the checkpoint's run used {flag} {value}, this command {self.settings().get(flag)}; "
                                  f"resume it with matching flags")
-        self.masks = [m.to(w.device).view(w.shape).clone() for m, w in zip(state["masks"], self.weights)]
+        self.masks = [m.to(w.device).view(mask_shape(w, self.granularity)).clone()
+                      for m, w in zip(state["masks"], self.weights)]
         self.generator.set_state(state["generator"])
         self.epoch, self.reallocated_epoch = state["epoch"], state["reallocated_epoch"]
         self.events = list(state["events"])
@@ -403,7 +525,7 @@ class SparseMethod(PruningMethod):
         return []
 
     def densities(self) -> list[float]:
-        return [a / m.numel() for a, m in zip(self.active(), self.masks)]
+        return [a / w.numel() for a, w in zip(self.active(), self.weights)]
 
     def log_epoch(self, writer, step: int, kept: list[int]) -> None:
         """``sparse/density/<layer>`` per epoch; per reallocation period the number of weights
@@ -416,12 +538,33 @@ class SparseMethod(PruningMethod):
                 writer.add_scalar("sparse/H", threshold, iteration + 1)
         writer.add_scalar("sparse/reallocated_per_epoch", self.reallocated_epoch, step)
 
+    def reported_density(self) -> float | None:
+        """results.json's ``density``: ``--density``, or the one density every tensor started at (the
+        code's sparsity flags), else None (``density_conv`` / ``density_fc`` say it)."""
+        if self.density is not None or not self.start_densities:
+            return self.density
+        return self.start_densities[0] if len(set(self.start_densities)) == 1 else None
+
     def results(self) -> dict:
         active = self.active()
-        total = sum(m.numel() for m in self.masks)
-        return dict(super().results(), method=self.name, density=self.density, density_active=sum(active) / total,
-                    sparse_weights_active=sum(active), sparse_weights_total=total,
-                    layer_densities={w.name: d for w, d in zip(self.layers, self.densities())})
+        total = sum(w.numel() for w in self.weights)
+        out = dict(super().results(), method=self.name, density=self.reported_density(),
+                   density_active=sum(active) / total, sparse_weights_active=sum(active), sparse_weights_total=total,
+                   layer_densities={w.name: d for w, d in zip(self.layers, self.densities())})
+        if self.start_densities is not None and self.density is None:
+            for kind, linear in (("density_conv", False), ("density_fc", True)):
+                values = {d for d, lin in zip(self.start_densities, self.linear) if lin == linear}
+                if values:
+                    out[kind] = values.pop()
+        if self.granularity != 4:
+            out["sub_kernel_granularity"] = self.granularity
+        if self.l1:
+            out.update(l1_loss_coeff=self.l1, conv_group_lasso=self.group_lasso)
+        for key, value in (("big_new_weights", self.big_new_weights), ("sparse_resnet_downsample", self.shortcuts),
+                           ("copied_masks", self.copied_masks)):
+            if value:
+                out[key] = True
+        return out
 
     def epoch_message(self, epoch: int, results: dict) -> str | None:
         """The epoch's line; also closes the epoch's reallocation record (the last hook of an epoch,
@@ -440,84 +583,113 @@ class StaticSparse(SparseMethod):
 
 
 class _PeriodicRewiring(SparseMethod):
-    """DSR and SET: reallocate after the step of every global iteration t ≠ 0 with t mod P(epoch) = 0,
-    while the epoch is below ``stop_epoch``."""
+    """The code's ``--rewire``: after the step of every global iteration t ≠ 0 with t mod P(epoch) = 0,
+    while the epoch is below ``stop_epoch``, every tensor drops weights and as many regrow.
 
-    def __init__(self, model, density: float, seed: int, periods: dict, stop_epoch: int, initialize: bool = True):
-        super().__init__(model, density, seed, initialize)
+    The drop is ``--threshold-prune``'s (|w| < H, H adapted to move about N_p weights a period) or
+    else the int(f·M)+1 smallest of each tensor (``--rewire-fraction`` f); the regrowth is
+    ``--rewire-scaling``'s (:func:`regrow_proportional`, across tensors) or else in each tensor as
+    many as it dropped. DSR is both switches, SET neither (main.py's ``train``)."""
+
+    threshold_prune = False
+    rewire_scaling = False
+
+    def __init__(self, model, density: float, seed: int, periods: dict, stop_epoch: int, initialize: bool = True,
+                 **options):
+        super().__init__(model, density, seed, initialize, **options)
         self.periods, self.stop_epoch = dict(periods), stop_epoch
+        self.threshold = THRESHOLD_START
+        self.fraction = None
+        self.n_prune_params = None
 
     def reallocate(self, iteration: int) -> None:
         if iteration != 0 and self.epoch < self.stop_epoch and iteration % schedule_value(self.periods, self.epoch) == 0:
             self.rewire(iteration)
 
-
-class DSR(_PeriodicRewiring):
-    """Dynamic sparse reparameterization: a global magnitude threshold H, adapted to reallocate about
-    N_p weights a period, and regrowth in proportion to each tensor's survivors."""
-
-    name = "dsr"
-
-    def __init__(self, model, density: float, seed: int, periods: dict, stop_epoch: int, n_prune_params: int,
-                 initialize: bool = True):
-        super().__init__(model, density, seed, periods, stop_epoch, initialize)
-        self.n_prune_params = n_prune_params
-        self.threshold = THRESHOLD_START
-
     @torch.no_grad()
     def rewire(self, iteration: int) -> None:
         weights, masks = self._flat()
-        dropped = [drop_below(w, m, self.threshold) for w, m in zip(weights, masks)]
-        regrow_proportional(masks, dropped, self.generator)
-        reallocated = sum(d.numel() for d in dropped)
-        self._record(iteration, reallocated, self.threshold)
-        if reallocated > 1.1 * self.n_prune_params:
-            self.threshold /= 2.0
-        elif reallocated < 0.9 * self.n_prune_params:
-            self.threshold *= 2.0
+        before = [m.clone() for m in self.masks] if self.big_new_weights else None
+        if self.threshold_prune:
+            dropped = [drop_below(w, m, self.threshold) for w, m in zip(weights, masks)]
+        else:
+            dropped = [drop_smallest(w, m, self.fraction) for w, m in zip(weights, masks)]
+        removed = sum(d.numel() for d in dropped)
+        if self.rewire_scaling:
+            regrow_proportional(masks, dropped, self.generator)
+            reallocated = removed
+        else:
+            reallocated = sum(grow_random(m, d, d.numel(), self.generator).numel() for m, d in zip(masks, dropped))
+        self._record(iteration, reallocated, self.threshold if self.threshold_prune else None)
+        if self.threshold_prune:
+            if removed > 1.1 * self.n_prune_params:
+                self.threshold /= 2.0
+            elif removed < 0.9 * self.n_prune_params:
+                self.threshold *= 2.0
+        if before is not None:
+            self._fill_new(before)
         self.apply_masks()
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), threshold=self.threshold)
 
     def load_state_dict(self, state: dict) -> list[str]:
-        self.threshold = state["threshold"]
+        self.threshold = state.get("threshold", THRESHOLD_START)
         return super().load_state_dict(state)
 
     def settings(self) -> dict:
-        return dict(super().settings(), **{"--n-prune-params": self.n_prune_params,
-                                           "--stop-rewire-epoch": self.stop_epoch})
+        out = dict(super().settings(), **{"--stop-rewire-epoch": self.stop_epoch})
+        if self.threshold_prune:
+            out["--n-prune-params"] = self.n_prune_params
+        else:
+            out["--rewire-fraction"] = self.fraction
+        if self.threshold_prune != type(self).threshold_prune or self.rewire_scaling != type(self).rewire_scaling:
+            out.update({"--threshold-prune": self.threshold_prune, "--rewire-scaling": self.rewire_scaling})
+        return out
 
     def results(self) -> dict:
-        return dict(super().results(), threshold=self.threshold, n_prune_params=self.n_prune_params)
+        out = dict(super().results())
+        if self.threshold_prune:
+            out.update(threshold=self.threshold, n_prune_params=self.n_prune_params)
+        else:
+            out.update(rewire_fraction=self.fraction)
+        if self.threshold_prune != type(self).threshold_prune or self.rewire_scaling != type(self).rewire_scaling:
+            out.update(threshold_prune=self.threshold_prune, rewire_scaling=self.rewire_scaling)
+        return out
+
+
+class DSR(_PeriodicRewiring):
+    """Dynamic sparse reparameterization (``--rewire --threshold-prune --rewire-scaling``): a global
+    magnitude threshold H, adapted to reallocate about N_p weights a period, and regrowth in
+    proportion to each tensor's survivors."""
+
+    name = "dsr"
+    threshold_prune = True
+    rewire_scaling = True
+
+    def __init__(self, model, density: float, seed: int, periods: dict, stop_epoch: int, n_prune_params: int,
+                 initialize: bool = True, **options):
+        super().__init__(model, density, seed, periods, stop_epoch, initialize, **options)
+        self.n_prune_params = n_prune_params
 
 
 class SET(_PeriodicRewiring):
-    """Sparse evolutionary training: each tensor replaces its int(f·M)+1 smallest weights by as many
-    random ones."""
+    """Sparse evolutionary training (``--rewire``): each tensor replaces its int(f·M)+1 smallest weights
+    by as many random ones. ``threshold_prune`` / ``rewire_scaling`` switch on the code's
+    ``--threshold-prune`` (then ``n_prune_params`` is N_p and f is unused) and ``--rewire-scaling``
+    one at a time (both: DSR)."""
 
     name = "set"
 
-    def __init__(self, model, density: float, seed: int, periods: dict, stop_epoch: int, fraction: float,
-                 initialize: bool = True):
-        super().__init__(model, density, seed, periods, stop_epoch, initialize)
-        self.fraction = fraction
-
-    @torch.no_grad()
-    def rewire(self, iteration: int) -> None:
-        weights, masks = self._flat()
-        reallocated = 0
-        for w, m in zip(weights, masks):
-            dropped = drop_smallest(w, m, self.fraction)
-            reallocated += grow_random(m, dropped, dropped.numel(), self.generator).numel()
-        self._record(iteration, reallocated)
-        self.apply_masks()
-
-    def settings(self) -> dict:
-        return dict(super().settings(), **{"--rewire-fraction": self.fraction, "--stop-rewire-epoch": self.stop_epoch})
-
-    def results(self) -> dict:
-        return dict(super().results(), rewire_fraction=self.fraction)
+    def __init__(self, model, density: float, seed: int, periods: dict, stop_epoch: int, fraction: float | None,
+                 initialize: bool = True, *, threshold_prune: bool = False, rewire_scaling: bool = False,
+                 n_prune_params: int | None = None, **options):
+        super().__init__(model, density, seed, periods, stop_epoch, initialize, **options)
+        self.threshold_prune, self.rewire_scaling = threshold_prune, rewire_scaling
+        self.fraction = None if threshold_prune else fraction
+        self.n_prune_params = n_prune_params if threshold_prune else None
+        if (self.fraction is None) == (self.n_prune_params is None):
+            raise ValueError("SET needs its fraction, or with threshold_prune N_p (not both)")
 
 
 class DeepR(SparseMethod):
@@ -530,9 +702,11 @@ class DeepR(SparseMethod):
     name = "deepr"
 
     def __init__(self, model, density: float, seed: int, temperatures: dict, stop_epoch: int,
-                 eta: float = DEEPR_ETA, l1: float = DEEPR_L1, initialize: bool = True):
-        super().__init__(model, density, seed, initialize)
-        self.temperatures, self.stop_epoch, self.eta, self.l1 = dict(temperatures), stop_epoch, eta, l1
+                 eta: float = DEEPR_ETA, l1: float = DEEPR_L1, initialize: bool = True, **options):
+        super().__init__(model, density, seed, initialize, l1=l1, **options)
+        if any(m.shape != w.shape for m, w in zip(self.masks, self.weights)):
+            raise ValueError("DeepR masks single weights (the code's DeepR fails with kernel masks)")
+        self.temperatures, self.stop_epoch, self.eta = dict(temperatures), stop_epoch, eta
         self.signs = [torch.sign(w.detach()).view(-1).clone() for w in self.weights]
         # The code leaves fully dense tensors alone; DeepR keeps each tensor's count, so this holds for the run.
         self.rewired = [not bool(m.all()) for m in self.masks]
@@ -543,11 +717,6 @@ class DeepR(SparseMethod):
     def _count_active(self) -> None:
         """Active weights per tensor, kept on the host so that a step needs no count from the device."""
         self.active_counts = self.active()
-
-    def loss(self, progress: float) -> torch.Tensor | None:
-        if self.l1 == 0:
-            return None
-        return self.l1 * torch.stack([w.abs().sum() for w in self.weights]).sum()
 
     def before_step(self, iteration: int) -> None:
         self.iteration = iteration
@@ -589,6 +758,7 @@ class DeepR(SparseMethod):
         counts = torch.stack([f.sum() for f in flipped]).tolist()  # the step's one host sync
         if not any(counts):
             return
+        before = [m.clone() for m in self.masks] if self.big_new_weights else None
         grow = torch.Generator(device=masks[0].device)
         grow.manual_seed((self.noise_seed + 1_000_003 * self.iteration + 500_001) % 2 ** 63)
         reallocated = 0
@@ -608,11 +778,12 @@ class DeepR(SparseMethod):
             self.active_counts[layer] += grown - count
             reallocated += grown
         self.reallocated_epoch += reallocated
+        if before is not None:
+            self._fill_new(before)  # their recorded sign stays 0: a regrown weight's first sign is no flip
         self.apply_masks()  # zero what was dropped (after_step has masked the rest)
 
     def settings(self) -> dict:
-        return dict(super().settings(), **{"--DeepR_eta": self.eta, "--L1-loss-coeff": self.l1,
-                                           "--stop-rewire-epoch": self.stop_epoch})
+        return dict(super().settings(), **{"--DeepR_eta": self.eta, "--stop-rewire-epoch": self.stop_epoch})
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), signs=[s.cpu().clone() for s in self.signs], noise_seed=self.noise_seed)
@@ -630,16 +801,21 @@ class DeepR(SparseMethod):
 
 class IMP(SparseMethod):
     """Iterative magnitude pruning of a trained dense network to ``density`` in ``iterations`` prunes,
-    one at the end of every ``every``-th epoch from epoch ``start`` on."""
+    one at the end of every ``every``-th epoch from epoch ``start`` on. ``conv`` / ``fc`` are the
+    targets of the conv and the linear tensors where they differ (the code's
+    ``--prune-target-sparsity-conv`` / ``-fc``)."""
 
     name = "imp"
 
-    def __init__(self, model, density: float, seed: int, iterations: int = 20, cubic: bool = False,
-                 start: int = 0, every: int = 2):
-        super().__init__(model, None, seed, initialize=False)
+    def __init__(self, model, density: float | None, seed: int, iterations: int = 20, cubic: bool = False,
+                 start: int = 0, every: int = 2, *, conv: float | None = None, fc: float | None = None, **options):
+        super().__init__(model, None, seed, initialize=False, **options)
         self.target, self.iterations, self.cubic, self.start, self.every = density, iterations, cubic, start, every
-        # One target for every tensor, but where the network declares otherwise (LeNet-300-100's output layer).
-        self.targets = model.imp_densities(density, self.layers)
+        self.conv_target, self.fc_target = conv, fc
+        per_layer = layer_densities(model, self.layers, density, conv, fc)
+        # One target for every tensor, but where the network declares otherwise (LeNet-300-100's output
+        # layer) or the conv and fc targets differ.
+        self.targets = model.imp_densities(per_layer[0], self.layers) if len(set(per_layer)) == 1 else per_layer
         self.prunes_done = 0
 
     def end_epoch(self, epoch: int) -> None:
@@ -650,14 +826,21 @@ class IMP(SparseMethod):
     @torch.no_grad()
     def prune(self) -> None:
         weights, masks = self._flat()
-        pruned = sum(drop_smallest(w, m, imp_fraction(self.prunes_done, self.iterations, d, self.cubic)).numel()
-                     for w, m, d in zip(weights, masks, self.targets))
+        pruned = 0
+        for w, m, d, full in zip(weights, masks, self.targets, self.weights):
+            pruned += drop_smallest(w, m, imp_fraction(self.prunes_done, self.iterations, d, self.cubic)).numel() \
+                * (full.numel() // m.numel())
         self.prunes_done += 1
         self.reallocated_epoch += pruned
         self.apply_masks()
 
     def settings(self) -> dict:
-        return {"--density": self.target, "--prune-iterations": self.iterations, "--cubic": self.cubic}
+        out = {"--density": self.target, "--prune-iterations": self.iterations, "--cubic": self.cubic}
+        extra = {"--prune-target-sparsity-conv": self.conv_target, "--prune-target-sparsity-fc": self.fc_target,
+                 "--start-pruning-after-epoch": self.start, "--prune-epoch-frequency": self.every,
+                 "--sub-kernel-granularity": self.granularity, "--sparse-resnet-downsample": self.shortcuts,
+                 "--L1-loss-coeff": self.l1, "--conv-group-lasso": self.group_lasso}
+        return dict(out, **extra)
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), prunes_done=self.prunes_done)
@@ -667,8 +850,17 @@ class IMP(SparseMethod):
         return super().load_state_dict(state)
 
     def results(self) -> dict:
-        return dict(super().results(), density=self.target, prune_iterations=self.iterations, cubic=self.cubic,
-                    prunes_done=self.prunes_done)
+        out = dict(super().results(), density=self.target, prune_iterations=self.iterations, cubic=self.cubic,
+                   prunes_done=self.prunes_done)
+        if self.conv_target is not None or self.fc_target is not None:
+            for kind, linear in (("density_conv", False), ("density_fc", True)):
+                values = {d for d, lin in zip(layer_densities(self.model, self.layers, self.target, self.conv_target,
+                                                              self.fc_target), self.linear) if lin == linear}
+                if values:
+                    out[kind] = values.pop()
+        if self.start or self.every != 2:
+            out.update(start_pruning_after_epoch=self.start, prune_epoch_frequency=self.every)
+        return out
 
     def epoch_message(self, epoch: int, results: dict) -> str | None:
         pruned, self.reallocated_epoch, self.events = self.reallocated_epoch, 0, []
@@ -677,39 +869,203 @@ class IMP(SparseMethod):
                 + (f", {pruned} pruned this epoch" if pruned else ""))
 
 
-def check_density(model, density: float) -> None:
-    """Refuse a density that leaves a sparse tensor without an active weight (one line)."""
-    if not 0.0 < density <= 1.0:
-        raise UsageError(f"--density {density:g}: must be in (0, 1]")
-    for record in sparse_layers(model):
-        n = model.get_submodule(record.name).weight.numel()
+def check_layer_densities(model, layers, densities: list[float], granularity: int = 4) -> None:
+    """Refuse a density that leaves a sparse tensor without an active weight (or mask entry), one line."""
+    for record, density in zip(layers, densities):
+        if not 0.0 < density <= 1.0:
+            raise UsageError(f"--density {density:g}: must be in (0, 1]")
+        n = mask_shape(model.get_submodule(record.name).weight, granularity).numel()
         if active_count(n, density) == 0:
-            raise UsageError(f"--density {density:g} leaves {record.name} ({n} weights) with no active weight; "
+            what = "kernels" if granularity == 2 and model.get_submodule(record.name).weight.dim() == 4 else "weights"
+            raise UsageError(f"--density {density:g} leaves {record.name} ({n} {what}) with no active weight; "
                              f"the smallest density that keeps one is {(1 - 0.1) / n:.3g}")
 
 
-def sparse_method(model, args, kind: str) -> SparseMethod:
-    """The method of ``--sparse {dsr,set,deepr,static}`` with the training scripts' arguments, on
-    ``kind`` ('cifar' or 'imagenet') data: the code's settings unless a flag overrides them."""
-    check_density(model, args.density)
+def check_density(model, density: float, shortcuts: bool = False, granularity: int = 4) -> None:
+    """Refuse a density that leaves a sparse tensor without an active weight (one line)."""
+    if not 0.0 < density <= 1.0:
+        raise UsageError(f"--density {density:g}: must be in (0, 1]")
+    layers = sparse_layers(model, shortcuts)
+    check_layer_densities(model, layers, [density] * len(layers), granularity)
+
+
+SCHEDULE_KEYS = {"lr_schedule": "lr", "rewire_period_schedule": "rewire_periods",
+                 "DeepR_temperature_schedule": "deepr_temperatures"}
+
+
+def _schedule_number(path, key: str, epoch, value, positive_int_value: bool):
+    """One ``- epoch : value`` entry of a schedule file, checked (one line on a problem)."""
+    if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string; the code would fail on it
+        try:
+            value = float(value)
+        except ValueError:
+            raise UsageError(f"--schedule-file {path}: {key} at epoch {epoch}: {value!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+            float("inf"), float("-inf")):
+        raise UsageError(f"--schedule-file {path}: {key} at epoch {epoch}: {value!r} is not a finite number")
+    if positive_int_value and (value != int(value) or value < 1):
+        raise UsageError(f"--schedule-file {path}: {key} at epoch {epoch}: {value!r} is not a whole number of "
+                         f"iterations >= 1")
+    if value < 0:
+        raise UsageError(f"--schedule-file {path}: {key} at epoch {epoch}: {value!r} is negative")
+    return int(value) if positive_int_value else float(value)
+
+
+def read_schedule_file(path: str) -> dict:
+    """The code's ``--schedule-file`` (``learning_schedules/*.yaml``): three lists of ``- first epoch :
+    value`` (``lr_schedule``, ``rewire_period_schedule``, ``DeepR_temperature_schedule``), each value
+    holding from its epoch to the next entry's (main.py's ``get_schedule_val``). Returns ``{lr,
+    rewire_periods, deepr_temperatures}`` as ``{epoch: value}`` dicts. A file the code could not use
+    as intended (unreadable, not YAML, a key missing or unknown, epochs not increasing from 0, a
+    value not a number) is one line (``UsageError``)."""
+    try:
+        import yaml
+    except ImportError:
+        raise UsageError("--schedule-file reads YAML: install PyYAML (pip install pyyaml)") from None
+    try:
+        with open(path) as stream:
+            loaded = yaml.safe_load(stream)
+    except OSError as e:
+        raise UsageError(f"--schedule-file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise UsageError(f"--schedule-file {path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"--schedule-file {path}: expected the keys {', '.join(SCHEDULE_KEYS)}")
+    unknown = [str(k) for k in loaded if k not in SCHEDULE_KEYS]
+    if unknown:
+        raise UsageError(f"--schedule-file {path}: unknown key {unknown[0]!r} (the code's keys: "
+                         f"{', '.join(SCHEDULE_KEYS)})")
+    out = {}
+    for key, name in SCHEDULE_KEYS.items():
+        if key not in loaded:
+            raise UsageError(f"--schedule-file {path}: no {key} (the code needs all of {', '.join(SCHEDULE_KEYS)})")
+        entries = loaded[key]
+        if not isinstance(entries, list) or not entries:
+            raise UsageError(f"--schedule-file {path}: {key} must be a list of '- epoch : value' entries")
+        schedule = {}
+        for entry in entries:
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise UsageError(f"--schedule-file {path}: {key}: each entry must be one '- epoch : value', got "
+                                 f"{entry!r}")
+            (epoch, value), = entry.items()
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise UsageError(f"--schedule-file {path}: {key}: {epoch!r} is not an epoch (a whole number >= 0)")
+            if schedule and epoch <= max(schedule):
+                raise UsageError(f"--schedule-file {path}: {key}: epoch {epoch} comes after epoch {max(schedule)}; "
+                                 f"the epochs must increase")
+            if not schedule and epoch != 0:
+                raise UsageError(f"--schedule-file {path}: {key} starts at epoch {epoch}; it must start at 0")
+            schedule[epoch] = _schedule_number(path, key, epoch, value, key == "rewire_period_schedule")
+        out[name] = schedule
+    if max(out["lr"].values()) <= 0:
+        raise UsageError(f"--schedule-file {path}: every learning rate of lr_schedule is 0")
+    return out
+
+
+def sparse_method(model, args, kind: str) -> PruningMethod:
+    """The method of ``--sparse {dsr,set,deepr,static}`` (with ``--tied``: tied weights) with the
+    training scripts' arguments, on ``kind`` ('cifar' or 'imagenet') data: the code's settings unless a
+    flag overrides them."""
+    get = functools.partial(getattr, args)
+    shortcuts = bool(get("sparse_resnet_downsample", False))
+    granularity = get("sub_kernel_granularity", None) or 4
+    layers = sparse_layers(model, shortcuts)
+    conv, fc = (None if s is None else 1.0 - s for s in (get("initial_sparsity_conv", None),
+                                                          get("initial_sparsity_fc", None)))
+    copy = get("copy_mask_from", None)
+    masks = None
+    if copy and args.density is None and conv is None and fc is None:
+        masks = copied_masks(model, layers, copy, granularity)  # the run takes the file's density
+        densities = [float(m.sum()) / m.numel() for m in masks]
+    else:
+        densities = layer_densities(model, layers, args.density, conv, fc)
+    l1 = get("L1_loss_coeff", None)
+    l1 = (DEEPR_L1 if args.sparse == "deepr" else 0.0) if l1 is None else l1
+    group_lasso = bool(get("conv_group_lasso", False))
+    if get("tied", None):
+        from .tied import TiedWeights
+        return TiedWeights(model, densities, args.seed, shortcuts=shortcuts,
+                           rescale_gradient=bool(get("rescale_tied_gradient", False)), l1=l1, group_lasso=group_lasso)
+    check_layer_densities(model, layers, densities, granularity)
+    options = dict(densities=densities, granularity=granularity, shortcuts=shortcuts,
+                   big_new_weights=bool(get("big_new_weights", False)), l1=l1, group_lasso=group_lasso)
+    if copy:
+        options["masks"] = masks if masks is not None else copied_masks(model, layers, copy, granularity,
+                                                                         args.density, densities)
     schedule = SCHEDULES[kind]
     stop = schedule["stop_rewire_epoch"] if args.stop_rewire_epoch is None else args.stop_rewire_epoch
-    periods = schedule["rewire_periods"]
+    periods = get("rewire_periods", None) or schedule["rewire_periods"]
     if args.sparse == "static":
-        return StaticSparse(model, args.density, args.seed)
+        return StaticSparse(model, args.density, args.seed, **options)
+    threshold_prune = args.sparse == "dsr" or bool(get("threshold_prune", False))
+    n_prune_params = None
+    if threshold_prune:
+        total = sum(model.get_submodule(w.name).weight.numel() for w in layers)
+        n_prune_params = args.n_prune_params or default_n_prune_params(kind, total, granularity)
     if args.sparse == "dsr":
-        total = sum(model.get_submodule(w.name).weight.numel() for w in sparse_layers(model))
-        n_prune_params = args.n_prune_params or default_n_prune_params(kind, total)
-        return DSR(model, args.density, args.seed, periods, stop, n_prune_params)
+        return DSR(model, args.density, args.seed, periods, stop, n_prune_params, **options)
     if args.sparse == "set":
-        fraction = args.rewire_fraction or default_rewire_fraction(kind, args.density)
-        if fraction is None:
-            known = ", ".join(f"{d:g}" for d in schedule["set_fractions"])
-            raise UsageError(f"SET's code sets --rewire-fraction only for the densities {known}; give "
-                             f"--rewire-fraction for --density {args.density:g}")
-        return SET(model, args.density, args.seed, periods, stop, fraction)
-    return DeepR(model, args.density, args.seed, schedule["deepr_temperatures"], stop, args.DeepR_eta,
-                 args.L1_loss_coeff)
+        fraction = None
+        if not threshold_prune:
+            common = set(densities)
+            fraction = args.rewire_fraction or (default_rewire_fraction(kind, common.pop()) if len(common) == 1
+                                                else None)
+            if fraction is None:
+                known = ", ".join(f"{d:g}" for d in schedule["set_fractions"])
+                given = f"--density {args.density:g}" if args.density is not None else "these densities"
+                raise UsageError(f"SET's code sets --rewire-fraction only for the densities {known}; give "
+                                 f"--rewire-fraction for {given}")
+        return SET(model, args.density, args.seed, periods, stop, fraction, threshold_prune=threshold_prune,
+                   rewire_scaling=bool(get("rewire_scaling", False)), n_prune_params=n_prune_params, **options)
+    temperatures = get("deepr_temperatures", None) or schedule["deepr_temperatures"]
+    return DeepR(model, args.density, args.seed, temperatures, stop, args.DeepR_eta, **options)
+
+
+def copied_masks(model, layers, path: str, granularity: int, density: float | None = None,
+                 densities: list[float] | None = None) -> list[torch.Tensor]:
+    """``--copy-mask-from``: the masks of a sparse run's training checkpoint (a run directory: its
+    last.pt) of the same network, for a static run on them (the code loads every ``*mask`` entry of
+    the file's state dict). Another network, another granularity, a file without masks, or a
+    ``--density`` whose active count differs from the file's is refused in one line."""
+    from pathlib import Path
+
+    from utils.checkpoint import load_checkpoint
+    file = Path(path)
+    if file.is_dir():
+        file = file / "last.pt"
+    if not file.exists():
+        raise UsageError(f"--copy-mask-from {path}: no such file")
+    state = load_checkpoint(file)
+    method = state.get("method") or {}
+    if "masks" not in method:
+        raise UsageError(f"--copy-mask-from {path}: not a checkpoint of a sparse run (it holds no masks)")
+    ours = dict(model.arch)
+    theirs = dict(state.get("arch") or {})
+    if {k: v for k, v in theirs.items() if k not in ("net", "back_dep", "temperature")} != \
+            {k: v for k, v in ours.items() if k not in ("net", "back_dep", "temperature")}:
+        raise UsageError(f"--copy-mask-from {path}: its network ({theirs.get('model')}, widths or options differ) is "
+                         f"not this run's {ours.get('model')}; copy masks from a run of the same --arch, "
+                         f"--width-mult, classes and options")
+    names = method.get("layers") or [w.name for w in sparse_layers(model)]
+    if names != [w.name for w in layers]:
+        raise UsageError(f"--copy-mask-from {path}: its sparse layers differ from this run's "
+                         f"(--sparse-resnet-downsample must match)")
+    masks = method["masks"]
+    shapes = [mask_shape(model.get_submodule(w.name).weight, granularity) for w in layers]
+    if [tuple(m.shape) for m in masks] != [tuple(s) for s in shapes]:
+        raise UsageError(f"--copy-mask-from {path}: its masks are of another --sub-kernel-granularity than "
+                         f"this run's {granularity}")
+    if densities is not None:
+        expected = sum(active_count(s.numel(), d) for s, d in zip(shapes, densities))
+        found = sum(int(m.sum()) for m in masks)
+        if found != expected:
+            given = f"--density {density:g}" if density is not None else "the given sparsities"
+            raise UsageError(f"--copy-mask-from {path}: its masks keep {found} entries, {given} {expected}; "
+                             f"leave the density out to train at the file's")
+    return [m.bool() for m in masks]
 
 
 class SparseTraining(MethodSpec):
@@ -717,16 +1073,18 @@ class SparseTraining(MethodSpec):
     with the code's schedule for the data (``SCHEDULES``) unless a flag overrides it."""
 
     selected_by = ("--sparse", "")
-    settings = ("net", "sparse", "density")
-    summary = "unstructured sparse training (DSR, SET, DeepR, static)"
+    settings = ("net", "sparse", "density", "tied")
+    summary = "unstructured sparse training (DSR, SET, DeepR, static; static with --tied: tied weights)"
     flags = ("--density", "--n-prune-params", "--rewire-fraction", "--stop-rewire-epoch", "--DeepR_eta",
-             "--L1-loss-coeff")
+             "--L1-loss-coeff", "--initial-sparsity-conv", "--initial-sparsity-fc", "--sub-kernel-granularity",
+             "--tied", "--rescale-tied-gradient", "--threshold-prune", "--rewire-scaling", "--conv-group-lasso",
+             "--big-new-weights", "--sparse-resnet-downsample", "--copy-mask-from", "--schedule-file")
     # The gates' flags, which --sparse refuses (no published method both masks weights and gates channels).
     gate_flags = ("--lamba", "--reg", "--temp", "--back_dep", "--lr_gate", "--lr_adam", "--gen_optim",
                   "--target-macs", "--target-params", "--target-warmup", "--lr-lagrangian", "--fine_tune_epoch")
-    # Flags that only one of the four methods takes.
-    one_method_flags = {"--n-prune-params": "dsr", "--rewire-fraction": "set", "--DeepR_eta": "deepr",
-                        "--L1-loss-coeff": "deepr"}
+    # Flags that only some of the four methods take (the code ignores them elsewhere; refused here).
+    method_flags = {"--DeepR_eta": ("deepr",), "--threshold-prune": ("dsr", "set"), "--rewire-scaling": ("dsr", "set"),
+                    "--big-new-weights": ("dsr", "set", "deepr"), "--tied": ("static",)}
 
     def __init__(self, name: str):
         self.name = name
@@ -741,18 +1099,50 @@ class SparseTraining(MethodSpec):
         g = parser.add_argument_group("unstructured sparse training (instead of gates; pruning/sparse.py)")
         g.add_argument("--density", type=density_type, metavar="D",
                        help="fraction of every sparse tensor's weights active")
+        g.add_argument("--initial-sparsity-conv", type=sparsity_type, metavar="S",
+                       help="the code's flag: every sparse conv tensor at density 1-S (instead of --density)")
+        g.add_argument("--initial-sparsity-fc", type=sparsity_type, metavar="S",
+                       help="the code's flag: every sparse linear tensor at density 1-S (instead of --density)")
+        g.add_argument("--sub-kernel-granularity", type=int, choices=(2, 4),
+                       help="4: mask single weights (default, every published run); 2: whole k x k kernels of the "
+                            "convs (the code's command-line default)")
         g.add_argument("--n-prune-params", type=positive_int, metavar="N",
-                       help="DSR's N_p: weights to reallocate per period (default: the code's 20,000 of WRN-28-2 or "
-                            "400,000 of ResNet50, scaled by this network's sparse weights)")
+                       help="DSR's N_p: weights (kernels with --sub-kernel-granularity 2) to reallocate per period "
+                            "(default: the code's 20,000 of WRN-28-2 or 400,000 of ResNet50, 2,000 / 40,000 for "
+                            "kernels, scaled by this network's sparse weights)")
         g.add_argument("--rewire-fraction", type=density_type, metavar="F",
                        help="SET's fraction of each tensor's active weights replaced per period (default: the code's "
                             "value for the density)")
+        g.add_argument("--threshold-prune", action="store_true",
+                       help="SET: drop by DSR's adaptive global threshold instead of a fraction per tensor (DSR: "
+                            "always)")
+        g.add_argument("--rewire-scaling", action="store_true",
+                       help="SET: regrow across tensors in proportion to their survivors, as DSR (DSR: always)")
         g.add_argument("--stop-rewire-epoch", type=nonneg_int, metavar="E",
                        help="no reallocation from epoch E on (default 190 CIFAR / 95 ImageNet)")
         g.add_argument("--DeepR_eta", type=positive_float, default=DEEPR_ETA,
                        help="DeepR's eta: the gradient noise has std sqrt(2 eta T)")
-        g.add_argument("--L1-loss-coeff", type=nonneg_float, default=DEEPR_L1,
-                       help="DeepR's L1 coefficient on the sparse weights")
+        g.add_argument("--L1-loss-coeff", type=nonneg_float, metavar="C",
+                       help="the loss gets C times the L1 norm of the sparse (or tied) weights (default: DeepR 1e-5, "
+                            "else 0)")
+        g.add_argument("--conv-group-lasso", action="store_true",
+                       help="--L1-loss-coeff's term is a group lasso over each conv's k x k kernels")
+        g.add_argument("--big-new-weights", action="store_true",
+                       help="a regrown weight starts at a draw from the initial distribution instead of 0")
+        g.add_argument("--sparse-resnet-downsample", action="store_true",
+                       help="ResNet50: the 1x1 projection shortcuts are sparse (or tied) too")
+        g.add_argument("--tied", action="store_true", default=None,
+                       help="--sparse static only: tie each sparse tensor's weights to round(D*n) shared values "
+                            "through a fixed random index (HashedNet; pruning/tied.py) instead of masking them")
+        g.add_argument("--rescale-tied-gradient", action="store_true",
+                       help="the code's flag with --tied: divides the tied gradient after the step, so it changes "
+                            "nothing (as in the code)")
+        g.add_argument("--copy-mask-from", metavar="CHECKPOINT",
+                       help="start from the masks of a sparse run's checkpoint (or run directory) of the same "
+                            "network instead of random ones")
+        g.add_argument("--schedule-file", metavar="YAML",
+                       help="the code's schedule file (learning_schedules/*.yaml): lr, reallocation period and "
+                            "DeepR temperature per epoch, replacing --lr / --milestones / --lr_decay")
 
     def own_flags(self) -> tuple[str, ...]:
         return self.flags
@@ -761,31 +1151,88 @@ class SparseTraining(MethodSpec):
         return f"{flag} belongs to unstructured sparse training: add --sparse {{{','.join(METHODS)}}}"
 
     def check(self, parser, args, given) -> None:
+        sparse = args.sparse
         if args.net not in (None, "dense"):
-            parser.error(f"--sparse {args.sparse} does not combine with --net {args.net}: it masks single weights "
+            parser.error(f"--sparse {sparse} does not combine with --net {args.net}: it masks single weights "
                          f"of a dense network, the gates remove whole channels, and no published method does both; "
                          f"leave --net out (or --net dense)")
         args.net = "dense"
         for flag in self.gate_flags:
             if flag in given:
-                parser.error(f"{flag} belongs to the gates (L0-HC / Dep-L0); --sparse {args.sparse} trains "
+                parser.error(f"{flag} belongs to the gates (L0-HC / Dep-L0); --sparse {sparse} trains "
                              f"without them")
-        if args.density is None:
-            parser.error(f"--sparse {args.sparse} needs --density D (the fraction of each sparse tensor's "
+        if (args.density is None and args.initial_sparsity_conv is None and args.initial_sparsity_fc is None
+                and not args.copy_mask_from):
+            parser.error(f"--sparse {sparse} needs --density D (the fraction of each sparse tensor's "
                          f"weights kept)")
-        for flag, method in self.one_method_flags.items():
-            if flag in given and args.sparse != method:
-                parser.error(f"{flag} is {method}'s setting, not --sparse {args.sparse}'s")
-        if "--stop-rewire-epoch" in given and args.sparse == "static":
+        if args.tied and sparse != "static":
+            parser.error(f"--tied is static training's: the code's rewiring, DeepR and pruning act on sparse "
+                         f"tensors, and a tied network has none; use --sparse static --tied")
+        for flag, methods in self.method_flags.items():
+            if flag in given and sparse not in methods:
+                names = " or ".join(f"--sparse {m}" for m in methods)
+                parser.error(f"{flag} is a setting of {names}, not of --sparse {sparse}")
+        threshold = sparse == "dsr" or args.threshold_prune
+        if "--n-prune-params" in given and not threshold:
+            parser.error(f"--n-prune-params is dsr's setting (or set's with --threshold-prune), not --sparse "
+                         f"{sparse}'s")
+        if "--rewire-fraction" in given and (sparse != "set" or threshold):
+            parser.error(f"--rewire-fraction is set's setting without --threshold-prune, not --sparse {sparse}'s"
+                         + (" with --threshold-prune" if sparse == "set" else ""))
+        if "--stop-rewire-epoch" in given and sparse == "static":
             parser.error("--stop-rewire-epoch: static sparse training never reallocates")
+        if args.tied:
+            # The code's tied runs train on the ordinary schedule (wrnet_schedule.yaml, resnet_schedule.yaml), not
+            # static sparse training's long one.
+            normal = SCHEDULES["imagenet" if args.dataset == "imagenet" else "cifar"]["train"]
+            for field, flags in (("epochs", ("--epoch", "--epochs")), ("milestones", ("--milestones",))):
+                if not any(flag in given for flag in flags):
+                    setattr(args, field, tuple(normal[field]) if field == "milestones" else normal[field])
+        if args.rescale_tied_gradient and not args.tied:
+            parser.error("--rescale-tied-gradient applies to tied weights: add --tied")
+        if args.tied and args.copy_mask_from:
+            parser.error("--copy-mask-from: a tied network has no mask to copy (leave out --tied)")
+        if args.sub_kernel_granularity == 2 and sparse == "deepr":
+            parser.error("--sub-kernel-granularity 2: the code's DeepR fails with kernel masks (its noise and sign "
+                         "checks are per weight); DeepR masks single weights")
+        if args.L1_loss_coeff is None:
+            args.L1_loss_coeff = DEEPR_L1 if sparse == "deepr" else 0.0
+        if args.conv_group_lasso and args.L1_loss_coeff == 0:
+            parser.error("--conv-group-lasso shapes the --L1-loss-coeff term, which is 0 here: give "
+                         "--L1-loss-coeff C")
+        if args.sparse_resnet_downsample and args.arch != "resnet50":
+            parser.error(f"--sparse-resnet-downsample is ResNet50's (the code's imagenet_resnet50); --arch "
+                         f"{args.arch} has no downsample to make sparse")
+        if args.schedule_file:
+            for flag in ("--lr", "--lr_vgg", "--milestones", "--lr_decay"):
+                if flag in given:
+                    parser.error(f"{flag}: --schedule-file {args.schedule_file} sets the learning rate of every "
+                                 f"epoch; leave {flag} out")
+            try:
+                schedule = read_schedule_file(args.schedule_file)
+            except UsageError as e:
+                parser.error(str(e))
+            args.lr_schedule, args.lr = schedule["lr"], max(schedule["lr"].values())
+            args.rewire_periods, args.deepr_temperatures = schedule["rewire_periods"], schedule["deepr_temperatures"]
 
     def run_label(self, args) -> str:
-        return f"{self.name}_d{args.density:g}"
+        label = self.name + ("_tied" if args.tied else "")
+        if args.density is not None:
+            label += f"_d{args.density:g}"
+        for kind in ("conv", "fc"):
+            value = getattr(args, f"initial_sparsity_{kind}")
+            if value is not None:
+                label += f"_s{kind}{value:g}"
+        if args.copy_mask_from:
+            label += "_copied"
+        if args.sub_kernel_granularity == 2:
+            label += "_kernels"
+        return label
 
     def arch_options(self, args) -> dict:
         return dict(net="dense", back_dep=False, temperature=args.temp)
 
-    def build(self, model, config) -> SparseMethod:
+    def build(self, model, config) -> PruningMethod:
         return sparse_method(model, SimpleNamespace(**config.to_dict()), "imagenet" if config.imagenet else "cifar")
 
 

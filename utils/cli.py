@@ -67,6 +67,14 @@ def density_type(text):
     return value
 
 
+def sparsity_type(text):
+    value = _number(float)(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (the fraction of each tensor's weights removed), "
+                                         f"got {text}")
+    return value
+
+
 def milestone_list(text):
     try:
         return tuple(int(m) for m in text.split(",") if m)
