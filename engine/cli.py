@@ -116,6 +116,8 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--num_classes", type=positive_int,
                    help="number of classes (CIFAR: 10 or 100 selects the dataset; default: from the data)")
     g.add_argument("--dummy", action="store_true", help="synthetic data of the right shape: no download, runs anywhere")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="CIFAR: train on the plain images, without random crop and flip (DSR's --no-augment)")
     g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=min(recipe.workers, os.cpu_count() or 1),
                    help="data-loading processes (-w is the reference CIFAR scripts' spelling; at most the machine's cores)")
 
@@ -251,6 +253,9 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
             args.dataset = cifar.get(args.num_classes, "cifar10")
         elif args.dataset in cifar.values() and args.num_classes not in (None, int(args.dataset[5:])):
             parser.error(f"--num_classes {args.num_classes} contradicts --dataset {args.dataset}")
+    if args.augment is False and args.dataset not in ("cifar10", "cifar100"):
+        parser.error(f"--no-augment: only CIFAR is augmented by DSR's code (its flag does nothing to "
+                     f"{args.dataset}); leave it out")
     network = MODEL_CLASSES[args.arch]
     check_network(parser, args, given, network)
     options = network.options_from(args)
@@ -260,7 +265,8 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
     args.network_options = options
     name = f"{arch}_{'dummy-' if args.dummy else ''}{args.dataset}_{spec.run_label(args)}"
     return RunConfig.from_namespace(args, model=args.arch, imagenet=recipe.imagenet, method=spec.name, name=name,
-                                    identity=("dataset", "num_classes", "width_mult", *options, *spec.settings))
+                                    identity=("dataset", "num_classes", "width_mult", "augment", *options,
+                                              *spec.settings))
 
 
 def check_network(parser, args, given: set[str], network) -> None:

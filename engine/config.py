@@ -50,6 +50,7 @@ class RunConfig:
     compile: bool = False
     sync_bn: bool = False
     loader: str = "auto"
+    augment: bool | None = None         # False: CIFAR without random crop and flip (--no-augment); None: augmented
     options: SimpleNamespace = field(default_factory=SimpleNamespace)  # the method's flags
 
     @classmethod

@@ -144,7 +144,8 @@ class Trainer:
         self.checkpoint = checkpoint
 
         train_set, val_set, num_classes = build_datasets(args.dataset, args.data_dir, dummy=args.dummy,
-                                                         num_classes=args.num_classes)
+                                                         num_classes=args.num_classes,
+                                                         augment=args.augment is not False)
         args.num_classes = num_classes
         self.normalize = DeviceNormalize(args.dataset, device)
         create_out_dir(self.out_dir)  # every rank: a rank that fails must not leave the others waiting
@@ -281,7 +282,8 @@ class Trainer:
         on_device = (self.args.dataset in ("cifar10", "cifar100") and not self.args.dummy
                      and (loader == "device" or (loader == "auto" and self.device.type == "cuda")))
         if on_device:
-            return DeviceCifarLoader(train_set.data, train_set.targets, self.sampler, self.device)
+            return DeviceCifarLoader(train_set.data, train_set.targets, self.sampler, self.device,
+                                     augment=self.args.augment is not False)
         return DataLoader(SeededDataset(train_set), batch_size=self.batch_size, sampler=self.sampler,
                           **loader_options(self.args.workers, self.device))
 

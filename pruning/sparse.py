@@ -638,7 +638,7 @@ class _PeriodicRewiring(SparseMethod):
         return super().load_state_dict(state)
 
     def settings(self) -> dict:
-        out = dict(super().settings(), **{"--stop-rewire-epoch": self.stop_epoch})
+        out = dict(super().settings(), **{"--stop-rewire-epoch": self.stop_epoch, "--schedule-file periods": self.periods})
         if self.threshold_prune:
             out["--n-prune-params"] = self.n_prune_params
         else:
@@ -783,7 +783,8 @@ class DeepR(SparseMethod):
         self.apply_masks()  # zero what was dropped (after_step has masked the rest)
 
     def settings(self) -> dict:
-        return dict(super().settings(), **{"--DeepR_eta": self.eta, "--stop-rewire-epoch": self.stop_epoch})
+        return dict(super().settings(), **{"--DeepR_eta": self.eta, "--stop-rewire-epoch": self.stop_epoch,
+                                           "--schedule-file temperatures": self.temperatures})
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), signs=[s.cpu().clone() for s in self.signs], noise_seed=self.noise_seed)

@@ -360,3 +360,42 @@ def test_copy_mask_from_and_imp_epochs(tmp_path, capsys, monkeypatch):
     assert results["epochs_total"] == 3 and results["prunes_done"] == 2
     assert results["start_pruning_after_epoch"] == 1 and results["prune_epoch_frequency"] == 1
     assert abs(results["density_active"] - 0.5) < 0.02
+
+
+# ----------------------------------------------------------------------- --no-augment
+
+
+def test_no_augment_trains_cifar_on_the_plain_images(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import engine.trainer
+    import train_resnet50
+    from utils import data
+    from utils.distributed import Context
+    from utils.sampling import DeviceCifarLoader, ResumableSampler
+    image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+    plain, test = data._cifar_transforms(augment=False)
+    assert torch.equal(plain(image), test(image))
+    # The on-device loader: the sampler's images as they are.
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    sampler = ResumableSampler(list(range(6)), Context(), seed=0, batch_size=3)
+    sampler.start_at(0, 0)
+    loader = DeviceCifarLoader(images.numpy(), list(range(6)), sampler, torch.device("cpu"), augment=False)
+    for batch, labels in loader:
+        assert torch.equal(batch, images[labels].permute(0, 3, 1, 2))
+    # The engine hands the switch to the data.
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("augment"))
+        return data.build_datasets(*args, **kwargs)
+
+    monkeypatch.setattr(engine.trainer, "build_datasets", recording)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        engine.trainer.main(train_resnet56.RECIPE, ["--net", "dense", "--no-augment", *TINY, "--out-dir", "run"])
+    assert done.value.code == 0 and seen == [False]
+    # Only CIFAR is augmented in the code: elsewhere the flag is refused.
+    line = _one_line_error(capsys, lambda: engine.trainer.main(train_resnet50.RECIPE, [
+        "--net", "dense", "--no-augment", *TINY, "--out-dir", "run50"]))
+    assert "only CIFAR is augmented" in line, line

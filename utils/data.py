@@ -100,6 +100,7 @@ def build_datasets(
     dummy: bool = False,
     num_classes: int | None = None,
     download: bool = True,
+    augment: bool = True,
 ) -> tuple[Dataset, Dataset, int]:
     """Return ``(train_set, val_set, num_classes)`` for a dataset name.
 
@@ -108,7 +109,8 @@ def build_datasets(
     ``dummy=True`` returns synthetic data without touching the disk; there
     ``num_classes`` sets the class count of the folder kinds. For real data a
     given ``num_classes`` must match the data. ``download`` lets a missing CIFAR
-    be fetched from the internet.
+    be fetched from the internet. ``augment=False`` trains CIFAR on the plain images (no random
+    crop or flip: DSR's ``--no-augment``); the other data sets ignore it.
     """
     kind = _KINDS.get(dataset)
     if kind is None:
@@ -119,7 +121,7 @@ def build_datasets(
         train_set, val_set = _build_mnist(data_dir)
         where = _mnist_folder(data_dir)
     elif kind.cifar_reader is not None:
-        train_set, val_set = _build_cifar(kind, data_dir, download)
+        train_set, val_set = _build_cifar(kind, data_dir, download, augment)
         where = os.path.join(_cifar_root(data_dir), kind.cifar_reader.base_folder)
     else:
         train_set, val_set = _build_folder(dataset, data_dir)
@@ -235,7 +237,9 @@ def _cifar_root(data_dir: str | None) -> str:
     return os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
 
 
-def _cifar_transforms() -> tuple[transforms.Compose, transforms.Compose]:
+def _cifar_transforms(augment: bool = True) -> tuple[transforms.Compose, transforms.Compose]:
+    if not augment:
+        return transforms.PILToTensor(), transforms.PILToTensor()
     train = transforms.Compose([
         transforms.RandomCrop(32, padding=4),
         transforms.RandomHorizontalFlip(),
@@ -244,12 +248,13 @@ def _cifar_transforms() -> tuple[transforms.Compose, transforms.Compose]:
     return train, transforms.PILToTensor()
 
 
-def _build_cifar(kind: _Kind, data_dir: str | None, download: bool) -> tuple[CIFAR10, CIFAR10]:
+def _build_cifar(kind: _Kind, data_dir: str | None, download: bool,
+                 augment: bool = True) -> tuple[CIFAR10, CIFAR10]:
     """Read CIFAR from ``data_dir``, downloading it first if it is missing."""
     root = _cifar_root(data_dir)
     folder = os.path.join(root, kind.cifar_reader.base_folder)
     try:
-        return _read_cifar(kind, root)
+        return _read_cifar(kind, root, augment)
     # torchvision checks every file's md5 before unpickling it, so missing and
     # damaged data both surface as RuntimeError; OSError is an unreadable file.
     except (RuntimeError, OSError) as err:
@@ -262,7 +267,7 @@ def _build_cifar(kind: _Kind, data_dir: str | None, download: bool) -> tuple[CIF
     except (OSError, RuntimeError, tarfile.TarError) as err:
         raise UsageError(f"{problem} and the download failed ({_reason(err)}): {fix}") from err
     try:
-        return _read_cifar(kind, root)
+        return _read_cifar(kind, root, augment)
     except (RuntimeError, OSError) as err:
         raise UsageError(
             f"{kind.title} in {folder} is unreadable even after downloading it ({_reason(err)}): "
@@ -284,8 +289,8 @@ def _download_cifar(kind: _Kind, root: str) -> None:
         raise
 
 
-def _read_cifar(kind: _Kind, root: str) -> tuple[CIFAR10, CIFAR10]:
-    train_tf, val_tf = _cifar_transforms()
+def _read_cifar(kind: _Kind, root: str, augment: bool = True) -> tuple[CIFAR10, CIFAR10]:
+    train_tf, val_tf = _cifar_transforms(augment)
     train_set = kind.cifar_reader(root, train=True, transform=train_tf, download=False)
     val_set = kind.cifar_reader(root, train=False, transform=val_tf, download=False)
     return train_set, val_set

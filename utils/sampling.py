@@ -114,8 +114,10 @@ class DeviceCifarLoader:
     ``(seed, epoch)``: the distribution of torchvision's pipeline.
     """
 
-    def __init__(self, images_hwc_uint8, labels, sampler: ResumableSampler, device, padding: int = 4):
+    def __init__(self, images_hwc_uint8, labels, sampler: ResumableSampler, device, padding: int = 4,
+                 augment: bool = True):
         self.images = torch.as_tensor(images_hwc_uint8).permute(0, 3, 1, 2).contiguous().to(device)
+        self.augment = augment  # False: the plain images (DSR's --no-augment)
         self.labels = torch.as_tensor(labels, dtype=torch.long).to(device)
         self.sampler = sampler
         self.padding = padding
@@ -132,4 +134,7 @@ class DeviceCifarLoader:
         flip = (torch.rand(n, generator=g) < 0.5).to(self.device)
         order = torch.tensor([index for index, _ in self.sampler], dtype=torch.long, device=self.device)
         for batch in order.split(self.sampler.batch_size):
+            if not self.augment:
+                yield self.images[batch], self.labels[batch]
+                continue
             yield crop_flip(self.images[batch], top[batch], left[batch], flip[batch], self.padding), self.labels[batch]
