@@ -101,7 +101,7 @@ def dataset_label(results: dict, synthetic: bool | None = None) -> str:
 # runs have only "net").
 METHOD_NAMES = {"l0-hc": "L0-HC", "dep-l0": "Dep-L0", "dense": "dense", "l1": "L1", "greg1": "GReg-1",
                 "greg2": "GReg-2", "hsic": "HSIC-Lasso", "dsr": "DSR", "set": "SET", "deepr": "DeepR",
-                "static": "static sparse", "imp": "IMP"}
+                "static": "static sparse", "tied": "tied (HashedNet)", "imp": "IMP"}
 
 
 def run_title(results: dict) -> str:
