@@ -118,6 +118,9 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--dummy", action="store_true", help="synthetic data of the right shape: no download, runs anywhere")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="CIFAR: train on the plain images, without random crop and flip (DSR's --no-augment)")
+    g.add_argument("--validate-set", action="store_true", default=None,
+                   help="train without the training set's last images (CIFAR 5000, MNIST and ImageNet 10000) and "
+                        "report their accuracy every epoch (DSR's --validate-set)")
     g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=min(recipe.workers, os.cpu_count() or 1),
                    help="data-loading processes (-w is the reference CIFAR scripts' spelling; at most the machine's cores)")
 
@@ -256,6 +259,8 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
     if args.augment is False and args.dataset not in ("cifar10", "cifar100"):
         parser.error(f"--no-augment: only CIFAR is augmented by DSR's code (its flag does nothing to "
                      f"{args.dataset}); leave it out")
+    if args.validate_set and args.dataset == "folder" and not args.dummy:
+        parser.error("--validate-set: DSR's code holds out part of CIFAR, MNIST and ImageNet only, not --dataset folder")
     network = MODEL_CLASSES[args.arch]
     check_network(parser, args, given, network)
     options = network.options_from(args)
@@ -265,7 +270,7 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
     args.network_options = options
     name = f"{arch}_{'dummy-' if args.dummy else ''}{args.dataset}_{spec.run_label(args)}"
     return RunConfig.from_namespace(args, model=args.arch, imagenet=recipe.imagenet, method=spec.name, name=name,
-                                    identity=("dataset", "num_classes", "width_mult", "augment", *options,
+                                    identity=("dataset", "num_classes", "width_mult", "augment", "validate_set", *options,
                                               *spec.settings))
 
 

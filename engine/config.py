@@ -51,6 +51,7 @@ class RunConfig:
     sync_bn: bool = False
     loader: str = "auto"
     augment: bool | None = None         # False: CIFAR without random crop and flip (--no-augment); None: augmented
+    validate_set: bool | None = None    # True: hold out the training set's last images and report them (--validate-set)
     options: SimpleNamespace = field(default_factory=SimpleNamespace)  # the method's flags
 
     @classmethod

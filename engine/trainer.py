@@ -39,7 +39,7 @@ from pruning import METHODS
 from utils import distributed
 from utils.checkpoint import FORMAT, link_or_copy, load_checkpoint, save_checkpoint, write_json
 from utils.cli import program_name
-from utils.data import DeviceNormalize, build_datasets
+from utils.data import DeviceNormalize, build_datasets, hold_out
 from utils.errors import EXIT_PREEMPTED, TrainingDiverged, UsageError, brief, run_reporting_errors
 from utils.logger import RunLogger, human
 from utils.run import (StopSignals, check_out_dir, create_out_dir, find_resumable, fresh_out_dir, git_commit,
@@ -147,6 +147,9 @@ class Trainer:
                                                          num_classes=args.num_classes,
                                                          augment=args.augment is not False)
         args.num_classes = num_classes
+        held_set = None
+        if args.validate_set:
+            train_set, held_set = hold_out(args.dataset, train_set, val_set, dummy=args.dummy)
         self.normalize = DeviceNormalize(args.dataset, device)
         create_out_dir(self.out_dir)  # every rank: a rank that fails must not leave the others waiting
         torch.manual_seed(args.seed)
@@ -193,6 +196,11 @@ class Trainer:
         self.train_loader = self._train_loader(train_set)
         self.val_loader = DataLoader(val_set, batch_size=self.batch_size, sampler=ShardSampler(len(val_set), ctx),
                                      **loader_options(self.args.workers, self.device))
+        # --validate-set: the held-out training images, evaluated after every epoch as well.
+        self.held_loader = None if held_set is None else DataLoader(
+            held_set, batch_size=self.batch_size, sampler=ShardSampler(len(held_set), ctx),
+            **loader_options(self.args.workers, self.device))
+        self.held_stats = None
         self.log = RunLogger(self.out_dir, imagenet=args.imagenet, enabled=ctx.is_main,
                              loss_name=self.method.loss_name)
         self.log.start(args.to_dict(), device, self.out_dir, len(train_set), len(val_set), ctx.world_size)
@@ -438,6 +446,9 @@ class Trainer:
         self.ctx.broadcast_buffers(self.model)
         self.method.end_epoch(self.epoch)
         val_stats = self.evaluate()
+        if self.held_loader is not None:
+            self.held_stats = evaluate_model(self.model, self.held_loader, self.normalize, self.args.limit_batches,
+                                             self.ctx, self.amp_dtype, self.memory_format)
         finished_epoch = self.epoch
         self.epoch, self.step = self.epoch + 1, 0
         open_channels = self.method.network_key().cpu()
@@ -449,6 +460,12 @@ class Trainer:
         results = self.results(val_stats)
         self.log.epoch(self.epoch - 1, train_stats, val_stats, results, self.method,
                        seconds=time.time() - self.epoch_started)
+        if self.held_stats is not None:
+            held = self.held_stats
+            self.log.scalars(self.epoch, {"Validate/Accuracy": held["top1"], "Validate/Average loss": held["loss"]})
+            self.log.message(f"held-out training images ({held['examples']}): top-1 {held['top1']:.2f}%"
+                             + (f" top-5 {held['top5']:.2f}%" if self.args.imagenet else "")
+                             + f"  loss {held['loss']:.4f}")
         message = self.method.epoch_message(finished_epoch, results)
         if message:
             self.log.message(message)
@@ -487,6 +504,11 @@ class Trainer:
             git_commit=self.commit)
         if args.imagenet:
             results["top5"] = val_stats["top5"]
+        if self.held_stats is not None:
+            # --validate-set: the held-out training images (DSR's val_prec1 / val_loss); top1 stays the test set's.
+            results.update(validate_top1=self.held_stats["top1"], validate_loss=self.held_stats["loss"])
+            if args.imagenet:
+                results["validate_top5"] = self.held_stats["top5"]
         results.update(self.method.results())
         results.update(self.extra_results)
         return results

@@ -399,3 +399,35 @@ def test_no_augment_trains_cifar_on_the_plain_images(tmp_path, monkeypatch, caps
     line = _one_line_error(capsys, lambda: engine.trainer.main(train_resnet50.RECIPE, [
         "--net", "dense", "--no-augment", *TINY, "--out-dir", "run50"]))
     assert "only CIFAR is augmented" in line, line
+
+
+# ----------------------------------------------------------------------- --validate-set
+
+
+def test_validate_set_holds_out_the_last_training_images(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    import engine.trainer
+    from utils.data import hold_out
+
+    class Cifar:  # what the split reads of torchvision's CIFAR10: data, targets, transform
+        def __init__(self, n):
+            self.data, self.targets, self.transform = np.arange(n * 2).reshape(n, 2), list(range(n)), "augment"
+
+        def __len__(self):
+            return len(self.data)
+
+    train, held = hold_out("cifar10", Cifar(50_000), SimpleNamespace(transform="test"))
+    assert len(train) == 45_000 and len(held) == 5_000                      # main.py: split at 45000
+    assert held.targets[0] == 45_000 and train.targets[-1] == 44_999 and held.data[0].tolist() == [90_000, 90_001]
+    assert train.transform == "augment" and held.transform == "test"
+    with pytest.raises(UsageError, match="holds out 10000 images"):
+        hold_out("mnist", Cifar(10_000), SimpleNamespace(transform=None))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        engine.trainer.main(train_resnet56.RECIPE, ["--net", "dense", "--validate-set", *TINY, "--out-dir", "run"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "461 training / 256 validation images" in out and "held-out training images (16)" in out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"validate_top1", "validate_loss"} <= set(results)

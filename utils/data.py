@@ -23,6 +23,7 @@ the fix.
 """
 
 import contextlib
+import copy
 import gzip
 import os
 import tarfile
@@ -33,7 +34,7 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, ImageFolder
 from torchvision.datasets.utils import download_and_extract_archive
@@ -133,6 +134,37 @@ def build_datasets(
             "drop --num-classes or point --data-dir at the intended data"
         )
     return train_set, val_set, found
+
+
+# DSR's --validate-set: the last images of its training set held out for validation (main.py: split_dataset).
+HELD_OUT = MappingProxyType({"cifar10": 5000, "cifar100": 5000, "mnist": 10000, "imagenet": 10000})
+
+
+def hold_out(dataset: str, train_set: Dataset, val_set: Dataset, *, dummy: bool = False) -> tuple[Dataset, Dataset]:
+    """DSR's ``--validate-set``: ``(train, held_out)``, the training set's first N - k images and its
+    last k (CIFAR 5,000, MNIST 10,000, ImageNet 10,000, by dataset index as the code's split; a
+    tenth of ``--dummy``'s). The held-out images get the evaluation transform (``val_set``'s); the
+    code's keep the training augmentation. Other data sets are refused (one line)."""
+    n = len(train_set)
+    if dummy:
+        k = n // 10
+    elif dataset in HELD_OUT:
+        k = HELD_OUT[dataset]
+    else:
+        raise UsageError(f"--validate-set: DSR's code holds out part of CIFAR, MNIST and ImageNet only, not "
+                         f"--dataset {dataset}")
+    if not 0 < k < n:
+        raise UsageError(f"--validate-set holds out {k} images, and the training set has {n}")
+    if dummy or not hasattr(train_set, "transform"):
+        return Subset(train_set, range(n - k)), Subset(train_set, range(n - k, n))
+    train, held = copy.copy(train_set), copy.copy(train_set)
+    for name in ("data", "targets", "samples", "imgs"):
+        values = getattr(train_set, name, None)
+        if values is not None:
+            setattr(train, name, values[:n - k])
+            setattr(held, name, values[n - k:])
+    held.transform = val_set.transform
+    return train, held
 
 
 class DeviceNormalize:
