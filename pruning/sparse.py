@@ -7,7 +7,11 @@ runs them.
 ResNet50, as in the method's ResNet50, and dense on the CIFAR models, as in the method's CIFAR network
 (WRN-28-2, whose ``fc`` is a plain ``nn.Linear``); each network declares it (the layer records' roles
 and ``sparse_classifier``; LeNet-300-100 has every layer sparse). BatchNorm and biases stay dense. Masks are per
-weight (the code's ``--sub-kernel-granularity 4``, every published run).
+weight (the code's ``--sub-kernel-granularity 4``, every published run) or, with 2, per k x k kernel of
+every conv; the code's other switches are :class:`SparseMethod`'s and the spec's (``--initial-sparsity-*``,
+``--threshold-prune`` / ``--rewire-scaling`` alone, ``--L1-loss-coeff``, ``--conv-group-lasso``,
+``--big-new-weights``, ``--sparse-resnet-downsample``, ``--copy-mask-from``, ``--schedule-file``); tied
+weights (``--tied``) are pruning/tied.py's.
 
 **Start** (:func:`initial_masks`): in every sparse tensor of n weights, int(d·n + 0.1) positions
 active, drawn uniformly at random, the same density d everywhere; every conv He-normal with fan-out,

@@ -79,8 +79,7 @@ def check_tied_densities(model, layers, densities: list[float]) -> None:
         n = model.get_submodule(record.name).weight.numel()
         if tied_count(n, density) == 0:
             raise UsageError(f"--tied at density {density:g} leaves {record.name} ({n} weights) without a free "
-                             f"value (the code's round(d*n) is 0); the smallest density that keeps one is "
-                             f"{0.5 / n + 1e-12:.3g}")
+                             f"value (the code's round(d*n) is 0); a density above {0.5 / n:.3g} keeps one")
 
 
 class TiedWeights(PruningMethod):
