@@ -173,6 +173,7 @@ class ChannelGates(nn.Module):
         runs) Dep-L0's generator weights at ``lr / fan_in`` (:meth:`DependencyMLP.param_groups`)."""
         if fan_in_scaled and isinstance(self.logits, DependencyMLP):
             return self.logits.param_groups(lr)
+
         return [dict(params=list(self.parameters()), lr=lr)]
 
     def bound_pre_activations_(self) -> None:

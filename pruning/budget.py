@@ -1,32 +1,62 @@
-r"""Prune to a budget: a Lagrangian constraint on the expected cost.
+r"""Prune to a budget: a controller that drives the kept network's cost to a target.
 
 Instead of a fixed lambda, ``--target-macs F`` / ``--target-params F`` ask for a
-cost of F times the dense network's. With C the exact expected cost of the
-gated network as a fraction of dense (the ``--reg macs`` / ``--reg params``
-quantity divided by its dense value) and t the current target, the training
-loss gets
+cost of F times the dense network's. The budget is not in the paper or in the
+authors' code; its design follows from two ways the obvious Lagrangian fails
+on real data (issue 24):
 
-.. math:: \mathcal{L}_{budget} = N \big(\lambda_1 (C - t) + \lambda_2 (C - t)^2\big)
+* **A surrogate that can be met by shrinking.** The expected cost C (the
+  ``--reg macs`` / ``--reg params`` quantity over its dense value, each channel
+  counted by :math:`P(z \neq 0)`) can reach the target with every gate in the
+  band where a channel is open at test time but scaled almost to zero: the
+  pruned network then keeps every channel (a kept cost of 1.0 against C =
+  0.23). Behind each gate sits a BatchNorm, so a uniform shrink costs the
+  training loss nothing, and the constraint takes that free direction. The
+  controller therefore measures the **kept cost** :math:`K` (channels whose
+  test gate is open, :meth:`BudgetConstraint.kept_fraction`) and acts on
+  :math:`\max(C, K)`: shrinking without closing earns nothing.
+* **A multiplier in the wrong units, pressing every gate.** A Lagrangian
+  term :math:`\lambda (C - t)` adds :math:`\lambda\,\partial C/\partial\theta`
+  to the gates' gradient, but the gates move by Adam, about one learning rate
+  per step whatever the gradient's size: once :math:`\lambda` exceeds the
+  (tiny) force of the cross-entropy on the gates, every gate falls at once,
+  and L0-HC's logits, which all start at 3, fall together into the band. So
+  the controller does not add a term to the loss. After each optimiser step
+  it **pushes** the gates that the current target does not keep
+  (:meth:`BudgetConstraint.keep_set`: the first channels of the projection's
+  own order, :meth:`BudgetConstraint.channel_order`, as many as the annealed
+  target pays for, so the method's own logits choose) towards closing, along
+  the gradient of their expected cost normalised per parameter group
+  (:meth:`BudgetConstraint.push_`):
 
-in place of the L0 penalty, N the number of gated channels. The factor N
-makes the multipliers prices per channel: a channel of average cost adds
-about 1/N to C, so its gate feels about :math:`\lambda_1` whatever the width
-of the network. Without it the force on one gate would shrink with the width
-(ResNet56 has 1024 channels, VGG16 4224), and the multiplier would need
-proportionally longer to reach it: a full-width network took several times
-as many steps to land as the same network at 1/8 width. The weights and gates *descend* on it, the two
-multipliers *ascend*: while C > t, :math:`\lambda_1` grows and presses the
-gates shut; if C undershoots, :math:`\lambda_1` shrinks (it may go negative)
-and lets channels reopen; :math:`\lambda_2` grows with the squared gap and
-pulls C towards t from both sides. Both start at 0.
+  .. math:: \theta \leftarrow \theta - \lambda_1\,s\,\nabla_\theta C_{out} / \mathrm{rms}(\nabla_\theta C_{out}),
+            \qquad s = \max\big(\eta_{group},\; \tfrac{D}{T}\,\Delta p\,\tfrac{\eta_{group}}{\eta_{max}}\big)
 
-The multipliers ascend with Adam (``maximize=True``), as in CoFi (Xia et al.,
-2022), not plain SGD: the gates themselves move by Adam, about one learning
-rate per step however large the multiplier, so an SGD multiplier, whose speed
-is proportional to the gap, winds up while the cost lags the target and then
-takes thousands of steps to unwind, overshooting by a wide margin. An Adam
-multiplier rises and falls at the same rate, whatever scale the balance
-between the budget and the loss needs.
+  so :math:`\lambda_1` is dimensionless. The step s is the gate learning rate
+  or, if that is too small for the schedule, the pace that carries a logit
+  the distance D = ``TRAVEL`` from its initial 3 to the pruning threshold
+  within the warm-up T (at least one epoch; :math:`\Delta p` the step's share
+  of an epoch), whichever is larger: at the default ``--lr_gate 1e-3`` a
+  gate needs 5,400 steps to close, and a short run would otherwise leave the
+  whole decision to the projection. Kept gates feel no push; the
+  cross-entropy keeps training every gate, so a channel it defends rises back
+  into the keep set and another leaves it.
+
+The push ratio follows a damped integral controller on the kept gap:
+
+.. math::
+    g_t = \max(C_t, K_t) - t(p), \qquad
+    r_t = \rho\,r_{t-1} + (1-\rho)\,\Delta\max(C, K)_t, \qquad
+    \lambda_1 \leftarrow \mathrm{clip}\big(\lambda_1 + \eta_\lambda\,(g_t + H\,r_t),\; -\Lambda,\; \Lambda\big)
+
+:math:`\eta_\lambda` the gain (``--lr-lagrangian``, default 0.05), H =
+``DAMPING_STEPS`` (50): the controller reacts to the gap predicted H steps
+ahead from its smoothed rate of change (:math:`\rho` = ``RATE_DECAY``), so
+it stops pressing while the cost is already falling fast enough, and
+:math:`\Lambda` = ``MAX_PUSH`` bounds the push at 1.5 learning rates per
+step, so it cannot wind up. A negative :math:`\lambda_1` (the kept cost below
+the target) pushes gates back up, the band first. Everything is on the
+device: no host synchronisation per step.
 
 The target is annealed linearly from 1.0 (dense) to F over the first
 ``warmup`` epochs (measured in fractional epochs, so it moves every step),
@@ -39,24 +69,28 @@ the same direction, so the pre-activation moves by up to
 :math:`\eta\,d_{i-1}\log 100` per step (15 at ``--lr_gate 0.05`` for a
 64-wide layer). The tanh saturates within a few steps, to exactly
 :math:`\pm\log 100` in float32, where its gradient is exactly zero: the
-constraint can no longer move those gates. Budget runs therefore give each
+push can no longer move those gates. Budget runs therefore give each
 generator weight matrix the learning rate :math:`\eta / d_{i-1}`
 (:meth:`~l0_layers.ChannelGates.param_groups`), so that a pre-activation moves
 by at most about :math:`\eta(1 + \log 100)` per step, like a bias. Runs with
-``--lamba`` keep the reference's single learning rate.
+``--lamba`` keep the reference's single learning rate and its penalty exactly.
 
-The constraint holds on the *expected* cost; the pruned network's cost is the
-*deterministic* one (channels whose test gate is non-zero), which differs
-while gates are not polarised. :meth:`BudgetConstraint.project` closes that
-last gap when training ends outside the tolerance, or when the gates have
-closed a layer whose closure cuts the network: it keeps the channels first in
-:meth:`BudgetConstraint.channel_order`, as many as the target allows.
+Two guards keep a result honest. :func:`shrinking_collapse` looks at every
+penalty epoch for the signs of a shrinking collapse (most open channels
+nearly closed, or top-1 back at chance) and the run says so in one line and
+in results.json. And the pruned network's cost is the *kept* one, which may
+still differ from the target when training ends: :meth:`BudgetConstraint.project`
+closes that last gap, keeping the channels first in
+:meth:`BudgetConstraint.channel_order`; a projection that moves more than
+``PROJECTION_LIMIT`` (5%) of the channels marks the run as not converged
+(``settled_by: "projection"``): its accuracy is the projection's.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from l0_layers import hard_concrete
+from l0_layers.gates import LOGIT_INIT_MEAN
 from models.structure import CostModel
 
 KINDS = ("macs", "params")
@@ -65,6 +99,21 @@ TOLERANCE = 0.02
 # A channel the projection reopens gets at least the test gate of a logit this far above the pruning
 # threshold (about 0.14).
 REOPEN_MARGIN = 1.0
+# An open channel whose test gate is below this passes less than a tenth of its signal.
+NEAR_ZERO_GATE = 0.1
+# A shrinking collapse: more than this share of the open channels near zero, or top-1 at chance.
+COLLAPSE_SHARE = 0.5
+# The projection is a last small step: a run whose projection moved a larger share of the channels
+# did not reach its budget by training, and its result is the projection's (``converged`` false).
+PROJECTION_LIMIT = 0.05
+# The damping of lambda1 (see the module notes): it ascends on the gap predicted this many steps
+# ahead from the gap's rate of change, smoothed over about 1 / (1 - RATE_DECAY) steps.
+DAMPING_STEPS = 50.0
+RATE_DECAY = 0.9
+# The logit distance a gate travels from its initial value to the pruning threshold (about 5.4).
+TRAVEL = LOGIT_INIT_MEAN - hard_concrete.PRUNE_THRESHOLD
+# The push never exceeds this many gate learning rates per step: the controller cannot wind up.
+MAX_PUSH = 3.0
 
 
 def annealed_target(final: float, progress: float, warmup: float) -> float:
@@ -74,46 +123,66 @@ def annealed_target(final: float, progress: float, warmup: float) -> float:
     return 1.0 - (1.0 - final) * min(1.0, progress / warmup)
 
 
-def multiplier_optimizer(budget: "BudgetConstraint", lr: float) -> torch.optim.Optimizer:
-    """Gradient *ascent* on the two multipliers: Adam with ``maximize=True`` (see the module notes)."""
-    return torch.optim.Adam(budget.parameters(), lr=lr, maximize=True)
+def shrinking_collapse(test_gates: torch.Tensor, top1: float, peak_top1: float, num_classes: int) -> dict | None:
+    """The signs of a shrinking collapse in one evaluated epoch, or None.
+
+    A constraint that shrinks every channel instead of choosing channels leaves many gates in the
+    band where a channel is open at test time (it counts fully in the pruned cost) but scaled almost
+    to zero: more than ``COLLAPSE_SHARE`` of the open channels have a test gate below
+    ``NEAR_ZERO_GATE``. Its symptom is validation top-1 back at chance (at most 1.5 times
+    ``100 / num_classes``) after the network had learned (top-1 ``peak_top1`` at least twice chance).
+    """
+    gates = test_gates.detach().float()
+    open_gates = gates[gates > 0]
+    near_zero = float((open_gates < NEAR_ZERO_GATE).float().mean()) if len(open_gates) else 0.0
+    chance = 100.0 / num_classes
+    at_chance = top1 <= 1.5 * chance and peak_top1 >= 2 * chance
+    if near_zero <= COLLAPSE_SHARE and not at_chance:
+        return None
+    return dict(near_zero_share=near_zero, top1=top1, peak_top1=peak_top1, chance=chance, at_chance=at_chance)
 
 
-def load_multiplier_state(optimizer: torch.optim.Optimizer, state: dict) -> bool:
-    """Restore the multiplier optimiser; False (and nothing loaded) for the SGD state of
-    checkpoints from before the multipliers ascended with Adam: Adam then starts afresh
-    from the saved multipliers."""
-    if any("betas" not in group for group in state["param_groups"]):
-        return False
-    optimizer.load_state_dict(state)
-    return True
+def collapse_message(epoch: int, signs: dict) -> str:
+    """The guard's one line for ``epoch`` (1-based) with :func:`shrinking_collapse`'s ``signs``."""
+    what = []
+    if signs["near_zero_share"] > COLLAPSE_SHARE:
+        what.append(f"{signs['near_zero_share']:.0%} of the open channels have a test gate below {NEAR_ZERO_GATE:g}")
+    if signs["at_chance"]:
+        what.append(f"top-1 is at chance ({signs['top1']:.2f}%, chance {signs['chance']:.2f}%) after "
+                    f"{signs['peak_top1']:.2f}%")
+    return (f"collapse guard, epoch {epoch}: {' and '.join(what)}: the gates shrink every channel instead of "
+            f"choosing channels; lower --lr_gate or --lr-lagrangian, or lengthen --target-warmup")
 
 
 class BudgetConstraint(nn.Module):
-    """The Lagrangian budget term and its two multipliers."""
+    """The budget controller: the push ratio lambda1, its damped update, and the normalised push."""
 
-    def __init__(self, model, kind: str, target: float, warmup: float):
+    def __init__(self, model, kind: str, target: float, warmup: float, gain: float = 0.05):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target must be in (0, 1], got {target}")
-        self.kind, self.target, self.warmup = kind, target, warmup
+        self.kind, self.target, self.warmup, self.gain = kind, target, warmup, gain
         # The multipliers are this module's only parameters (its optimiser
         # ascends them): the gates are read through bound methods, not
         # submodules, and widths are priced with its own cost records.
         gates = model.gates
         self.log_alpha, self.expected_open, self.test_gates = gates.log_alpha, gates.expected_open, gates.test_gates
         self.kept, self.per_layer_sum, self.layer_of_channel = gates.kept, gates.per_layer_sum, gates.layer_of_channel
-        self.tie_key = gates.tie_key
+        self.tie_key, self.temperature = gates.tie_key, gates.temperature
         self.channels = float(sum(gates.widths))
         self.layer_names = [layer.name for layer in model.gated_layers]
         self.register_buffer("closable", torch.tensor([layer.closable for layer in model.gated_layers]),
                              persistent=False)
         self.cost = CostModel(model.weight_layers, model.gates.num_layers)
         self.dense = float(self.cost.dense("conv")[0 if kind == "macs" else 1])
-        self.lambda1 = nn.Parameter(torch.zeros(()))
-        self.lambda2 = nn.Parameter(torch.zeros(()))
+        # The controller's state (buffers, checkpointed): the push ratio, the last kept cost and
+        # its smoothed per-step change.
+        self.register_buffer("lambda1", torch.zeros(()))
+        self.register_buffer("last_kept", torch.zeros(()))
+        self.register_buffer("kept_rate", torch.zeros(()))
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
 
     def target_at(self, progress: float) -> float:
         return annealed_target(self.target, progress, self.warmup)
@@ -123,11 +192,87 @@ class BudgetConstraint(nn.Module):
         cost = self.cost.macs(widths) if self.kind == "macs" else self.cost.params(widths)
         return cost / self.dense
 
-    def forward(self, progress: float, expected_open: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Lagrangian term, expected cost fraction C) at ``progress`` epochs."""
-        expected = self.fraction(self.expected_open() if expected_open is None else expected_open)
-        gap = expected - self.target_at(progress)
-        return self.channels * (self.lambda1 * gap + self.lambda2 * gap * gap), expected
+    def kept_fraction(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """K: the cost fraction of the channels whose test gate is open (a closed layer priced as one
+        channel, as the export keeps it), a 0-d tensor on the gates' device (no host sync)."""
+        open_counts = self.per_layer_sum((log_alpha.detach() > hard_concrete.PRUNE_THRESHOLD).float())
+        return self.fraction(open_counts.clamp(min=1))
+
+    @torch.no_grad()
+    def forward(self, progress: float, log_alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""One controller step with the step's logits: returns ``(C, K)``, the expected and the kept
+        cost fractions, and updates :math:`\lambda_1` (see the module notes):
+
+        .. math::
+            g_t = \max(C_t, K_t) - t(p), \quad
+            r_t = \rho\, r_{t-1} + (1 - \rho)(\max(C_t, K_t) - \max(C_{t-1}, K_{t-1})), \\
+            \lambda_1 \leftarrow \mathrm{clip}\big(\lambda_1 + \eta\,(g_t + H r_t), -\Lambda, \Lambda\big)
+
+        with :math:`\rho` = ``RATE_DECAY``, H = ``DAMPING_STEPS``, :math:`\Lambda` = ``MAX_PUSH`` and
+        :math:`\eta` the gain (``--lr-lagrangian``).
+        """
+        expected = self.fraction(self.expected_open(log_alpha.detach()))
+        kept = torch.maximum(expected, self.kept_fraction(log_alpha))
+        first = self.steps_seen == 0
+        change = torch.where(first, torch.zeros_like(kept), kept - self.last_kept)
+        self.kept_rate.mul_(RATE_DECAY).add_((1 - RATE_DECAY) * change)
+        self.last_kept.copy_(kept)
+        self.steps_seen.add_(1)
+        signal = kept - self.target_at(progress) + DAMPING_STEPS * self.kept_rate
+        self.lambda1.add_(self.gain * signal).clamp_(-MAX_PUSH, MAX_PUSH)
+        return expected, kept
+
+    @torch.no_grad()
+    def keep_set(self, log_alpha: torch.Tensor, progress: float) -> torch.Tensor:
+        """The channels the current target keeps, ``(total,)`` bool: the first k of
+        :meth:`channel_order`, k the largest whose network costs at most ``target_at(progress)``
+        (every layer that may not close keeps its first channel). Computed on the device, without
+        a host synchronisation."""
+        order, _, _, forced = self.channel_order(log_alpha)
+        fractions = self._prefix_fractions(order)
+        position = torch.arange(len(fractions), device=fractions.device)
+        fits = (fractions <= self.target_at(progress)) & (position >= forced)
+        k = torch.where(fits, position, torch.full_like(position, forced)).max()
+        keep = torch.zeros_like(log_alpha, dtype=torch.bool)
+        keep[order] = position[:-1] < k
+        return keep
+
+    def push_(self, groups: list[dict], log_alpha_of, progress: float, epochs: float) -> None:
+        r"""Push the gates the target does not keep towards closing, by :math:`\lambda_1` times the
+        gate learning rate (see the module notes):
+
+        .. math:: \theta \leftarrow \theta - \lambda_1\,\eta_{group}\,\nabla_\theta C_{out} /
+                  \mathrm{rms}(\nabla_\theta C_{out})
+
+        :math:`C_{out}` the expected cost of the channels outside :meth:`keep_set` (with
+        :math:`\lambda_1 < 0`, of the channels inside it, which it then reopens), the rms taken
+        over the group's non-zero entries. ``groups``: the gate optimiser's parameter groups
+        (their current ``lr``; Dep-L0's generator weights have ``1/fan_in`` of it);
+        ``log_alpha_of``: recomputes the logits from the parameters.
+        """
+        params = [p for group in groups for p in group["params"]]
+        with torch.enable_grad():
+            log_alpha = log_alpha_of()
+            keep = self.keep_set(log_alpha.detach(), progress)
+            pushed = torch.where(self.lambda1 >= 0, ~keep, keep).float()
+            probability = hard_concrete.prob_nonzero(log_alpha, self.temperature)
+            widths = self.expected_open(log_alpha)
+            marginal = torch.autograd.grad(self.fraction(widths), widths, create_graph=False, retain_graph=True)[0]
+            cost = (probability * pushed * marginal.detach()[self.layer_of_channel]).sum()
+            grads = iter(torch.autograd.grad(cost, params, allow_unused=True))
+        top = max(group["lr"] for group in groups)
+        pace = TRAVEL / max(self.warmup, 1.0) * epochs  # per step, in logit units
+        with torch.no_grad():
+            for group in groups:
+                present = [(p, g) for p in group["params"] if (g := next(grads)) is not None]
+                if not present:
+                    continue
+                square = sum((g.double() ** 2).sum() for _, g in present)
+                count = sum((g != 0).sum() for _, g in present).clamp(min=1)
+                rms = (square / count).sqrt().clamp(min=1e-30).float()
+                step = max(group["lr"], pace * group["lr"] / top)
+                for p, g in present:
+                    p.sub_(self.lambda1 * step * g / rms)
 
     def deterministic(self, gates: torch.Tensor | None = None) -> float:
         """Cost fraction of the pruned network: the channels whose test gate is non-zero.
@@ -278,13 +423,19 @@ class BudgetConstraint(nn.Module):
         return self.project(self.log_alpha().detach())
 
     @torch.no_grad()
-    def report(self, finished: bool, epochs: int, fine_tune_epochs: int) -> dict:
+    def report(self, finished: bool, epochs: int, fine_tune_epochs: int, collapse: dict | None = None) -> dict:
         """Where the pruned cost stands against the target: reached by training, reached by the
-        projection (and why training alone did not), or missed (by how much and why); and
-        whether the network is still connected.
+        projection (and why training alone did not), or missed (by how much and why); whether
+        the network is still connected; and whether the result is training's own (``converged``).
 
         ``finished``: the penalty phase is over (before, the message says so); ``epochs`` and
-        ``fine_tune_epochs``: the run's ``--epoch`` and ``--fine_tune_epoch``.
+        ``fine_tune_epochs``: the run's ``--epoch`` and ``--fine_tune_epoch``; ``collapse``: the
+        collapse guard's first finding (:func:`shrinking_collapse`, with its ``epoch``), if any.
+
+        ``converged`` is true only when the cost is within the tolerance, the projection moved at
+        most ``PROJECTION_LIMIT`` of the channels and the guard saw no collapse; ``settled_by``
+        says who chose the network: ``training``, the ``projection`` (more than that share moved),
+        or nobody (``missed``).
         """
         log_alpha = self.log_alpha()
         expected = float(self.fraction(self.expected_open(log_alpha)))
@@ -295,11 +446,15 @@ class BudgetConstraint(nn.Module):
         total = len(final_open)
         cut = [self.layer_names[layer] for layer in self.disconnected()]
         report = dict(kind=self.kind, target=target, achieved=achieved, trained=trained, expected=expected,
-                      lambda1=self.lambda1.item(), lambda2=self.lambda2.item(),
+                      lambda1=self.lambda1.item(),
                       within_tolerance=abs(achieved - target) <= TOLERANCE and not cut,
                       projection=dict(closed=closed, reopened=reopened, share=(closed + reopened) / total)
                       if closed or reopened else None,
-                      disconnected=cut)
+                      disconnected=cut, collapse=collapse)
+        projected = report["projection"] is not None and report["projection"]["share"] > PROJECTION_LIMIT
+        report["settled_by"] = ("missed" if not report["within_tolerance"] else
+                                "projection" if projected else "training")
+        report["converged"] = report["settled_by"] == "training" and collapse is None
         reached = f"{self.kind} at {achieved:.3f} of dense, target {target:.3f} (within {TOLERANCE:.0%})"
         missed = (f"missed the {self.kind} target by {achieved - target:+.3f} of dense (achieved {achieved:.3f}, "
                   f"target {target:.3f})")
@@ -325,6 +480,11 @@ class BudgetConstraint(nn.Module):
             message = f"{outcome} after the budget projection {moved}: training ended at {trained:.3f}, {why}"
             if fine_tune_epochs == 0:
                 message += "; no --fine_tune_epoch follows to recover from the projection"
+        if finished and projected:
+            message = (f"not converged: the projection, not training, chose {report['projection']['share']:.1%} of the "
+                       f"channels (more than {PROJECTION_LIMIT:.0%}), so this network is the projection's; {message}")
+        if finished and collapse is not None:
+            message += f"; the collapse guard fired in epoch {collapse['epoch']}, so this result is not the method's"
         if finished and cut:
             message += (f"; the network is disconnected: {', '.join(cut)} has no open channel, so everything after "
                         f"it sees zeros")

@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
 from utils.cli import fraction_type, nonneg_float, positive_float
 
-from .budget import BudgetConstraint, load_multiplier_state, multiplier_optimizer
+from .budget import BudgetConstraint, collapse_message, shrinking_collapse
 from .method import PruningMethod
 from .penalty import REGS, L0Penalty
 from .registry import MethodSpec, register
@@ -37,12 +37,11 @@ class L0Method(PruningMethod):
         self.args = args
         self.epochs = args.epochs
         self.penalty = L0Penalty(model, args.reg).to(model.gates.layer_of_channel.device)
-        self.budget = self.lagrangian = None
+        self.budget = None
         if args.target_macs or args.target_params:
             kind, target = ("macs", args.target_macs) if args.target_macs else ("params", args.target_params)
-            self.budget = BudgetConstraint(model, kind, target, args.target_warmup).to(
+            self.budget = BudgetConstraint(model, kind, target, args.target_warmup, args.lr_lagrangian).to(
                 model.gates.layer_of_channel.device)
-            self.lagrangian = multiplier_optimizer(self.budget, args.lr_lagrangian)
         self.gates = self.gate_schedule = None
         if args.gen_optim != "SGD":
             self.gates = torch.optim.Adam(model.gates.param_groups(args.lr_gate, fan_in_scaled=self.budget is not None),
@@ -53,7 +52,11 @@ class L0Method(PruningMethod):
                 self.gate_schedule = LambdaLR(self.gates, lambda epoch: 1.0)
             else:
                 self.gate_schedule = MultiStepLR(self.gates, list(args.milestones), gate_decay)
-        self._log_alpha = self._expected = None
+        self._log_alpha = self._expected = self._kept = self._progress = None
+        self._step_epochs = 0.0
+        # The collapse guard's state: the best validation top-1 of the penalty phase so far, and
+        # the guard's first finding (with its epoch), kept for results.json.
+        self.peak_top1, self.collapse = 0.0, None
 
     def weight_parameters(self) -> list:
         if self.gates is None:
@@ -66,8 +69,6 @@ class L0Method(PruningMethod):
         out = {}
         if self.gates is not None:
             out["gate"] = (self.gates, self.gate_schedule)
-        if self.lagrangian is not None:
-            out["lagrangian"] = (self.lagrangian, None)
         return out
 
     def steps_optimizers(self, epoch: int) -> bool:
@@ -90,15 +91,26 @@ class L0Method(PruningMethod):
             return None
         expected_open = self.model.gates.expected_open(self._log_alpha)
         if self.budget is not None:
-            reg, self._expected = self.budget(progress, expected_open)
-            return reg
+            # The budget acts by the controller's push after the step (after_step), not through the
+            # loss: the cross-entropy alone goes through the gates' optimiser.
+            self._expected, self._kept = self.budget(progress, self._log_alpha)
+            # The share of an epoch this step is: the progress since the last step (0 on the first).
+            self._step_epochs = 0.0 if self._progress is None else max(progress - self._progress, 0.0)
+            self._progress = progress
+            return None
         if self.args.lamba > 0:
             return self.penalty(self.args.lamba, expected_open)
         return None
 
     def after_step(self, iteration: int) -> None:
-        if self.budget is not None and self.gates is not None and self._log_alpha is not None:
-            self.model.gates.bound_pre_activations_()
+        if self.budget is None or self._log_alpha is None:
+            return
+        gates = self.model.gates
+        groups = self.gates.param_groups if self.gates is not None else [
+            dict(params=list(gates.parameters()), lr=self.args.lr_gate)]  # --gen_optim SGD: the gate lr
+        self.budget.push_(groups, gates.log_alpha, self._progress, self._step_epochs)
+        if self.gates is not None:
+            gates.bound_pre_activations_()
 
     def start_epoch(self, epoch: int) -> str | None:
         if epoch >= self.epochs and not self.model.gates.frozen:
@@ -119,36 +131,39 @@ class L0Method(PruningMethod):
 
     def report(self) -> dict:
         finished = self.model.gates.frozen
-        return self.budget.report(finished, self.epochs, self.args.fine_tune_epoch)
+        return self.budget.report(finished, self.epochs, self.args.fine_tune_epoch, self.collapse)
 
     def non_finite_state(self) -> str | None:
         return None if bool(torch.isfinite(self.model.gates.log_alpha()).all()) else "gate logit"
 
     def state_dict(self) -> dict:
-        return dict(gate_optimizer=self.gates.state_dict() if self.gates else None,
+        return dict(peak_top1=self.peak_top1, collapse=self.collapse,
+                    gate_optimizer=self.gates.state_dict() if self.gates else None,
                     gate_scheduler=self.gate_schedule.state_dict() if self.gate_schedule else None,
-                    budget=self.budget.state_dict() if self.budget else None,
-                    lagrangian=self.lagrangian.state_dict() if self.lagrangian else None)
+                    budget=self.budget.state_dict() if self.budget else None)
 
     def load_state_dict(self, state: dict) -> list[str]:
-        """Restore; returns warnings for the console (an older checkpoint's multiplier state)."""
+        """Restore; returns warnings for the console (an older checkpoint's budget state)."""
         warnings = []
+        # Checkpoints from before the collapse guard have no guard state: it starts afresh.
+        self.peak_top1, self.collapse = state.get("peak_top1", 0.0), state.get("collapse")
         if self.gates is not None:
             self.gates.load_state_dict(state["gate_optimizer"])
             self.gate_schedule.load_state_dict(state["gate_scheduler"])
         if self.budget is not None:
-            self.budget.load_state_dict(state["budget"])
-            if not load_multiplier_state(self.lagrangian, state["lagrangian"]):
-                warnings.append("the checkpoint's multipliers ascended with SGD (an earlier version); they continue "
-                                "from their saved values with a fresh Adam")
+            if "last_kept" in state["budget"]:
+                self.budget.load_state_dict(state["budget"])
+            else:
+                warnings.append("the checkpoint's budget state is that of the earlier Lagrangian multipliers; the "
+                                "budget controller restarts from lambda1 = 0")
         return warnings
 
     def progress_scalars(self, progress: float) -> dict:
         if self.budget is None or self._expected is None or self._log_alpha is None:
-            return {}  # no budget, or fine-tuning: the multipliers stopped with the penalty phase
+            return {}  # no budget, or fine-tuning: the controller stopped with the penalty phase
         return {"budget/target": self.budget.target_at(progress), "budget/expected": self._expected.item(),
                 "budget/deterministic": self.budget.deterministic(), "budget/lambda1": self.budget.lambda1.item(),
-                "budget/lambda2": self.budget.lambda2.item()}
+                "budget/kept": self._kept.item()}
 
     def log_epoch(self, writer, step: int, kept: list[int]) -> None:
         """The reference's per-layer tags: ``z/<layer>`` (open channels), ``mode_z/<layer>`` (test
@@ -163,15 +178,29 @@ class L0Method(PruningMethod):
 
     def results(self) -> dict:
         args = self.args
-        out = dict(method=self.name, net=args.net, back_dep=args.back_dep, lamba=args.lamba, reg=args.reg)
+        out = dict(method=self.name, net=args.net, back_dep=args.back_dep, lamba=args.lamba, reg=args.reg,
+                   collapse=self.collapse)
         if self.budget is not None:
             out["budget"] = self.report()
         return out
 
     def epoch_message(self, epoch: int, results: dict) -> str | None:
+        """The collapse guard's line in a penalty epoch where it sees the signs
+        (:func:`~pruning.budget.shrinking_collapse`; its first finding goes into ``results``, which
+        results.json then carries), and the budget's line after the last penalty epoch."""
+        lines = []
+        if epoch < self.epochs:
+            signs = shrinking_collapse(self.model.gates.test_gates(), results["top1"], self.peak_top1,
+                                       self.model.arch["num_classes"])
+            self.peak_top1 = max(self.peak_top1, results["top1"])
+            if signs is not None:
+                lines.append(collapse_message(epoch + 1, signs))
+                if self.collapse is None:
+                    self.collapse = dict(epoch=epoch + 1, **signs)
+                    results.update(self.results())
         if self.budget is not None and epoch + 1 == self.epochs:
-            return f"budget: {results['budget']['message']}"  # the report results.json has, not a second one
-        return None
+            lines.append(f"budget: {results['budget']['message']}")  # the report results.json has, not a second one
+        return "\n".join(lines) or None
 
 
 class L0Training(MethodSpec):
@@ -208,8 +237,9 @@ class L0Training(MethodSpec):
                             help="prune to F times the dense parameters")
         g.add_argument("--target-warmup", type=nonneg_float, metavar="EPOCHS",
                        help="epochs over which the target falls linearly from 1.0 to F (default: a quarter of --epoch)")
-        g.add_argument("--lr-lagrangian", type=positive_float, default=0.003,
-                       help="Adam lr of the two multipliers (gradient ascent)")
+        g.add_argument("--lr-lagrangian", type=positive_float, default=0.05,
+                       help="gain of the budget controller: its push ratio lambda1 moves by this times the damped "
+                            "gap between the kept cost and the target, per step")
 
     def check(self, parser, args, given) -> None:
         if (args.target_macs or args.target_params) and args.epochs == 0:

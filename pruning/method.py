@@ -155,7 +155,8 @@ class PruningMethod:
 
     def epoch_message(self, epoch: int, results: dict) -> str | None:
         """A line for the console after ``epoch`` (0-based) has been evaluated (``results``: what
-        results.json now says, :meth:`results` included), or None."""
+        results.json now says, :meth:`results` included; a method may add its findings about this
+        epoch to it before it is saved), or None."""
         return None
 
 

@@ -11,6 +11,10 @@ row on synthetic data (its args pass ``--dummy``, or it prunes such a row,
 or its results.json says ``dummy``) is labelled ``synthetic (CIFAR-10 shape)`` in the
 dataset column (the CSV's ``synthetic`` column), with a warning above the
 table and in the plot's title: its accuracy measures nothing.
+
+The ``reached by`` column says who chose each row's network at its budget: ``training``, the
+``projection`` (it moved more than 5% of the channels: the accuracy is the projection's, not the
+method's), a ``collapse`` the guard saw, or ``missed`` (outside the tolerance), per seed.
 """
 import csv
 import io
@@ -29,7 +33,8 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 CSV_FIELDS = ("row", "method", "model", "dataset", "synthetic", "seeds_done", "seeds_planned", "top1_key", "top1_mean",
               "top1_std", "macs_mean", "macs_reduction_mean", "macs_reduction_std", "params_mean",
               "params_reduction_mean", "params_reduction_std", "published_top1", "published_base",
-              "published_macs_kept", "published_params_kept", "top1_minus_published", "published_source")
+              "published_macs_kept", "published_params_kept", "top1_minus_published", "published_source",
+              "reached_by")
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -76,9 +81,25 @@ def collect(table: Table, runs_dir: Path, seeds: tuple[int, ...]) -> list[dict]:
                      published_params_kept=published.get("params_kept"),
                      top1_minus_published=(top1[0] - published["top1"]
                                            if top1[0] is not None and "top1" in published else None),
-                     published_source=published.get("source"))
+                     published_source=published.get("source"),
+                     reached_by="; ".join(dict.fromkeys(reached_by(r) for r in results if reached_by(r))))
         entries.append(entry)
     return entries
+
+
+def reached_by(results: dict) -> str:
+    """Who chose a run's network at its budget, in a few words ('' without a budget): the budget
+    block's ``settled_by`` (gated methods) with the projection's share, or the collapse guard's epoch;
+    a peer's search says ``search`` (or ``missed``)."""
+    budget = results.get("budget")
+    if not budget:
+        return ""
+    if budget.get("collapse"):
+        return f"collapse (epoch {budget['collapse']['epoch']})"
+    settled = budget.get("settled_by", "training" if budget.get("within_tolerance") else "missed")
+    if settled == "projection":
+        return f"projection ({budget['projection']['share']:.0%} of channels)"
+    return settled
 
 
 def _pm(mean, std, digits=2, suffix="") -> str:
@@ -89,7 +110,7 @@ def _pm(mean, std, digits=2, suffix="") -> str:
 
 def markdown(table: Table, entries: list[dict]) -> str:
     head = ["row", "method", "model", "dataset", "seeds", "top-1 (%)", "MACs", "MACs ↓ (%)", "params",
-            "params ↓ (%)", "published top-1 (base)", "published at", "ours - published", "source"]
+            "params ↓ (%)", "reached by", "published top-1 (base)", "published at", "ours - published", "source"]
     synthetic = [e["row"] for e in entries if e["synthetic"]]
     where = ("every row" if len(synthetic) == len(entries) > 1
              else f"row{'s' if len(synthetic) > 1 else ''} {', '.join(synthetic)}")
@@ -114,7 +135,8 @@ def markdown(table: Table, entries: list[dict]) -> str:
                  _pm(e["top1_mean"], e["top1_std"]), human(e["macs_mean"]) if e["macs_mean"] is not None else "",
                  _pm(e["macs_reduction_mean"], e["macs_reduction_std"], 1),
                  human(e["params_mean"]) if e["params_mean"] is not None else "",
-                 _pm(e["params_reduction_mean"], e["params_reduction_std"], 1), published, ", ".join(where),
+                 _pm(e["params_reduction_mean"], e["params_reduction_std"], 1), e["reached_by"], published,
+                 ", ".join(where),
                  f"{diff:+.2f}" if diff is not None else "", e["published_source"] or ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
