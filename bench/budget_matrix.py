@@ -90,6 +90,10 @@ def command(args, data: Path, cell: dict, where: Path) -> list[str]:
                   "--milestones", f"{args.epochs * 5 // 8},{args.epochs}"]
 
 
+def log_of(where: Path) -> Path:
+    return where.parent / (where.name + ".log")  # not with_suffix: the names hold dots (t0.35_lr0.001)
+
+
 def finished(where: Path) -> dict | None:
     try:
         results = json.loads((where / "results.json").read_text())
@@ -103,15 +107,15 @@ def run(args, data: Path, cell: dict) -> dict:
     if finished(where) is None:
         cmd = command(args, data, cell, where) + (["--resume", "auto"] if (where / "last.pt").exists() else [])
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        with open(where.with_suffix(".log"), "a") as log:
+        with open(log_of(where), "a") as log:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
     results = finished(where)
     epochs = {}
-    if where.with_suffix(".log").exists():
-        for line in where.with_suffix(".log").read_text().splitlines():
+    if log_of(where).exists():
+        for line in log_of(where).read_text().splitlines():
             if (m := EPOCH_LINE.match(line)):
                 epochs[int(m.group(1))] = float(m.group(2))
-    print(f"done: {where.name}" if results else f"FAILED: {where.name} (see {where.with_suffix('.log')})", flush=True)
+    print(f"done: {where.name}" if results else f"FAILED: {where.name} (see {log_of(where)})", flush=True)
     return dict(cell, results=results, epochs=epochs)
 
 
