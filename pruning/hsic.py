@@ -391,7 +391,9 @@ class HsicLasso(MethodSpec):
         extra = dict(method=args.method, stage_pr=None, target_macs=args.target_macs, target=target,
                      layer_ratios=None, pick_pruned=args.pick_pruned, source=str(args.checkpoint),
                      hsic_alpha=record["alpha_found"], omega=args.omega, calib_batch_size=args.calib_batch_size,
-                     calib_seed=record["calib_seed"], hsic=record, lr=args.lr, lr_schedule="cosine")
+                     calib_seed=record["calib_seed"], hsic=record, lr=args.lr, lr_schedule="cosine",
+                     budget=search_budget(target, record["macs"], record["within_tolerance"], args.tolerance,
+                                          record["alpha_found"]))
         return job.fine_tune(cut, dict(lr=args.lr, lr_cosine=True), self.settings, extra)
 
     def cut(self, job, cut, target: int) -> int:
@@ -449,6 +451,16 @@ class HsicLasso(MethodSpec):
             job.save_cut(model.cpu(), cut, search.gates(decision), hsic=record)
             print(f"HSIC-Lasso: alpha {decision.alpha:.4e} keeps {decision.macs} MACs; cut network in {cut}")
             return 0
+
+
+def search_budget(target: int, macs: int, within: bool, tolerance: float, alpha: float) -> dict:
+    """results.json's ``budget`` block of the alpha search (the keys a gated run's has where they
+    apply): absolute MACs, counted as ``--target`` is (thop's way for the published targets), and
+    whether the search ended within ``target * (1 +- tolerance)``."""
+    return dict(kind="macs", target=target, achieved=macs, within_tolerance=within, tolerance=tolerance,
+                settled_by="search" if within else "missed", converged=within,
+                message=(f"{macs} MACs, target {target} ({'within' if within else 'outside'} {tolerance:g} of it): "
+                         f"alpha {alpha:.4e} found by the search"))
 
 
 register(HsicLasso())

@@ -185,11 +185,13 @@ class L0Method(PruningMethod):
         return out
 
     def epoch_message(self, epoch: int, results: dict) -> str | None:
-        """The collapse guard's line in a penalty epoch where it sees the signs
+        """The collapse guard's line in a training penalty epoch where it sees the signs
         (:func:`~pruning.budget.shrinking_collapse`; its first finding goes into ``results``, which
         results.json then carries), and the budget's line after the last penalty epoch."""
         lines = []
-        if epoch < self.epochs:
+        # While the gates train: the last penalty epoch is evaluated with the frozen (possibly
+        # projected) gates, whose effect the budget's own report gives.
+        if epoch < self.epochs and not self.model.gates.frozen:
             signs = shrinking_collapse(self.model.gates.test_gates(), results["top1"], self.peak_top1,
                                        self.model.arch["num_classes"])
             self.peak_top1 = max(self.peak_top1, results["top1"])

@@ -216,6 +216,17 @@ def macs_fraction(model, ratios: list[float]) -> float:
     return model.cost.pruned(kept)[0] / dense
 
 
+def search_budget(target: float, achieved: float, ratio: float) -> dict:
+    """results.json's ``budget`` block of a ratio found for ``--target-macs`` (the same keys a gated
+    run's has where they apply): the MACs fraction reached, within ``TARGET_TOLERANCE`` by
+    construction (:func:`ratios_for_macs` refuses a target it cannot meet), settled by the search."""
+    within = abs(achieved - target) <= TARGET_TOLERANCE
+    return dict(kind="macs", target=target, achieved=achieved, within_tolerance=within, tolerance=TARGET_TOLERANCE,
+                settled_by="search" if within else "missed", converged=within,
+                message=f"macs at {achieved:.3f} of dense, target {target:.3f} (within {TARGET_TOLERANCE:.0%}): global "
+                        f"ratio {ratio:.4f} found by bisection")
+
+
 def ratios_for_macs(model, target: float, skip: list[str] = ()) -> tuple[float, list[float]]:
     """``(r, per-layer ratios)``: one global ratio r on the :func:`uniform_layers` (less those
     ``--skip_layers`` names), found by bisection, whose network's MACs are within
@@ -331,6 +342,7 @@ class RatioMethod(MethodSpec):
         else:
             ratio, args.layer_ratios = ratios_for_macs(model, args.target_macs, skip)
             how = f"{target} MACs ({args.target_macs:.4f} of dense): global ratio {ratio:.4f}"
+            args.budget = search_budget(args.target_macs, macs_fraction(model, args.layer_ratios), ratio)
         if skip:
             how += f", --skip_layers {args.skip_layers}"
             if unstructured and not model.stages_are_layers:
@@ -346,6 +358,8 @@ class RatioMethod(MethodSpec):
         out = dict(method=args.method, stage_pr=args.stage_pr, target_macs=args.target_macs, target=target,
                    layer_ratios=args.layer_ratios, pick_pruned=args.pick_pruned, source=str(args.checkpoint),
                    skip_layers=args.skip_layers, wg=getattr(args, "wg", "filter"), lr_ft={str(k): v for k, v in args.lr_ft.items()})
+        if getattr(args, "budget", None):
+            out["budget"] = args.budget
         return out
 
     def fine_tune(self, job, cut, extra: dict, method=None) -> int:

@@ -79,7 +79,7 @@ def jobs(tmp_path_factory):
     (base / "ranks").mkdir()
     (base / "ranks" / "out").mkdir()
     todo = {script: (base / script.removesuffix(".py"), (REPO_ROOT / script, *SCRIPTS[script])) for script in SCRIPTS}
-    # Dep-L0 gates (one MLP shared by all layers), a budget (multipliers outside DDP),
+    # Dep-L0 gates (one MLP shared by all layers), a budget (its controller outside DDP),
     # then a fine-tuning epoch with the gates frozen (DDP re-wrapped).
     todo["ranks"] = (base / "ranks", (helper, "train_resnet56", base / "ranks" / "out", *HELPER_ARGS,
                                       "--out-dir", base / "ranks" / "run"))
@@ -155,7 +155,7 @@ def test_progress_once_per_step(ddp_run):
 
 HELPER = textwrap.dedent("""
     # Runs one training under torchrun through engine.trainer.Trainer, then saves
-    # this rank's parameters and buffers (and the multipliers) to OUT/rank_<r>.pt.
+    # this rank's parameters and buffers (and the budget controller's state) to OUT/rank_<r>.pt.
     import importlib, os, sys
     sys.path.insert(0, {repo!r})
     import torch
@@ -171,7 +171,7 @@ HELPER = textwrap.dedent("""
     extra = {{}}
     budget = getattr(trainer.method, "budget", None)
     if budget is not None:
-        extra = dict(lambda1=budget.lambda1.detach().clone(), lambda2=budget.lambda2.detach().clone())
+        extra = dict(budget={{k: v.detach().clone() for k, v in budget.state_dict().items()}})
     torch.save(dict(code=code, rank=rank, world_size=trainer.ctx.world_size, batch_size=trainer.batch_size,
                     model=trainer.model.state_dict(), initial=initial, **extra),
                os.path.join(out, f"rank_{{rank}}.pt"))
@@ -192,7 +192,8 @@ def test_ranks_end_with_identical_parameters_and_buffers(rank_states):
     assert r0["model"].keys() == r1["model"].keys()
     different = [k for k in r0["model"] if not torch.equal(r0["model"][k], r1["model"][k])]
     assert not different, f"the ranks disagree on {different}"
-    assert torch.equal(r0["lambda1"], r1["lambda1"]) and torch.equal(r0["lambda2"], r1["lambda2"])
+    assert r0["budget"].keys() == r1["budget"].keys() and "lambda1" in r0["budget"]
+    assert all(torch.equal(r0["budget"][k], r1["budget"][k]) for k in r0["budget"]), (r0["budget"], r1["budget"])
     # They trained (the comparison is not of two untouched initialisations) ...
     trained = [k for k in r0["initial"] if r0["model"][k].is_floating_point()
                and not torch.equal(r0["model"][k], r0["initial"][k])]

@@ -85,8 +85,8 @@ class SyncCounter(TorchDispatchMode):
             return
         frame, where = sys._getframe(2), "?"
         if frame.f_code.co_name == "_get_value" and frame.f_code.co_filename.endswith("optimizer.py"):
-            # torch.optim's step counter of an optimiser neither fused nor capturable (the budget's
-            # multipliers' Adam): it lives on the host on CUDA too, so reading it waits for nothing.
+            # torch.optim's step counter of an optimiser neither fused nor capturable: it lives on
+            # the host on CUDA too, so reading it waits for nothing.
             return
         self.count += 1
         while frame is not None:

@@ -177,6 +177,9 @@ def test_prune_hsic_end_to_end(dense, monkeypatch, capsys):
     assert abs(results["macs_pruned"] - results["target"]) <= 0.01 * results["target"]
     assert results["hsic"]["kept_widths"]["layers.0.conv1"] == results["channels"][1]["kept"]
     assert results["hsic_alpha"] == results["hsic"]["search"][-1]["alpha"]
+    block = results["budget"]  # the alpha search says where it landed, as a gated run's budget block
+    assert block["target"] == results["target"] and block["achieved"] == results["hsic"]["macs"]
+    assert block["within_tolerance"] is block["converged"] is True and block["settled_by"] == "search"
     compact = load_pruned(dense / "hs" / "pruned.pt")
     with FlopCounterMode(display=False) as counter:
         compact(torch.randn(1, 3, 32, 32))

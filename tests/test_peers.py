@@ -413,6 +413,13 @@ def test_prune_runs_end_to_end(name, prune_runs):
                 "Train/loss"} <= tags, tags
     if name == "l1-macs":
         assert abs(results["macs_pruned"] / results["macs_dense"] - 0.6) <= 0.01
+        # The ratio search says where it landed, in the keys a gated run's budget block has.
+        block = results["budget"]
+        assert block["target"] == 0.6 and block["within_tolerance"] is True and block["converged"] is True
+        assert block["settled_by"] == "search" and block["tolerance"] == 0.01
+        assert block["achieved"] == pytest.approx(results["macs_pruned"] / results["macs_dense"], abs=1e-9)
+    else:
+        assert "budget" not in results  # --stage_pr: no target to land on
 
 
 def test_summarize_puts_every_method_in_one_table(prune_runs):
