@@ -60,11 +60,12 @@ def write_digits(root: Path) -> Path:
 
 
 def cells(args) -> list[dict]:
-    out = []
-    for model in args.models:
-        out.append(dict(model=model, method="dense", target=None, gate_lr=None))
-        for method in args.methods:
-            for target in args.targets:
+    """The dense baselines, then one target at a time over every network, method and gate lr (the
+    first target given first), so that a matrix cut short has whole slices."""
+    out = [dict(model=model, method="dense", target=None, gate_lr=None) for model in args.models]
+    for target in args.targets:
+        for model in args.models:
+            for method in args.methods:
                 for factor in args.gate_lr_factors:
                     out.append(dict(model=model, method=method, target=target, gate_lr=DEFAULT_GATE_LR * factor))
     return out
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/budget_matrix"), help="where runs and the table go")
     p.add_argument("--models", type=lambda s: s.split(","), default=["vgg16", "resnet56"])
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
-    p.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.35, 0.5])
+    p.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], default=[0.35, 0.25, 0.5])
     p.add_argument("--gate-lr-factors", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 10.0],
                    help="--lr_gate as multiples of the default 1e-3")
     p.add_argument("--width-mult", type=float, default=0.25)
@@ -169,7 +170,10 @@ def main(argv=None) -> int:
              + ", ".join(f"{m} {v:.1f}" for m, v in dense.items()), "",
              "| model | method | target | lr_gate | MACs / target | projected | settled by | best top-1 (vs dense) "
              "| final top-1 | at chance after warm-up |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [row(e, dense, args) for e in entries if e["method"] != "dense"]
+    order = {(m, x): i for i, (m, x) in enumerate((m, x) for m in args.models for x in args.methods)}
+    pruned = sorted((e for e in entries if e["method"] != "dense"),
+                    key=lambda e: (order[e["model"], e["method"]], e["target"], e["gate_lr"]))
+    lines += [row(e, dense, args) for e in pruned]
     text = "\n".join(lines) + "\n"
     (args.out / "budget_matrix.md").write_text(text)
     print(text)
