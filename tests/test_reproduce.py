@@ -258,6 +258,34 @@ def test_report_mean_std_and_published_difference(tmp_path):
     assert "| 91.00 ± 1.41 |" in md and "| 90.50 (93.00) | 50.0% MACs (2.00x) | +0.50 | paper |" in md, md
 
 
+def test_report_says_who_reached_the_budget(tmp_path):
+    """The "reached by" column: training, the projection (with its share) when it moved more than 5% of
+    the channels, the collapse guard's epoch, a peer's search; per seed, each distinct answer once."""
+    table = load_table(_table(tmp_path, HEAD.replace("[0]", "[0, 1]") + _row("a", TINY_VGG) + _row("b", TINY_VGG)
+                              + _row("c", TINY_VGG)))
+    budgets = {
+        "a": [dict(settled_by="training", within_tolerance=True, projection=None, collapse=None),
+              dict(settled_by="projection", within_tolerance=True, projection=dict(closed=20, reopened=0, share=0.2),
+                   collapse=None)],
+        "b": [dict(settled_by="training", within_tolerance=True, projection=None, collapse=dict(epoch=7))] * 2,
+        "c": [dict(kind="macs", target=0.5, achieved=0.5, settled_by="search", within_tolerance=True)] * 2,
+    }
+    for name, blocks in budgets.items():
+        for seed, block in enumerate(blocks):
+            run = tmp_path / "runs/t" / name / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "pruned.pt").write_bytes(b"")
+            (run / "results.json").write_text(json.dumps(dict(
+                model="vgg16", dataset="cifar10", epochs_done=3, epochs_total=3, best_top1=50.0, top1=50.0,
+                macs_pruned=100, macs_reduction=50.0, params_pruned=10, params_reduction=40.0, budget=block)))
+    write_report(table, tmp_path / "runs", (0, 1))
+    with open(tmp_path / "runs/t/report.csv") as f:
+        reached = {row["row"]: row["reached_by"] for row in csv.DictReader(f)}
+    assert reached == {"a": "training; projection (20% of channels)", "b": "collapse (epoch 7)", "c": "search"}
+    md = (tmp_path / "runs/t/report.md").read_text()
+    assert "| reached by |" in md and "| training; projection (20% of channels) |" in md, md
+
+
 def test_a_table_on_real_data_needs_an_existing_data_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     missing = str(tmp_path / "nonexistent")
