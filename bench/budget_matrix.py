@@ -62,7 +62,8 @@ def write_digits(root: Path) -> Path:
 def cells(args) -> list[dict]:
     """The dense baselines, then one target at a time over every network, method and gate lr (the
     first target given first), so that a matrix cut short has whole slices."""
-    out = [dict(model=model, method="dense", target=None, gate_lr=None) for model in args.models]
+    out = [] if args.no_dense else [dict(model=model, method="dense", target=None, gate_lr=None)
+                                     for model in args.models]
     for target in args.targets:
         for model in args.models:
             for method in args.methods:
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.05, help="the weights' lr")
     p.add_argument("-b", "--batch-size", type=int, default=64)
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--no-dense", action="store_true", help="no dense baselines (their column stays empty)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="torch threads per run")
     args = p.parse_args(argv)
     if not set(args.models) <= set(SCRIPTS) or not set(args.methods) <= set(METHODS):
