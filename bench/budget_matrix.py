@@ -9,7 +9,7 @@ offline: scikit-learn's handwritten digits (1,797 8x8 images of 10 classes),
 upscaled to 32x32 RGB and written once as a ``--dataset folder`` tree
 (1,437 training / 360 validation images). Over {VGG16, ResNet56} at
 ``--width-mult`` (default 0.25) x {L0-HC, Dep-L0 forward, Dep-L0 backward} x
-``--target-macs`` {0.25, 0.35, 0.5} x ``--lr_gate`` {the recipe's default,
+``--target-macs`` {0.25, 0.35, 0.5} (or ``--kind params``: ``--target-params``) x ``--lr_gate`` {the recipe's default,
 10 times it}, plus a dense baseline per network on the same schedule, and
 prints one table: the pruned MACs over the target, the share of channels the
 projection moved and who settled the network (``training`` or the
@@ -72,10 +72,11 @@ def cells(args) -> list[dict]:
     return out
 
 
-def cell_dir(out: Path, cell: dict) -> Path:
+def cell_dir(out: Path, cell: dict, kind: str) -> Path:
     if cell["method"] == "dense":
         return out / f"{cell['model']}_dense"
-    return out / f"{cell['model']}_{cell['method']}_t{cell['target']:g}_lr{cell['gate_lr']:g}"
+    label = "t" if kind == "macs" else "p"  # a MACs target and a parameter target never share a folder
+    return out / f"{cell['model']}_{cell['method']}_{label}{cell['target']:g}_lr{cell['gate_lr']:g}"
 
 
 def command(args, data: Path, cell: dict, where: Path) -> list[str]:
@@ -87,7 +88,7 @@ def command(args, data: Path, cell: dict, where: Path) -> list[str]:
         total = args.epochs + args.fine_tune
         return cmd + ["--net", "dense", "--epoch", str(total), "--lr", str(args.lr),
                       "--milestones", f"{total * 5 // 8},{total * 7 // 8}"]
-    return cmd + [*METHODS[cell["method"]], "--target-macs", str(cell["target"]), "--lr_gate", str(cell["gate_lr"]),
+    return cmd + [*METHODS[cell["method"]], f"--target-{args.kind}", str(cell["target"]), "--lr_gate", str(cell["gate_lr"]),
                   "--epoch", str(args.epochs), "--fine_tune_epoch", str(args.fine_tune), "--lr", str(args.lr),
                   "--milestones", f"{args.epochs * 5 // 8},{args.epochs}"]
 
@@ -105,7 +106,7 @@ def finished(where: Path) -> dict | None:
 
 
 def run(args, data: Path, cell: dict) -> dict:
-    where = cell_dir(args.out, cell)
+    where = cell_dir(args.out, cell, args.kind)
     if finished(where) is None:
         cmd = command(args, data, cell, where) + (["--resume", "auto"] if (where / "last.pt").exists() else [])
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -127,7 +128,7 @@ def row(entry: dict, dense: dict, args) -> str:
     if r is None:
         return f"| {name} | not run | | | | | | |"
     budget = r.get("budget") or {}
-    macs = r["macs_pruned"] / r["macs_dense"]
+    cost = r[f"{args.kind}_pruned"] / r[f"{args.kind}_dense"]
     projection = budget.get("projection")
     moved = f"{projection['share']:.1%}" if projection else "0%"
     warmup = args.epochs / 4
@@ -137,7 +138,7 @@ def row(entry: dict, dense: dict, args) -> str:
         chance += f"; guard: epoch {budget['collapse']['epoch']}"
     base = dense.get(entry["model"])
     versus = f" ({r['best_top1'] - base:+.1f})" if base is not None else ""
-    return (f"| {name} | {macs / entry['target']:.3f} | {moved} | {budget.get('settled_by', '?')} | "
+    return (f"| {name} | {cost / entry['target']:.3f} | {moved} | {budget.get('settled_by', '?')} | "
             f"{r['best_top1']:.1f}{versus} | {r['top1']:.1f} | {chance} |")
 
 
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], default=[0.35, 0.25, 0.5])
     p.add_argument("--gate-lr-factors", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 10.0],
                    help="--lr_gate as multiples of the default 1e-3")
+    p.add_argument("--kind", choices=("macs", "params"), default="macs",
+                   help="--target-macs or --target-params (the audit of the parameter budget)")
     p.add_argument("--width-mult", type=float, default=0.25)
     p.add_argument("--epochs", type=int, default=16, help="penalty epochs (--epoch)")
     p.add_argument("--fine-tune", type=int, default=4, help="--fine_tune_epoch")
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
     lines = [f"Digits 32x32 (1,437 train / 360 val), width {args.width_mult:g}, {args.epochs} penalty + "
              f"{args.fine_tune} fine-tune epochs, batch {args.batch_size}; dense best top-1: "
              + ", ".join(f"{m} {v:.1f}" for m, v in dense.items()), "",
-             "| model | method | target | lr_gate | MACs / target | projected | settled by | best top-1 (vs dense) "
+             f"| model | method | target | lr_gate | {'MACs' if args.kind == 'macs' else 'params'} / target | projected | settled by | best top-1 (vs dense) "
              "| final top-1 | at chance after warm-up |", "|---|---|---|---|---|---|---|---|---|---|"]
     order = {(m, x): i for i, (m, x) in enumerate((m, x) for m in args.models for x in args.methods)}
     pruned = sorted((e for e in entries if e["method"] != "dense"),
