@@ -179,6 +179,20 @@ def test_a_macs_target_is_met_by_one_global_ratio():
         ratios_for_macs(model, 0.05)
 
 
+@pytest.mark.parametrize("model_name", ["vgg16", "resnet56"])
+def test_the_ratio_search_lands_on_the_budget_matrix_targets(model_name):
+    """L1's and GReg's --target-macs on the budget matrix's networks (width 0.25) and targets: the
+    search lands within its 1% and its budget block says so (bench/budget_matrix.py, issue 24)."""
+    from pruning.selection import TARGET_TOLERANCE, search_budget
+    model = _dense(model_name, 0.25)
+    for target in (0.25, 0.35, 0.5):
+        r, ratios = ratios_for_macs(model, target)
+        block = search_budget(target, macs_fraction(model, ratios), r)
+        assert abs(block["achieved"] - target) <= TARGET_TOLERANCE, (model_name, target, block)
+        assert block["within_tolerance"] and block["settled_by"] == "search" and block["converged"]
+        assert f"target {target:.3f} (within 1%)" in block["message"]
+
+
 # ------------------------------------------------------------------------------- GReg
 
 
