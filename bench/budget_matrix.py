@@ -107,7 +107,7 @@ def finished(where: Path) -> dict | None:
 
 def run(args, data: Path, cell: dict) -> dict:
     where = cell_dir(args.out, cell, args.kind)
-    if finished(where) is None:
+    if finished(where) is None and not args.table_only:
         cmd = command(args, data, cell, where) + (["--resume", "auto"] if (where / "last.pt").exists() else [])
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         with open(log_of(where), "a") as log:
@@ -118,7 +118,8 @@ def run(args, data: Path, cell: dict) -> dict:
         for line in log_of(where).read_text().splitlines():
             if (m := EPOCH_LINE.match(line)):
                 epochs[int(m.group(1))] = float(m.group(2))
-    print(f"done: {where.name}" if results else f"FAILED: {where.name} (see {log_of(where)})", flush=True)
+    if not args.table_only:
+        print(f"done: {where.name}" if results else f"FAILED: {where.name} (see {log_of(where)})", flush=True)
     return dict(cell, results=results, epochs=epochs)
 
 
@@ -126,7 +127,7 @@ def row(entry: dict, dense: dict, args) -> str:
     r = entry["results"]
     name = f"{entry['model']} | {entry['method']} | {entry['target']:g} | {entry['gate_lr']:g}"
     if r is None:
-        return f"| {name} | not run | | | | | | |"
+        return f"| {name} | not run | | | | | |"
     budget = r.get("budget") or {}
     cost = r[f"{args.kind}_pruned"] / r[f"{args.kind}_dense"]
     projection = budget.get("projection")
@@ -160,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("-b", "--batch-size", type=int, default=64)
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--no-dense", action="store_true", help="no dense baselines (their column stays empty)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: the table of the runs finished so far (the others read 'not run')")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="torch threads per run")
     args = p.parse_args(argv)
     if not set(args.models) <= set(SCRIPTS) or not set(args.methods) <= set(METHODS):
