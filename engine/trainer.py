@@ -562,6 +562,8 @@ class Trainer:
             info = dict(dataset=self.args.dataset, data_dir=self.args.data_dir, dummy=self.args.dummy, epoch=self.epoch,
                         seed=self.args.seed,
                         macs_dense=self.baseline["macs"], params_dense=self.baseline["params"])
+            if "arch" in self.baseline:  # the network it was cut from (prune.py; HSIC-Lasso's --ckpt_path reads it)
+                info["uncut_arch"] = dict(self.baseline["arch"])
             _, pruned = save_pruned(self.model, path, info, gates=self.method.channel_gates(),
                                     sparse_layers=self.method.sparse_layer_names(),
                                     tied=self.method.tied_values())

@@ -22,6 +22,11 @@ expressions over a prefix-free name and their replacement (this project's names;
 matches is taken as it is). :func:`import_state` maps a state dict onto a network and checks that
 every tensor of the network is found, with its shape, and nothing else is left: a checkpoint of
 another network (another depth, another head, a pruned one) is one ``UsageError`` line.
+
+:func:`load_published_pruned` reads a *pruned* network in the same formats (HSIC-Lasso's ``prune.py``
+saves ``{'state_dict', 'pruning_info'}`` with the kept channels sliced out of the original module
+names; its ``train.py`` then saves ``{'state_dict', 'epoch', 'acc', ...}``): the kept widths are read
+off the tensors' shapes.
 """
 import re
 
@@ -120,3 +125,46 @@ def load_published(path, model: str, num_classes: int | None = None, width_mult:
             network = build_model(default_arch(model, head.shape[0], width_mult, **gate_args))
     network.load_state_dict(import_state(network, state, str(path)), strict=False)
     return network
+
+
+def _width_mult(full: GatedNetwork, mapped: dict) -> float:
+    """The width multiplier of a (pruned or not) checkpoint of ``full``'s family: its first conv or hidden
+    Linear whose output channels no pruning removes (an ungated layer: the CIFAR ResNets' and GoogLeNet's
+    stem, APIB VGG16's hidden Linear, ResNet50's first conv3) against the paper width; 1 where the family
+    has none (every conv gated, as this project's VGG16) or the file lacks it."""
+    for record in full.weight_layers:
+        if record.out_gate is None and record.role != "classifier":
+            weight = mapped.get(f"{record.name}.weight")
+            return 1.0 if weight is None or weight.dim() < 2 else weight.shape[0] / record.out_channels
+    return 1.0
+
+
+def load_published_pruned(path, model: str, checkpoint=None) -> tuple[GatedNetwork, dict]:
+    """``(compact network, uncut arch)``: the already pruned network in the checkpoint ``path`` (any of the
+    formats above, e.g. what HSIC-Lasso's ``prune.py`` / ``train.py`` save) as this project's compact
+    ``model`` (``net='dense'``, the kept widths read off the tensors' shapes, the file's weights), and the
+    arch of the unpruned network of that width and head (the baseline its reductions are reported against).
+    Kept channels are taken as the first ones of each layer (a pruned network holds only the kept ones). A
+    file of another network, or with a layer wider than the network's, is one ``UsageError`` line.
+    ``checkpoint``: the file's contents, when already read (:func:`utils.checkpoint.load_foreign`)."""
+    if model not in MODEL_CLASSES:
+        raise UsageError(f"unknown network {model!r}; expected one of {sorted(MODEL_CLASSES)}")
+    state = checkpoint_state(load_foreign(path) if checkpoint is None else checkpoint, str(path))
+    cls = MODEL_CLASSES[model]
+    mapped = translate(cls, state)
+    full = build_model(default_arch(model, 10, net="dense"))
+    head = mapped.get(f"{full.weight_layers[-1].name}.weight")
+    classes = head.shape[0] if head is not None and head.dim() == 2 else 10
+    dense = build_model(default_arch(model, classes, _width_mult(full, mapped), net="dense"))
+    keep = []
+    for layer in dense.gated_layers:
+        weight = mapped.get(f"{layer.conv}.weight")
+        if weight is None:
+            raise UsageError(f"{path} is not a {model} checkpoint: it lacks {layer.conv + '.weight'!r}")
+        if not 0 < weight.shape[0] <= layer.width:
+            raise UsageError(f"{path} is not a pruned {model} of these widths: {layer.conv!r} has "
+                             f"{weight.shape[0]} filters, {model}'s at most {layer.width}")
+        keep.append(torch.arange(weight.shape[0]))
+    compact = build_model(dense.compact_arch(keep))
+    compact.load_state_dict(import_state(compact, state, str(path)), strict=False)
+    return compact, dense.arch
