@@ -346,7 +346,8 @@ class HsicLasso(MethodSpec):
 
     def add_arguments(self, parser, **context) -> None:
         g = parser.add_argument_group("HSIC-Lasso's search (defaults: its code's; CIFAR / ImageNet)")
-        g.add_argument("--omega", type=positive_int, default=1, help="ω: channels every group keeps at least")
+        g.add_argument("--omega", type=positive_int, default=1, help="ω: the channels the floor's bisection aims every group at (as the authors' code, "
+                            "its last fit stands when none keeps exactly ω)")
         g.add_argument("--alpha", type=positive_float, default=1e-6,
                        help="α₀: the Lasso penalty the search starts from (its first upper bracket)")
         g.add_argument("--tolerance", type=positive_float, default=0.01,
