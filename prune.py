@@ -51,7 +51,7 @@ from engine.config import RunConfig
 from engine.trainer import Trainer
 from models import MODEL_CLASSES, build_model, default_arch, save_pruned
 from models.export import build_pruned
-from models.published import load_published, load_published_pruned
+from models.published import load_published, load_published_pruned, torchvision_resnet50
 from models.export import FORMAT as PRUNED_FORMAT
 from models.structure import CONVENTIONS
 from pruning import METHODS, PruningMethod
@@ -71,7 +71,6 @@ GREG_ARCHS = {"resnet56": "resnet56a", "resnet50": "resnet50"}
 # HSIC-Lasso's code (songxmu/APIB, main.py:30-50).
 APIB_MODELS = {"vgg16": "vgg16_apib", "resnet56": "resnet56a", "resnet110": "resnet110a", "googlenet": "googlenet",
                "resnet50": "resnet50"}
-TORCHVISION_RESNET50 = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "mnist": 10}
 
 # What every prune.py run must agree on to be continued; each method adds its own settings.
@@ -332,24 +331,6 @@ def named_source(args, ctx) -> dict:
     if kind == "pruned":
         return pruned_source(args.checkpoint, args.arch)
     return load_source(args.checkpoint, args.arch)
-
-
-def torchvision_resnet50(ctx) -> Path:
-    """torchvision's ResNet50 weights (``pretrained=True``: IMAGENET1K_V1) in torch.hub's cache,
-    downloaded there by rank 0 if absent, as the authors' ``models.resnet50(pretrained=True)``."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_RESNET50.rsplit("/", 1)[1]
-    failure = None
-    if ctx.is_main and not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(TORCHVISION_RESNET50, str(path), hash_prefix="0676ba61")
-        except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad file: one line
-            failure = brief(str(e))
-    ctx.barrier()
-    if failure or not path.exists():
-        raise UsageError(f"--pretrained: torchvision's ResNet50 weights are not in {path} and could not be downloaded "
-                         f"({failure or 'see rank 0'}); fetch {TORCHVISION_RESNET50} and give the file as CHECKPOINT")
-    return path
 
 
 def fresh_source(args, ctx) -> dict:

@@ -29,15 +29,19 @@ names; its ``train.py`` then saves ``{'state_dict', 'epoch', 'acc', ...}``): the
 off the tensors' shapes.
 """
 import re
+from pathlib import Path
 
 import torch
 
+from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_foreign
-from utils.errors import UsageError
+from utils.errors import UsageError, brief
 
 from . import MODEL_CLASSES, build_model, default_arch
 from .common import GatedNetwork
 
+# torchvision's ResNet50 ImageNet weights (IMAGENET1K_V1): what ``resnet50(pretrained=True)`` loads.
+TORCHVISION_RESNET50 = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 # thop's counters, which it registers as buffers on every module it profiles.
 THOP_BUFFERS = ("total_ops", "total_params")
 
@@ -168,3 +172,40 @@ def load_published_pruned(path, model: str, checkpoint=None) -> tuple[GatedNetwo
     compact = build_model(dense.compact_arch(keep))
     compact.load_state_dict(import_state(compact, state, str(path)), strict=False)
     return compact, dense.arch
+
+
+def torchvision_resnet50(ctx, instead: str = "give the file as CHECKPOINT") -> Path:
+    """torchvision's ResNet50 weights (``pretrained=True``: IMAGENET1K_V1) in torch.hub's cache,
+    downloaded there by rank 0 of ``ctx`` (utils.distributed) if absent, as the authors'
+    ``models.resnet50(pretrained=True)``; absent and not downloadable, one ``UsageError`` line ending in
+    ``instead``, how to give the file by hand."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_RESNET50.rsplit("/", 1)[1]
+    failure = None
+    if ctx.is_main and not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(TORCHVISION_RESNET50, str(path), hash_prefix="0676ba61")
+        except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad file: one line
+            failure = brief(str(e))
+    ctx.barrier()
+    if failure or not path.exists():
+        raise UsageError(f"--pretrained: torchvision's ResNet50 weights are not in {path} and could not be downloaded "
+                         f"({failure or 'see rank 0'}); fetch {TORCHVISION_RESNET50} and {instead}")
+    return path
+
+
+def load_weights(model: GatedNetwork, path) -> str:
+    """Start ``model`` (gated or dense, of any width) from the weights of the checkpoint ``path``: an authors'
+    published baseline in any of the formats above, torchvision's ResNet50 file, or a training checkpoint of
+    this project (its ``model``, gates left out), names mapped by ``FOREIGN_KEYS``. The gates keep their own
+    initialisation. A file that does not fit (another network, width or head) is one ``UsageError`` line.
+    Returns what the file was, for the log."""
+    raw = load_foreign(path)
+    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT and isinstance(raw.get("model"), dict):
+        state = {k: v for k, v in raw["model"].items() if not k.startswith("gates.")}
+        kind = f"a {raw.get('arch', {}).get('model', '?')} training checkpoint of this project"
+    else:
+        state = checkpoint_state(raw, str(path))
+        kind = "a published checkpoint"
+    model.load_state_dict(import_state(model, state, str(path)), strict=False)
+    return kind
