@@ -424,8 +424,8 @@ class HsicLasso(MethodSpec):
 
     def fine_tune_only(self, job) -> int:
         """HSIC-Lasso's ``train.py --ckpt_path``: fine-tune an already pruned network with the method's
-        recipe (no calibration, no search). The network is saved as ``<run>/cut.pt`` first, so that the
-        run directory holds where it started and ``--resume`` does not need the file again."""
+        recipe (no calibration, no search). The network is saved as ``<run>/cut.pt`` first: the run
+        directory holds where it started, and a continued run must name the same ``--ckpt_path``."""
         args, network = job.args, job.pruned
         macs, params = network.cost.dense(args.cost_convention)
         job.start("finetune", f"fine-tuning the pruned network in {args.ckpt_path} ({macs} MACs, "

@@ -10,20 +10,24 @@
 * Their README's train.py command, verbatim (its placeholders replaced, shortened by appended flags),
   fine-tunes such a file end to end on --dummy: the cut.pt it starts from holds the file's weights,
   the recipe is theirs (cosine from --lr, wd 2e-4), the reductions are against the uncut network.
-* A pruned.pt of this project fine-tunes the same way, its baseline the network it was cut from.
+* A pruned.pt of this project fine-tunes the same way, its baseline the network it was cut from; a
+  SIGTERM mid-epoch and ``--resume auto`` continue it exactly.
 * The ImageNet batch: its code's 64 by default, its README's 128 with ``--batch-from readme``; an
   explicit -b wins, with a note.
 * Mistakes are one line (exit 2).
 """
 import json
+import os
 import shlex
+import signal
 
 import pytest
 import torch
 
 import prune
-from conftest import run_script
-from models import MODEL_CLASSES, build_model, default_arch, save_pruned
+from conftest import assert_equal_states, run_script
+from engine.trainer import Trainer
+from models import build_model, default_arch, save_pruned
 from models.export import export_pruned, read_pruned
 from models.published import load_published_pruned
 from pruning.hsic import FINE_TUNE_BATCH, HsicLasso
@@ -192,6 +196,36 @@ def test_a_pruned_pt_of_this_project_fine_tunes_against_its_uncut_network(tmp_pa
         assert again["macs_dense"] == results["macs_dense"] and again["macs_pruned"] == results["macs_pruned"]
 
 
+def test_sigterm_mid_fine_tune_resumes_exactly(tmp_path, monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    torch.manual_seed(0)
+    gated = build_model(default_arch("resnet56", 10, 0.25, net="hc"))
+    gates = torch.cat([(torch.arange(w) % 3 != 0).float() for w in gated.gates.widths])
+    save_pruned(gated, tmp_path / "pruned.pt", dict(dataset="cifar10", dummy=True), gates=gates)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--ckpt_path", "pruned.pt", *FAST]
+    assert prune.main([*argv, "--out-dir", "ref"]) == 0
+    original, sent = Trainer.train_epoch, []
+
+    def train_epoch(self, stop, vote):
+        if self.epoch == 1 and not sent:  # the second epoch: SIGTERM after its first step
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, stop, vote)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    assert prune.main([*argv, "--out-dir", "cut"]) == 75
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    stopped = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert stopped["epoch"] == 1 and stopped["step"] > 0
+    assert prune.main([*argv, "--out-dir", "cut", "--resume", "auto"]) == 0
+    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    for key in ("model", "weight_optimizer"):
+        assert_equal_states(a[key], b[key], key)
+
+
 @pytest.mark.parametrize("batch_from,flags,want,note", [
     ("code", [], 64, False), ("readme", [], 128, False), ("code", ["-b", "128"], 128, True),
     ("readme", ["-b", "32"], 32, False)])
@@ -252,4 +286,3 @@ def test_files_that_do_not_fit_are_one_line(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err and "Traceback" not in err, (argv, err)
         assert not (tmp_path / "err" / "cut.pt").exists()
-    assert MODEL_CLASSES  # the registry is what --arch names

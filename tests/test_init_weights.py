@@ -27,7 +27,7 @@ from engine.trainer import Trainer
 from models import build_model, default_arch
 from models.published import TORCHVISION_RESNET50, translate
 from test_published import (TINY, akamaster_file, apib_file, googlenet_state, greg_file, resnet_state,  # noqa: F401
-                            vgg_state, with_prefix)
+                            vgg_state)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
