@@ -15,6 +15,8 @@ file. The ratios are GReg's (``--stage_pr``), or found for a MACs target:
     python prune.py runs/vgg16_cifar10_dense/best.pt --method hsic --target 107000000 --omega 40 --alpha 5e-5 --tolerance 0.01
     python prune.py runs/resnet56_cifar10_dense/best.pt --method hsic --target 57000000 --omega 5 --alpha 8e-4 --tolerance 0.01
     python prune.py resnet50-0676ba61.pth --data-dir /path/to/imagenet --method hsic --target 1550000000 --omega 1 --alpha 7e-5 --tolerance 0.01
+    # HSIC-Lasso's train.py: fine-tune an already pruned network (its pruned checkpoint, or a pruned.pt) alone:
+    python prune.py --model vgg16 --dataset cifar10 --lr 0.1 --batch_size 256 --ckpt_path vgg16pruned.pth.tar
     # Iterative magnitude pruning of single weights to a density (DSR's code's IMP; pruning/sparse.py):
     python prune.py runs/resnet56_cifar10_dense/best.pt --method imp --density 0.1 --cubic
     python prune.py resnet50-0676ba61.pth --data-dir /path/to/imagenet --method imp --density 0.2
@@ -48,7 +50,8 @@ import torch
 from engine.config import RunConfig
 from engine.trainer import Trainer
 from models import MODEL_CLASSES, build_model, default_arch, save_pruned
-from models.published import load_published
+from models.export import build_pruned
+from models.published import load_published, load_published_pruned, torchvision_resnet50
 from models.export import FORMAT as PRUNED_FORMAT
 from models.structure import CONVENTIONS
 from pruning import METHODS, PruningMethod
@@ -68,7 +71,6 @@ GREG_ARCHS = {"resnet56": "resnet56a", "resnet50": "resnet50"}
 # HSIC-Lasso's code (songxmu/APIB, main.py:30-50).
 APIB_MODELS = {"vgg16": "vgg16_apib", "resnet56": "resnet56a", "resnet110": "resnet110a", "googlenet": "googlenet",
                "resnet50": "resnet50"}
-TORCHVISION_RESNET50 = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "mnist": 10}
 
 # What every prune.py run must agree on to be continued; each method adds its own settings.
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{spec.name}: {spec.summary}" for spec in methods) + "; also spelled "
                         + ", ".join(a for spec in methods for a in spec.aliases)
                         + " (required, except with HSIC-Lasso's --target, whose README gives no method)")
-    which = g.add_mutually_exclusive_group(required=True)
+    # One of these is required, except with HSIC-Lasso's --ckpt_path (parse_args checks it).
+    which = g.add_mutually_exclusive_group()
     which.add_argument("--stage_pr", metavar="LIST", help="GReg's ratios: ResNet56 [stem,s1,s2,s3,fc], ResNet50 "
                                                           "[stem,l1,l2,l3,l4,fc], VGG 1-12:0.5 or one per layer")
     which.add_argument("--target-macs", type=positive_float, metavar="F",
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GReg's: torchvision's ImageNet weights of --arch (resnet50: resnet50-0676ba61.pth from "
                         "torch.hub's cache, downloaded there if absent)")
     g.add_argument("--ckpt", metavar="PATH", help="HSIC-Lasso's: the checkpoint (its published baselines)")
+    g.add_argument("--ckpt_path", metavar="PATH",
+                   help="HSIC-Lasso's train.py: fine-tune this already pruned network with HSIC-Lasso's recipe, no "
+                        "search (its prune.py's pruned checkpoint, with --model; or a pruned.pt of this project)")
     g.add_argument("--model", dest="apib_model", metavar="NAME",
                    help="HSIC-Lasso's name of the network: " + ", ".join(f"{k} ({v})" for k, v in APIB_MODELS.items()))
     g.add_argument("--data_path", metavar="DIR",
@@ -239,6 +245,57 @@ def load_source(path: str, arch: str | None = None) -> dict:
                 dummy=bool(args.get("dummy")), kind=f"dense checkpoint, epoch {state.get('epoch')}")
 
 
+def _dataset_of(arch: dict) -> str:
+    """The dataset a network of this head and images was trained on, where nothing else says."""
+    kind = MODEL_CLASSES[arch["model"]].data_kind
+    return kind if kind in ("mnist", "imagenet") else "cifar100" if arch["num_classes"] == 100 else "cifar10"
+
+
+def _wider(arch: dict | None, compact) -> dict | None:
+    """``arch`` as a dense network when it is the network ``compact`` was cut from (same family and gated
+    layers, none narrower, some wider), else None."""
+    if not arch or arch.get("model") != compact.arch["model"]:
+        return None
+    try:
+        uncut = build_model(dict(arch, net="dense", back_dep=False))
+    except (TypeError, ValueError, KeyError):
+        return None
+    widths, kept = list(uncut.gates.widths), list(compact.gates.widths)
+    if len(widths) != len(kept) or any(w < k for w, k in zip(widths, kept)) or widths == kept:
+        return None
+    return uncut.arch
+
+
+def pruned_source(path: str, arch: str | None) -> dict:
+    """HSIC-Lasso's ``--ckpt_path``: the already pruned network to fine-tune, as :func:`load_source`'s
+    record with ``pruned`` (the compact network) and ``arch`` the network it was cut from (the baseline of
+    the reductions): a pruned.pt of this project (its record says what it was cut from: ``uncut_arch``, which
+    prune.py's runs write, or ``arch``, the network a training run's gates were on; else the network itself),
+    or the authors' pruned checkpoint of ``arch`` (widths read off its tensors)."""
+    raw = load_foreign(path)
+    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
+        raise UsageError(f"--ckpt_path {path} is a training checkpoint, not a pruned network: give its run's "
+                         f"pruned.pt (python export.py {path} writes one)")
+    if isinstance(raw, dict) and raw.get("format") == PRUNED_FORMAT:
+        compact = build_pruned(raw)
+        record = raw["arch"].get("source") or {}
+        if arch is not None and arch != compact.arch["model"]:
+            raise UsageError(f"--ckpt_path {path} holds a {compact.arch['model']}, not a {arch}")
+        if record.get("sparse_layers"):
+            raise UsageError(f"--ckpt_path {path} is an unstructured sparse network (its zeros are weights, not "
+                             f"removed channels); HSIC-Lasso fine-tunes channel-pruned networks")
+        uncut = _wider(record.get("uncut_arch"), compact) or _wider(record.get("arch"), compact)
+        return dict(arch=uncut or compact.arch, state_dict=None, pruned=compact, data_dir=record.get("data_dir"),
+                    dataset=record.get("dataset") or _dataset_of(compact.arch), dummy=bool(record.get("dummy")),
+                    kind=f"pruned network (pruned.pt{', cut from a wider one' if uncut else ''})")
+    if arch is None:
+        raise UsageError(f"--ckpt_path {path} is not a pruned.pt of this project: name its network with --model "
+                         f"(HSIC-Lasso's name: " + ", ".join(APIB_MODELS) + ") or --arch")
+    compact, uncut = load_published_pruned(path, arch, raw)
+    return dict(arch=uncut, state_dict=None, pruned=compact, dataset=_dataset_of(compact.arch), data_dir=None,
+                kind=f"pruned {arch} checkpoint")
+
+
 # Where GReg's spellings name the network (its main.py): the data folder is DIR/<dataset>.
 GREG_KINDS = ("greg", "pretrained", "scratch")
 
@@ -271,25 +328,9 @@ def named_source(args, ctx) -> dict:
         return load_source(args.checkpoint)
     if kind == "scratch":
         return fresh_source(args, ctx)
+    if kind == "pruned":
+        return pruned_source(args.checkpoint, args.arch)
     return load_source(args.checkpoint, args.arch)
-
-
-def torchvision_resnet50(ctx) -> Path:
-    """torchvision's ResNet50 weights (``pretrained=True``: IMAGENET1K_V1) in torch.hub's cache,
-    downloaded there by rank 0 if absent, as the authors' ``models.resnet50(pretrained=True)``."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_RESNET50.rsplit("/", 1)[1]
-    failure = None
-    if ctx.is_main and not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(TORCHVISION_RESNET50, str(path), hash_prefix="0676ba61")
-        except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad file: one line
-            failure = brief(str(e))
-    ctx.barrier()
-    if failure or not path.exists():
-        raise UsageError(f"--pretrained: torchvision's ResNet50 weights are not in {path} and could not be downloaded "
-                         f"({failure or 'see rank 0'}); fetch {TORCHVISION_RESNET50} and give the file as CHECKPOINT")
-    return path
 
 
 def fresh_source(args, ctx) -> dict:
@@ -330,15 +371,19 @@ def dense_model(source: dict):
 
 class PruneJob:
     """One prune.py run as its method sees it: the command line, the dense source network, the run
-    directory, and the engine's training for each phase (:meth:`train`, :meth:`fine_tune`)."""
+    directory, and the engine's training for each phase (:meth:`train`, :meth:`fine_tune`).
+    ``pruned``: the already pruned network HSIC-Lasso's ``--ckpt_path`` names (its compact model;
+    ``source['arch']`` is then the network it was cut from, without weights), else None."""
 
     def __init__(self, args, source: dict, ctx: distributed.Context):
         self.args, self.source, self.ctx = args, source, ctx
         self.imagenet = source["arch"]["model"] == "resnet50"
         self.kind = "imagenet" if args.dataset == "imagenet" else "cifar"
-        model = self.dense_model()
+        self.pruned = source.get("pruned")
+        model = build_model(source["arch"])  # the baseline's cost needs no weights
+        model.cost.convention = args.cost_convention
         macs, params = model.cost.dense()
-        self.baseline = dict(macs=macs, params=params, widths=list(model.gates.widths))
+        self.baseline = dict(macs=macs, params=params, widths=list(model.gates.widths), arch=dict(model.arch))
         self.run_dir: Path | None = None
 
     def dense_model(self):
@@ -475,12 +520,14 @@ def run_phases(args, ctx: distributed.Context) -> int:
     if args.num_classes is not None and args.num_classes != arch["num_classes"]:
         raise UsageError(f"--num_classes {args.num_classes}: {args.checkpoint} has {arch['num_classes']} classes")
     args.num_classes = arch["num_classes"]
-    given = next(dest for dest in TARGET_FLAGS if getattr(args, dest) is not None)
-    if given not in spec.targets:
+    given = next((dest for dest in TARGET_FLAGS if getattr(args, dest) is not None), None)
+    if given is not None and given not in spec.targets:
         raise UsageError(spec.target_refusal(TARGET_FLAGS[given]))
     spec.check_args(args)
     if args.cost_convention is None:
-        args.cost_convention = "thop" if spec.name == "hsic" and args.target is not None else "conv"
+        # HSIC-Lasso's own numbers (its --target, its train.py's report) are thop's.
+        hsic_count = args.target is not None or args.ckpt_path is not None
+        args.cost_convention = "thop" if spec.name == "hsic" and hsic_count else "conv"
     job = PruneJob(args, source, ctx)
     for key, value in spec.defaults(job.kind).items():
         if getattr(args, key) is None:
@@ -493,6 +540,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     (reproduce.py checks a table's rows with it before running any)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = [TARGET_FLAGS[dest] for dest in TARGET_FLAGS if getattr(args, dest) is not None]
+    if args.ckpt_path is not None and given:
+        parser.error(f"--ckpt_path fine-tunes an already pruned network (HSIC-Lasso's train.py): {given[0]} has "
+                     f"nothing to prune there")
+    if args.ckpt_path is None and not given:
+        parser.error("one of the arguments " + " ".join(TARGET_FLAGS.values()) + " is required (or HSIC-Lasso's "
+                     "--ckpt_path PRUNED, to fine-tune an already pruned network)")
     if args.epochs == 0:
         parser.error("--epochs 0 fine-tunes nothing (no results.json); give at least 1")
     if args.target_macs is not None and args.target_macs >= 1.0:
@@ -514,7 +568,8 @@ def resolve_spellings(parser, args) -> None:
     network (``args.arch``; None for an authors' network this project lacks, refused when the run
     starts), the data folder and the method. Parse-time errors are one line."""
     named = [(flag, value) for flag, value in (("CHECKPOINT", args.checkpoint), ("--base_model_path",
-                                                args.base_model_path), ("--ckpt", args.ckpt)) if value]
+                                                args.base_model_path), ("--ckpt", args.ckpt),
+                                               ("--ckpt_path", args.ckpt_path)) if value]
     if len(named) > 1:
         parser.error(f"{named[0][0]} and {named[1][0]} both name the checkpoint; give one")
     if args.pretrained and named:
@@ -522,6 +577,25 @@ def resolve_spellings(parser, args) -> None:
     if args.data_path is not None and args.data_dir is not None:
         parser.error("--data_path and --data-dir both name the data folder; give one")
     args.authors_arch = None
+    if args.ckpt_path is not None:
+        # HSIC-Lasso's train.py: fine-tune a pruned network; the network is in the file (a pruned.pt of
+        # ours) or named by --model (its pruned checkpoints, as its train.py needs it) or --arch.
+        args.source_kind = "pruned"
+        if args.method is not None and METHODS.get(args.method).name != "hsic":
+            parser.error(f"--ckpt_path is HSIC-Lasso's fine-tuning of a pruned network (its train.py); "
+                         f"--method {args.method} prunes a dense checkpoint: give it as CHECKPOINT")
+        if args.apib_model is not None and args.arch is not None:
+            parser.error("--model and --arch both name the network; give one")
+        if args.apib_model is not None and args.apib_model not in APIB_MODELS:
+            parser.error(f"--model {args.apib_model}: HSIC-Lasso's networks here are " + ", ".join(APIB_MODELS))
+        if args.arch is not None and args.arch not in MODEL_CLASSES:
+            parser.error(f"argument --arch: invalid choice: {args.arch!r} (choose from {', '.join(sorted(MODEL_CLASSES))})")
+        if args.apib_model is not None:
+            args.authors_arch, args.arch = args.apib_model, APIB_MODELS[args.apib_model]
+        args.checkpoint = args.ckpt_path
+        args.data_dir = args.data_dir or args.data_path
+        args.method = "hsic"
+        return
     if args.apib_model is not None or args.ckpt is not None:
         args.source_kind = "apib"
         if args.apib_model is None:

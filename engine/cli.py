@@ -94,6 +94,12 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
                         "same images")
     g.add_argument("--width-mult", type=positive_float, default=1.0,
                    help="scale every channel width of the model (1.0: the paper's model)")
+    g.add_argument("--init-weights", metavar="PATH",
+                   help="start from this checkpoint's weights instead of the initialisation (the gates start as "
+                        "usual): an authors' published baseline of --arch (akamaster's, GReg's or HSIC-Lasso's "
+                        "format), torchvision's ResNet50 file, or a training checkpoint of this project; names "
+                        "mapped as prune.py --arch maps them, a file that does not fit is one error line"
+                   + ("; --pretrained: torchvision's file from torch.hub's cache" if recipe.imagenet else ""))
     g.add_argument("--cost-convention", choices=CONVENTIONS, default="conv",
                    help="the MACs results.json reports: conv + linear multiply-accumulates (the papers'), or what "
                         "thop counts (BN and pooling modules too; HSIC-Lasso's numbers); a budget is always conv")
@@ -179,7 +185,8 @@ def add_reference_flags(p: argparse.ArgumentParser) -> None:
                    help="as the reference: overwritten by the checkpoint's epoch with --resume (only 0 without)")
     g.add_argument("-e", "--evaluate", action="store_true", help="evaluation is evaluate.py's (says how)")
     g.add_argument("--pretrained", action="store_true",
-                   help="torchvision's ImageNet weights start a prune here, not a Dep-L0 run (says how)")
+                   help="start from torchvision's ImageNet weights (pretrained=True: resnet50-0676ba61.pth in "
+                        "torch.hub's cache, downloaded there if absent), as --init-weights that file")
     g.add_argument("--world-size", type=int, default=-1, help="torchrun sets the processes (checked against it)")
     g.add_argument("--rank", type=int, default=-1, help="torchrun sets each process's rank (checked against it)")
     g.add_argument("--dist-url", default="tcp://224.66.41.62:23456", help="torchrun's rendezvous replaces it")
@@ -194,9 +201,11 @@ def check_reference_flags(parser, args) -> None:
     if args.evaluate:
         parser.error("-e/--evaluate: evaluation is evaluate.py's here: python evaluate.py CHECKPOINT "
                      "--data-dir DIR (top-1 and top-5 of a checkpoint or pruned.pt)")
-    if args.pretrained:
-        parser.error("--pretrained: Dep-L0 trains its gates from scratch here; torchvision's ImageNet weights start "
-                     "a prune: python prune.py resnet50-0676ba61.pth --data-dir DIR --method ...")
+    if args.pretrained and args.init_weights:
+        parser.error("--pretrained (torchvision's weights) and --init-weights both name the starting weights; give one")
+    if args.pretrained and args.arch != "resnet50":
+        parser.error(f"--pretrained: torchvision's weights are read for resnet50 only; give -a {args.arch}'s "
+                     f"weights with --init-weights PATH")
     if args.start_epoch and not args.resume:
         parser.error(f"--start-epoch {args.start_epoch} without --resume: the reference only renumbers its epochs "
                      f"(a resumed checkpoint overwrites it); continue a run with --resume PATH or --resume auto")
@@ -234,6 +243,7 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
     spec.check(parser, args, given)
     if recipe.imagenet:
         check_reference_flags(parser, args)
+    args.init_pretrained = bool(getattr(args, "pretrained", False))
     if args.epochs + args.fine_tune_epoch == 0:
         parser.error("--epoch 0 with no fine-tuning epochs trains nothing (no results.json, an untrained "
                      "pruned.pt); give --epoch N")

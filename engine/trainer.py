@@ -35,6 +35,7 @@ from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 from torch.utils.data import DataLoader
 
 from models import build_model, default_arch, load_model_state, save_pruned
+from models.published import TORCHVISION_RESNET50, load_weights, torchvision_resnet50
 from pruning import METHODS
 from utils import distributed
 from utils.checkpoint import FORMAT, link_or_copy, load_checkpoint, save_checkpoint, write_json
@@ -151,7 +152,6 @@ class Trainer:
         if args.validate_set:
             train_set, held_set = hold_out(args.dataset, train_set, val_set, dummy=args.dummy)
         self.normalize = DeviceNormalize(args.dataset, device)
-        create_out_dir(self.out_dir)  # every rank: a rank that fails must not leave the others waiting
         torch.manual_seed(args.seed)
         if checkpoint is not None:
             arch = checkpoint["arch"]
@@ -164,6 +164,13 @@ class Trainer:
         model.cost.convention = args.cost_convention
         if checkpoint is None and start is not None:
             model.load_state_dict(start["state_dict"])
+        self.init_weights = None
+        if checkpoint is None and start is None and (args.get("init_weights") or args.get("init_pretrained")):
+            # --init-weights / --pretrained: the file's weights over the seeded initialisation (the gates
+            # keep theirs); a file that does not fit stops the run here, before its directory exists.
+            path = args.get("init_weights") or str(torchvision_resnet50(ctx, "give the file with --init-weights"))
+            self.init_weights = (path, load_weights(model, path))
+        create_out_dir(self.out_dir)  # every rank: a rank that fails must not leave the others waiting
         self.method = (method or METHODS.get(args.method).build)(model, args)
         self.weights, self.weight_schedule = weight_optimizer(self.method.weight_parameters(), args)
         self.method.attach_optimizer(self.weights)
@@ -206,6 +213,9 @@ class Trainer:
         self.log.start(args.to_dict(), device, self.out_dir, len(train_set), len(val_set), ctx.world_size)
         if checkpoint is not None:
             self.log.message(f"resumed from {checkpoint['path']}: epoch {self.epoch + 1}, step {self.step}")
+        if self.init_weights is not None:
+            self.log.message(f"weights from {self.init_weights[0]} ({self.init_weights[1]}); the gates start from "
+                             f"their own initialisation")
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -509,6 +519,9 @@ class Trainer:
             results.update(validate_top1=self.held_stats["top1"], validate_loss=self.held_stats["loss"])
             if args.imagenet:
                 results["validate_top5"] = self.held_stats["top5"]
+        start_weights = args.get("init_weights") or (TORCHVISION_RESNET50 if args.get("init_pretrained") else None)
+        if start_weights:
+            results["init_weights"] = start_weights
         results.update(self.method.results())
         results.update(self.extra_results)
         return results
@@ -562,6 +575,8 @@ class Trainer:
             info = dict(dataset=self.args.dataset, data_dir=self.args.data_dir, dummy=self.args.dummy, epoch=self.epoch,
                         seed=self.args.seed,
                         macs_dense=self.baseline["macs"], params_dense=self.baseline["params"])
+            if "arch" in self.baseline:  # the network it was cut from (prune.py; HSIC-Lasso's --ckpt_path reads it)
+                info["uncut_arch"] = dict(self.baseline["arch"])
             _, pruned = save_pruned(self.model, path, info, gates=self.method.channel_gates(),
                                     sparse_layers=self.method.sparse_layer_names(),
                                     tied=self.method.tied_values())

@@ -118,13 +118,17 @@ class CifarResNetA(GatedNetwork):
                 gate_widths.append(width)
                 c_in = planes
             setattr(self, f"layer{stage + 1}", nn.ModuleList(blocks))
+        # A module, as APIB's ResNet_CIFAR (self.pool = nn.AdaptiveAvgPool2d(1)), so that thop counts it
+        # as it counts theirs: k² + 1 ops per output (thop 0.1.1's adaptive average).
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        recorder.pool("pool", c_in, 1, recorder.size ** 2 + 1.0)
         self.linear = recorder.linear("linear", c_in, num_classes)
         model = model or f"resnet{6 * n + 2}a"
         arch = dict(model=model, blocks_per_stage=n, widths=widths, num_classes=num_classes, net=net,
                     back_dep=back_dep, temperature=temperature, input_size=input_size)
         if inner is not None:
             arch["inner_widths"] = inner
-        self._finish(arch, recorder.records, gate_widths, net, back_dep, temperature)
+        self._finish(arch, recorder.records, gate_widths, net, back_dep, temperature, ops=recorder.ops)
 
     @property
     def stage_blocks(self):
@@ -143,7 +147,7 @@ class CifarResNetA(GatedNetwork):
         for stage in self.stage_blocks:
             for block in stage:
                 x = block(x, next(z))
-        return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.linear(self.pool(x).flatten(1))
 
     @classmethod
     def default_arch(cls, num_classes: int, scale) -> dict:

@@ -22,7 +22,6 @@ Compact (exported) networks are the same class with ``net='dense'``,
 per block); see ``models/export.py``.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
@@ -118,19 +117,23 @@ class ImageNetResNet(GatedNetwork):
                 gate_widths += [width, width] if pair is None else list(pair)
                 c_in, stream_gate = width * Bottleneck.expansion, None
         self.layers = nn.ModuleList(layers)
+        # A module, as torchvision's and APIB's ResNet50 (avgpool = nn.AdaptiveAvgPool2d((1, 1))), so that
+        # thop counts it as it counts theirs: k² + 1 ops per output (thop 0.1.1's adaptive average).
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        recorder.pool("avgpool", c_in, 1, recorder.size ** 2 + 1.0)
         self.fc = recorder.linear("fc", c_in, num_classes)
         arch = dict(model=model, blocks=blocks, widths=widths, num_classes=num_classes, net=net,
                     back_dep=back_dep, temperature=temperature, input_size=input_size, stem_width=stem_width)
         if inner is not None:  # a compact model's key only, so a standard model's arch is unchanged
             arch["inner_widths"] = inner
-        self._finish(arch, recorder.records, gate_widths, net, back_dep, temperature)
+        self._finish(arch, recorder.records, gate_widths, net, back_dep, temperature, ops=recorder.ops)
 
     def forward(self, x, log_alpha=None):
         z_stem, *z_blocks = self.gates(x.shape[0], log_alpha)
         x = self.maxpool(bn_gate_relu(self.bn1, self.conv1(x), z_stem))
         for i, block in enumerate(self.layers):
             x = block(x, z_blocks[2 * i], z_blocks[2 * i + 1])
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.fc(self.avgpool(x).flatten(1))
 
 
     @classmethod

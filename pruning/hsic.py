@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models import build_model
 from utils import distributed
 from utils.cli import positive_float, positive_int
 from utils.data import DeviceNormalize, build_datasets
@@ -303,11 +304,17 @@ class SearchStopped(Exception):
 # -- prune.py --method hsic -------------------------------------------------------------------------
 
 # HSIC-Lasso's code: a calibration batch of its loaders' size, then 350 cosine epochs (its train.py's
-# defaults; CIFAR lr and batch from its README's VGG16 command, ImageNet its loader's batch of 64).
+# defaults; CIFAR lr and batch from its README's VGG16 command, ImageNet lr from its README's ResNet50
+# command and the batch of its loader, see FINE_TUNE_BATCH).
 HSIC_DEFAULTS = {
     "cifar": dict(calib_batch_size=128, epochs=350, lr=0.1, batch_size=256, weight_decay=2e-4),
     "imagenet": dict(calib_batch_size=64, epochs=350, lr=0.01, batch_size=64, weight_decay=2e-4),
 }
+# The fine-tune batch, by --batch-from: its code's, or its README's train.py commands'. On ImageNet they
+# differ: train.py:303 builds the training loader with batch_size=64 whatever --batch_size says, and the
+# README's ResNet50 command passes --batch_size 128. On CIFAR the loader reads --batch_size (its
+# dataset/cifar10.py:26-28) and the README's VGG16 command gives 256.
+FINE_TUNE_BATCH = {"code": {"cifar": 256, "imagenet": 64}, "readme": {"cifar": 256, "imagenet": 128}}
 # The cut is decided by these; a continued run must have been started with the same.
 HSIC_SETTINGS = ("target", "omega", "alpha", "tolerance", "calib_batch_size", "resnet50_y")
 
@@ -339,7 +346,8 @@ class HsicLasso(MethodSpec):
 
     def add_arguments(self, parser, **context) -> None:
         g = parser.add_argument_group("HSIC-Lasso's search (defaults: its code's; CIFAR / ImageNet)")
-        g.add_argument("--omega", type=positive_int, default=1, help="ω: channels every group keeps at least")
+        g.add_argument("--omega", type=positive_int, default=1, help="ω: the channels the floor's bisection aims every group at (as the authors' code, "
+                            "its last fit stands when none keeps exactly ω)")
         g.add_argument("--alpha", type=positive_float, default=1e-6,
                        help="α₀: the Lasso penalty the search starts from (its first upper bracket)")
         g.add_argument("--tolerance", type=positive_float, default=0.01,
@@ -351,6 +359,10 @@ class HsicLasso(MethodSpec):
                             "the authors' code does, or conv3's output")
         g.add_argument("--lasso-threads", type=positive_int, default=min(8, os.cpu_count() or 1),
                        help="groups solved at once (the result does not depend on it)")
+        g.add_argument("--batch-from", choices=tuple(FINE_TUNE_BATCH), default="code",
+                       help="HSIC-Lasso's fine-tune batch when -b is not given: code, the default, is what its "
+                            "code runs (ImageNet 64: its train.py:303 hard-codes it), readme its README's train.py "
+                            "command (ImageNet 128); CIFAR 256 either way")
 
     def target_refusal(self, flag: str) -> str:
         if flag == "--stage_pr":
@@ -358,6 +370,13 @@ class HsicLasso(MethodSpec):
         return f"{flag} is IMP's (--method imp); hsic takes --stage_pr, --target-macs or --target"
 
     def check_args(self, args) -> None:
+        kind = "imagenet" if args.dataset == "imagenet" else "cifar"
+        batch_from = getattr(args, "batch_from", "code")
+        if args.batch_size is None:
+            args.batch_size = FINE_TUNE_BATCH[batch_from][kind]
+        elif kind == "imagenet" and batch_from == "code" and args.batch_size != FINE_TUNE_BATCH["code"][kind]:
+            args.batch_note = (f"-b {args.batch_size}: HSIC-Lasso's train.py would fine-tune with 64 (train.py:303 "
+                               f"ignores its --batch_size on ImageNet); this run takes {args.batch_size} as given")
         if args.lr_ft is not None:
             raise UsageError("--lr_ft is GReg's schedule; HSIC-Lasso fine-tunes with a cosine from --lr")
         if getattr(args, "wg", "filter") != "filter" or getattr(args, "skip_layers", None):
@@ -372,6 +391,10 @@ class HsicLasso(MethodSpec):
 
     def run(self, job) -> int:
         args = job.args
+        if getattr(args, "batch_note", None):
+            job.log(args.batch_note)
+        if job.pruned is not None:
+            return self.fine_tune_only(job)
         target = job.absolute_target()
         args.layer_ratios = None
         job.start(self.run_label(args), f"target {target} MACs ({target / job.dense_macs:.4f} of dense "
@@ -382,7 +405,10 @@ class HsicLasso(MethodSpec):
             status = self.cut(job, cut, target)
             if status != 0:
                 return status
-        record = job.read_cut(cut)["hsic"]
+        record = job.read_cut(cut).get("hsic")
+        if record is None:
+            raise UsageError(f"{cut} is the start of a --ckpt_path fine-tuning, not a search's cut; give another "
+                             f"--out-dir")
         for key in HSIC_SETTINGS:
             if record[key] != getattr(args, key):
                 raise UsageError(f"{cut} was cut with --{key.replace('_', '-')} {record[key]}, this command asks "
@@ -395,6 +421,37 @@ class HsicLasso(MethodSpec):
                      budget=search_budget(target, record["macs"], record["within_tolerance"], args.tolerance,
                                           record["alpha_found"]))
         return job.fine_tune(cut, dict(lr=args.lr, lr_cosine=True), self.settings, extra)
+
+    def fine_tune_only(self, job) -> int:
+        """HSIC-Lasso's ``train.py --ckpt_path``: fine-tune an already pruned network with the method's
+        recipe (no calibration, no search). The network is saved as ``<run>/cut.pt`` first: the run
+        directory holds where it started, and a continued run must name the same ``--ckpt_path``."""
+        args, network = job.args, job.pruned
+        macs, params = network.cost.dense(args.cost_convention)
+        job.start("finetune", f"fine-tuning the pruned network in {args.ckpt_path} ({macs} MACs, "
+                              f"{macs / job.dense_macs:.4f} of the uncut {job.dense_macs}; {params} parameters) "
+                              f"with HSIC-Lasso's recipe")
+        cut = job.run_dir / "cut.pt"
+        if job.ctx.is_main and not cut.exists():
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            # Its record names the uncut network, as a search's cut.pt does (a later --ckpt_path of it, or
+            # of this run's pruned.pt, reports its reductions against the same network).
+            uncut = build_model(job.source["arch"])
+            macs_dense, params_dense = uncut.cost.dense("conv")
+            job.save_cut(network, cut, None, finetune=dict(ckpt_path=str(args.ckpt_path)), arch=dict(uncut.arch),
+                         dense_widths=list(uncut.gates.widths), macs_dense=macs_dense, params_dense=params_dense)
+        job.ctx.barrier()
+        record = job.read_cut(cut).get("finetune")
+        if record is None or record["ckpt_path"] != str(args.ckpt_path):
+            raise UsageError(f"{cut} was not started from --ckpt_path {args.ckpt_path}; continue it with the "
+                             f"command that started it, or give another --out-dir")
+        extra = dict(method=args.method, stage_pr=None, target_macs=None, target=None, layer_ratios=None,
+                     source=str(args.ckpt_path), hsic_finetune=dict(ckpt_path=str(args.ckpt_path),
+                                                                    source=job.source["kind"],
+                                                                    widths=list(network.gates.widths),
+                                                                    batch_from=args.batch_from),
+                     lr=args.lr, lr_schedule="cosine")
+        return job.fine_tune(cut, dict(lr=args.lr, lr_cosine=True), ("ckpt_path",), extra)
 
     def cut(self, job, cut, target: int) -> int:
         """Calibrate, search alpha and save the kept channels (rank 0; the other ranks wait for the

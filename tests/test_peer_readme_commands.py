@@ -17,8 +17,9 @@ data: its scratch training of ResNet56 and GReg-1 from that run's checkpoint thr
 ``--base_model_path`` pattern.
 
 HSIC-Lasso's ``train.py`` commands fine-tune an already pruned network in a separate script; here
-``prune.py --method hsic`` fine-tunes in the same run (its ``--lr`` and ``-b`` default to those
-commands' values), so they have no counterpart and are listed only for the record.
+``prune.py --method hsic`` fine-tunes in the same run, and the same ``prune.py`` runs them as written
+(``python prune.py`` for ``python train.py``): ``--ckpt_path`` names the pruned network and nothing is
+searched (tests/test_hsic_finetune.py runs the VGG16 one end to end).
 """
 import json
 import shlex
@@ -64,7 +65,7 @@ APIB_README = [
     'python main.py \\\n--model resnet50\\\n--dataset imagenet\\\n--target 1550000000 \\\n--ckpt [pre-trained model dir] \\\n--data_path [dataset path]\\\n--omega 1\\\n--tolerance 0.01\\\n--alpha 7e-5\n',
 ]
 
-# APIB's train.py (fine-tuning a pruned network): no counterpart here (see the docstring).
+# APIB's train.py (fine-tuning a pruned network): prune.py --ckpt_path (see the docstring).
 APIB_TRAIN = [
     'python train.py \\\n--model vgg16\\\n--dataset cifar10\\\n--lr 0.1\\\n--batch_size 256 \\\n--ckpt_path [pruned model dir]\\\n--data_path [dataset path]\n',
     'python train.py \\\n--model resnet50\\\n--dataset imagenet\\\n--lr 0.01\\\n--batch_size 128 \\\n--ckpt_path [pruned model dir]\\\n--data_path [dataset path]\n',
@@ -132,6 +133,18 @@ def test_hsic_readme_command_parses_as_its_code_reads_it(command):
     assert args.target == int(flag(argv, "--target")) and args.omega == int(flag(argv, "--omega"))
     assert args.alpha == float(flag(argv, "--alpha")) and args.tolerance == float(flag(argv, "--tolerance"))
     assert args.dataset == flag(argv, "--dataset")
+
+
+@pytest.mark.parametrize("command", APIB_TRAIN, ids=lambda c: c.split("--model ")[1].split("\\")[0])
+def test_hsic_readme_train_command_parses_as_its_code_reads_it(command):
+    text = command.replace("\\\n", " ").replace("[pruned model dir]", "pruned.pth.tar").replace("[dataset path]", "d")
+    argv = shlex.split(text)
+    assert argv[:2] == ["python", "train.py"]
+    args = prune.parse_args(argv[2:])
+    assert args.method == "hsic" and args.source_kind == "pruned" and args.checkpoint == "pruned.pth.tar"
+    assert args.arch == {"vgg16": "vgg16_apib", "resnet50": "resnet50"}[flag(argv, "--model")]
+    assert (args.lr, args.batch_size, args.data_dir) == (float(flag(argv, "--lr")), int(flag(argv, "--batch_size")), "d")
+    assert args.target is None and args.target_macs is None and args.stage_pr is None
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -1,5 +1,6 @@
 """The reference ResNet50 script's pytorch/examples flags: honoured where they agree with how this
-engine runs, else one line saying what does their job here (evaluate.py, torchrun, prune.py)."""
+engine runs (``--pretrained``: torchvision's weights, tests/test_init_weights.py), else one line saying
+what does their job here (evaluate.py, torchrun)."""
 import pytest
 
 import train_resnet50
@@ -36,7 +37,7 @@ def test_under_torchrun_the_reference_distributed_flags_agree(monkeypatch):
 @pytest.mark.parametrize("argv, needle", [
     (["-e"], "evaluation is evaluate.py's here: python evaluate.py CHECKPOINT"),
     (["--evaluate"], "evaluation is evaluate.py's here"),
-    (["--pretrained"], "torchvision's ImageNet weights start a prune: python prune.py"),
+    (["--pretrained", "--init-weights", "x.pth"], "both name the starting weights"),
     (["--start-epoch", "5"], "--start-epoch 5 without --resume"),
     (["--multiprocessing-distributed"], "torchrun --nproc_per_node=GPUS train_resnet50.py"),
     (["--world-size", "8"], "--world-size 8: this run has 1 process(es)"),
@@ -45,6 +46,12 @@ def test_under_torchrun_the_reference_distributed_flags_agree(monkeypatch):
 def test_what_this_engine_does_otherwise_is_one_line(argv, needle, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert needle in one_line(capsys, argv)
+
+
+def test_pretrained_starts_from_torchvisions_weights():
+    config = parse_args(train_resnet50.RECIPE, [*BASE, "--pretrained", "--net", "dep"])
+    assert config.init_pretrained and config.init_weights is None
+    assert not parse_args(train_resnet50.RECIPE, BASE).init_pretrained
 
 
 def test_start_epoch_with_resume_is_the_references_no_op(tmp_path):
