@@ -86,7 +86,6 @@ closes that last gap, keeping the channels first in
 (``settled_by: "projection"``): its accuracy is the projection's.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from l0_layers import hard_concrete
@@ -228,7 +227,7 @@ class BudgetConstraint(nn.Module):
         :meth:`channel_order`, k the largest whose network costs at most ``target_at(progress)``
         (every layer that may not close keeps its first channel). Computed on the device, without
         a host synchronisation."""
-        order, _, _, forced = self.channel_order(log_alpha)
+        order, _, _, forced = self._ranked(log_alpha)
         fractions = self._prefix_fractions(order)
         position = torch.arange(len(fractions), device=fractions.device)
         fits = (fractions <= self.target_at(progress)) & (position >= forced)
@@ -312,6 +311,11 @@ class BudgetConstraint(nn.Module):
         first channel in that order: they are always kept, so that the projection never
         disconnects the network.
         """
+        order, key, marginal, forced = self._ranked(log_alpha)
+        return order, key, marginal, int(forced)
+
+    def _ranked(self, log_alpha: torch.Tensor):
+        """:meth:`channel_order` with the forced count as a 0-d tensor (no host synchronisation)."""
         with torch.enable_grad():
             widths = self.expected_open(log_alpha.detach()).detach().double().requires_grad_()
             marginal, = torch.autograd.grad(self.fraction(widths), widths)
@@ -320,13 +324,20 @@ class BudgetConstraint(nn.Module):
         order = torch.arange(len(key), device=key.device)
         order = order[torch.sort(self.tie_key(log_alpha).double()[order], descending=True, stable=True).indices]
         order = order[torch.sort(key[order], descending=True, stable=True).indices]
-        # The first position of each layer in the order (the minimum position per layer).
+        order, forced = self._forced_first(order)
+        return order, key, marginal, forced
+
+    def _forced_first(self, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``order`` with each unclosable layer's first channel moved to the front (in order), and
+        their count as a 0-d tensor; without host synchronisation (no boolean indexing), as the
+        budget's every step uses it."""
         position = torch.arange(len(order), device=order.device)
+        # The first position of each layer in the order (the minimum position per layer).
         first = torch.full((len(self.closable),), len(order), dtype=torch.long, device=order.device)
         first = first.scatter_reduce(0, self.layer_of_channel[order], position, reduce="amin")
-        forced = torch.zeros_like(order, dtype=torch.bool)
-        forced[first[~self.closable]] = True
-        return torch.cat([order[forced], order[~forced]]), key, marginal, int(forced.sum())
+        first = first.masked_fill(self.closable, len(order))  # closable layers force nothing
+        forced = torch.zeros(len(order) + 1, dtype=torch.bool, device=order.device).scatter_(0, first, True)[:-1]
+        return order[torch.sort((~forced).to(torch.uint8), stable=True).indices], forced.sum()
 
     @torch.no_grad()
     def project(self, log_alpha: torch.Tensor) -> torch.Tensor | None:
@@ -392,7 +403,9 @@ class BudgetConstraint(nn.Module):
     def _prefix_fractions(self, order: torch.Tensor) -> torch.Tensor:
         """Cost fraction of keeping the first k channels of ``order``, k = 0..total (a closed
         layer priced as one channel, as the export keeps it)."""
-        counts = F.one_hot(self.layer_of_channel[order], len(self.cost.dense_widths))
+        layers = self.layer_of_channel[order]
+        counts = torch.zeros(len(order), len(self.cost.dense_widths), device=order.device)
+        counts.scatter_(1, layers[:, None], 1.0)  # one-hot, without one_hot's range check (a host sync)
         widths = torch.cat([counts.new_zeros(1, counts.shape[1]), counts.cumsum(0)]).to(self.cost.dense_widths)
         return self.fraction(widths.clamp(min=1))
 
