@@ -199,7 +199,7 @@ def test_ranks_end_with_identical_parameters_and_buffers(rank_states):
                and not torch.equal(r0["model"][k], r0["initial"][k])]
     assert any(k.startswith("gates.") for k in trained), trained
     assert sum(".weight" in k for k in trained) >= 10, trained
-    assert r0["lambda1"].item() != 0.0
+    assert r0["budget"]["lambda1"].item() != 0.0
     # ... from the same initialisation, and rank 0's state is what last.pt holds.
     assert all(torch.equal(r0["initial"][k], r1["initial"][k]) for k in r0["initial"])
     saved = load(run_dir / "last.pt")["model"]
