@@ -1,10 +1,10 @@
 """L0-HC and Dep-L0 (``--net hc`` / ``--net dep``) as a pruning method of the shared loop.
 
 ``--epoch`` epochs of cross-entropy plus the L0 penalty (:mod:`pruning.penalty`),
-or plus the Lagrangian budget term with ``--target-macs``/``--target-params``
-(:mod:`pruning.budget`); the gate parameters train with their own Adam (no
-weight decay), or inside the weights' SGD with ``--gen_optim SGD`` as the
-reference's ResNet50 script has it. At the end of the last penalty epoch the
+or, with ``--target-macs``/``--target-params``, of cross-entropy alone with the
+budget controller pushing the gates after each step (:mod:`pruning.budget`);
+the gate parameters train with their own Adam (no weight decay), or inside the
+weights' SGD with ``--gen_optim SGD`` as the reference's ResNet50 script has it. At the end of the last penalty epoch the
 gates freeze at their test values (with a budget missed by more than the
 tolerance, at its projection), and ``--fine_tune_epoch`` epochs train the
 weights alone, with no penalty.
@@ -234,7 +234,7 @@ class L0Training(MethodSpec):
         g = parser.add_argument_group("budget (instead of --lamba)")
         target = g.add_mutually_exclusive_group()
         target.add_argument("--target-macs", type=fraction_type, metavar="F",
-                            help="prune to F times the dense MACs (a Lagrangian constraint replaces the L0 penalty)")
+                            help="prune to F times the dense MACs (a budget controller replaces the L0 penalty)")
         target.add_argument("--target-params", type=fraction_type, metavar="F",
                             help="prune to F times the dense parameters")
         g.add_argument("--target-warmup", type=nonneg_float, metavar="EPOCHS",

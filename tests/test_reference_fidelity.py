@@ -375,8 +375,9 @@ def budget_target(model):
 # ------------------------------------------------------------ runs of the scripts
 
 TINY = ("--dummy", "-j", "0", "--width-mult", "0.125", "--seed", "0")
-SHORT = ("-b", "16", "--epoch", "8", "--target-warmup", "4", "--lr_gate", "0.05", "--lr-lagrangian", "0.03")
-LONG = ("-b", "4", "--epoch", "12", "--target-warmup", "6", "--lr-lagrangian", "0.03")  # 1536 steps, default lr
+# 256 steps, half of them annealing: a controller gain above the default for so short a run.
+SHORT = ("-b", "16", "--epoch", "8", "--target-warmup", "4", "--lr_gate", "0.05", "--lr-lagrangian", "0.2")
+LONG = ("-b", "4", "--epoch", "12", "--target-warmup", "6")  # 1536 steps, default gate lr and gain
 LANDING = {
     "resnet56-high-lr": ("train_resnet56.py", [*TINY, *SHORT, "--net", "dep", "--target-macs", "0.5"]),
     "vgg16-high-lr": ("train_vgg.py", [*TINY, *SHORT, "--net", "dep", "--target-macs", "0.35"]),
