@@ -122,20 +122,22 @@ def annealed_target(final: float, progress: float, warmup: float) -> float:
     return 1.0 - (1.0 - final) * min(1.0, progress / warmup)
 
 
-def shrinking_collapse(test_gates: torch.Tensor, top1: float, peak_top1: float, num_classes: int) -> dict | None:
+def shrinking_collapse(test_gates: torch.Tensor, top1: float, peak_top1: float, num_classes: int,
+                       after_warmup: bool = False) -> dict | None:
     """The signs of a shrinking collapse in one evaluated epoch, or None.
 
     A constraint that shrinks every channel instead of choosing channels leaves many gates in the
     band where a channel is open at test time (it counts fully in the pruned cost) but scaled almost
     to zero: more than ``COLLAPSE_SHARE`` of the open channels have a test gate below
     ``NEAR_ZERO_GATE``. Its symptom is validation top-1 back at chance (at most 1.5 times
-    ``100 / num_classes``) after the network had learned (top-1 ``peak_top1`` at least twice chance).
+    ``100 / num_classes``) after the network had learned (top-1 ``peak_top1`` at least twice chance)
+    or, ``after_warmup``, once the warm-up is over whether it had learned or not.
     """
     gates = test_gates.detach().float()
     open_gates = gates[gates > 0]
     near_zero = float((open_gates < NEAR_ZERO_GATE).float().mean()) if len(open_gates) else 0.0
     chance = 100.0 / num_classes
-    at_chance = top1 <= 1.5 * chance and peak_top1 >= 2 * chance
+    at_chance = top1 <= 1.5 * chance and (peak_top1 >= 2 * chance or after_warmup)
     if near_zero <= COLLAPSE_SHARE and not at_chance:
         return None
     return dict(near_zero_share=near_zero, top1=top1, peak_top1=peak_top1, chance=chance, at_chance=at_chance)
@@ -147,8 +149,8 @@ def collapse_message(epoch: int, signs: dict) -> str:
     if signs["near_zero_share"] > COLLAPSE_SHARE:
         what.append(f"{signs['near_zero_share']:.0%} of the open channels have a test gate below {NEAR_ZERO_GATE:g}")
     if signs["at_chance"]:
-        what.append(f"top-1 is at chance ({signs['top1']:.2f}%, chance {signs['chance']:.2f}%) after "
-                    f"{signs['peak_top1']:.2f}%")
+        what.append(f"top-1 is at chance ({signs['top1']:.2f}%, chance {signs['chance']:.2f}%; best so far "
+                    f"{signs['peak_top1']:.2f}%)")
     return (f"collapse guard, epoch {epoch}: {' and '.join(what)}: the gates shrink every channel instead of "
             f"choosing channels; lower --lr_gate or --lr-lagrangian, or lengthen --target-warmup")
 

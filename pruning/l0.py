@@ -193,7 +193,7 @@ class L0Method(PruningMethod):
         # projected) gates, whose effect the budget's own report gives.
         if epoch < self.epochs and not self.model.gates.frozen:
             signs = shrinking_collapse(self.model.gates.test_gates(), results["top1"], self.peak_top1,
-                                       self.model.arch["num_classes"])
+                                       self.model.arch["num_classes"], epoch + 1 > self.args.target_warmup)
             self.peak_top1 = max(self.peak_top1, results["top1"])
             if signs is not None:
                 lines.append(collapse_message(epoch + 1, signs))

@@ -175,8 +175,12 @@ def test_kept_cost_sees_the_shrinking_band():
 def test_collapse_guard_stays_quiet_on_healthy_gates():
     model = _model("hc")
     assert shrinking_collapse(model.gates.test_gates(), top1=80.0, peak_top1=85.0, num_classes=10) is None
-    # Top-1 at chance before the network ever learned (the first epochs) is no collapse either.
+    # Top-1 at chance before the network ever learned (the first epochs) is no collapse either...
     assert shrinking_collapse(model.gates.test_gates(), top1=10.0, peak_top1=15.0, num_classes=10) is None
+    # ...until the warm-up is over: a network at chance then is named, learned or not.
+    signs = shrinking_collapse(model.gates.test_gates(), top1=10.0, peak_top1=15.0, num_classes=10, after_warmup=True)
+    assert signs["at_chance"] and signs["near_zero_share"] == 0.0
+    assert "top-1 is at chance (10.00%, chance 10.00%; best so far 15.00%)" in collapse_message(5, signs)
 
 
 def test_controller_is_damped_and_bounded():
