@@ -24,10 +24,9 @@ from models.export import build_pruned, sparse_cost, tied_cost
 from pruning.sparse import sparse_layers
 from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_checkpoint
-from utils.cli import OneLineParser, nonneg_int, positive_int
+from utils.cli import OneLineParser, human, nonneg_int, positive_int
 from utils.data import DATASETS, DeviceNormalize, build_datasets
 from utils.errors import UsageError, run_reporting_errors
-from utils.logger import human
 
 
 def load_model(path):

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from models import build_model, load_model_state, save_pruned
 from utils.checkpoint import load_checkpoint
-from utils.cli import OneLineParser
+from utils.cli import OneLineParser, human
 from utils.errors import run_reporting_errors
-from utils.logger import human
 
 
 def export(checkpoint, out=None) -> Path:

@@ -19,9 +19,8 @@ import re
 import sys
 from pathlib import Path
 
-from utils.cli import OneLineParser
+from utils.cli import OneLineParser, human
 from utils.errors import UsageError, run_reporting_errors
-from utils.logger import human
 from utils.plots import METHOD_NAMES, dataset_label, run_title, save_channels_png, synthetic_run
 
 METHOD = {"hc": "L0-HC", "dep": "Dep-L0", "dense": "dense"}

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import MODEL_CLASSES, build_model, default_arch, export_pruned  # noqa: E402
 from models.export import build_pruned, read_pruned  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
-from utils.logger import human  # noqa: E402
+from utils.cli import human  # noqa: E402
 
 # (channels, classes) of each kind of images a registered network takes.
 KINDS = {"cifar": (3, 10), "mnist": (1, 10), "imagenet": (3, 1000)}

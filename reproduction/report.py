@@ -16,18 +16,21 @@ The ``reached by`` column says who chose each row's network at its budget: ``tra
 ``projection`` (it moved more than 5% of the channels: the accuracy is the projection's, not the
 method's), a ``collapse`` the guard saw, or ``missed`` (outside the tolerance), per seed.
 """
+from __future__ import annotations
+
 import csv
 import io
 import os
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from utils.logger import human
+from utils.cli import human
 from utils.plots import dataset_label
 from .tables import Table, finished, load_table, read_results
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 CSV_FIELDS = ("row", "method", "model", "dataset", "synthetic", "seeds_done", "seeds_planned", "top1_key", "top1_mean",
@@ -154,6 +157,9 @@ def csv_text(entries: list[dict]) -> str:
 def figure(table: Table, entries: list[dict]) -> Figure:
     """Top-1 against MACs kept: one marker per method, filled for ours (error bars: std over
     seeds), hollow for the published numbers."""
+    # Matplotlib is imported here, not with the module: reproduce.py's --help and its runs draw nothing.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(6.4, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

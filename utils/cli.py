@@ -1,5 +1,8 @@
 """Command-line helpers every script shares: a parser whose mistakes are one line, a help
-formatter that shows defaults, and checked number types."""
+formatter that shows defaults, checked number types, and how counts are printed (:func:`human`).
+
+Nothing here imports torch: every script builds its parser, and answers ``--help`` or a bad flag,
+before it imports anything heavy."""
 import argparse
 import re
 import sys
@@ -80,6 +83,14 @@ def milestone_list(text):
         return tuple(int(m) for m in text.split(",") if m)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+
+
+def human(n: float) -> str:
+    """A count (MACs, parameters) as the scripts print it: ``1.23 G``, ``45.60 M``, ``7.00 K``, ``12``."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
 
 
 def program_name() -> str:
