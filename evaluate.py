@@ -14,23 +14,20 @@ training checkpoint is evaluated with its deterministic test gates, a
 import os
 import sys
 
-import torch
-from torch.utils.data import DataLoader
-
-from engine.trainer import evaluate_model
-from models import build_model, load_model_state
-from models.export import FORMAT as PRUNED_FORMAT
-from models.export import build_pruned, sparse_cost, tied_cost
-from pruning.sparse import sparse_layers
-from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from utils.checkpoint import load_checkpoint
-from utils.cli import OneLineParser, human, nonneg_int, positive_int
-from utils.data import DATASETS, DeviceNormalize, build_datasets
+from utils.cli import DATASETS, OneLineParser, human, nonneg_int, positive_int
 from utils.errors import UsageError, run_reporting_errors
 
 
 def load_model(path):
     """``(model, info)`` from a training checkpoint (a run directory: its last.pt) or a pruned.pt."""
+    # Torch and the models are imported here and in evaluate(), not with the script: --help and a
+    # mistaken flag are answered without them.
+    from models import build_model, load_model_state
+    from models.export import FORMAT as PRUNED_FORMAT
+    from models.export import build_pruned, sparse_cost, tied_cost
+    from pruning.sparse import sparse_layers
+    from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
+    from utils.checkpoint import load_checkpoint
     try:
         state = load_checkpoint(path)
     except UsageError as e:
@@ -68,6 +65,11 @@ def load_model(path):
 
 
 def evaluate(args) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from engine.trainer import evaluate_model
+    from utils.data import DeviceNormalize, build_datasets
     model, info = load_model(args.path)
     if info["dummy"] and not args.dummy and args.dataset is None and args.data_dir is None:
         # A run on synthetic data is evaluated on synthetic data unless real data is named.

@@ -12,13 +12,15 @@ fully closed layers and the ResNet56 stem: ``models/export.py``. Load it with
 import sys
 from pathlib import Path
 
-from models import build_model, load_model_state, save_pruned
-from utils.checkpoint import load_checkpoint
 from utils.cli import OneLineParser, human
 from utils.errors import run_reporting_errors
 
 
 def export(checkpoint, out=None) -> Path:
+    # Torch and the models are imported here, not with the script: --help and a mistaken flag are
+    # answered without them.
+    from models import build_model, load_model_state, save_pruned
+    from utils.checkpoint import load_checkpoint
     path = Path(checkpoint)
     path = path / "last.pt" if path.is_dir() else path
     state = load_checkpoint(path)

@@ -20,6 +20,7 @@ import torchvision.datasets.cifar
 from PIL import Image
 from torchvision import transforms
 
+from utils import data
 from utils.data import (
     CIFAR_STATS,
     DATASETS,
@@ -362,4 +363,5 @@ def test_dummy_num_classes_checks():
 
 
 def test_dataset_names():
-    assert DATASETS == ("cifar10", "cifar100", "folder", "imagenet", "mnist")
+    """The command lines' names (utils.cli, no torchvision) are the readers' (utils.data)."""
+    assert DATASETS == ("cifar10", "cifar100", "folder", "imagenet", "mnist") == tuple(data._KINDS)

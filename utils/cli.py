@@ -8,6 +8,10 @@ import re
 import sys
 
 
+# The datasets the command lines offer (utils/data.py reads them; it imports torchvision).
+DATASETS = ("cifar10", "cifar100", "folder", "imagenet", "mnist")
+
+
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default in --help where there is one to show."""
 

@@ -39,6 +39,7 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, ImageFolder
 from torchvision.datasets.utils import download_and_extract_archive
 
+from utils.cli import DATASETS
 from utils.errors import UsageError
 
 # Per-channel statistics of the training images, keyed by number of classes.
@@ -83,7 +84,7 @@ class _Kind:
     fixed_classes: bool = False
 
 
-# The one place that maps dataset names to everything about them.
+# The one place that maps dataset names (utils.cli.DATASETS, in its order) to everything about them.
 _KINDS = MappingProxyType({
     "cifar10": _Kind(32, 10, (512, 256), CIFAR10, "CIFAR-10", CIFAR_STATS[10], fixed_classes=True),
     "cifar100": _Kind(32, 100, (512, 256), CIFAR100, "CIFAR-100", CIFAR_STATS[100], fixed_classes=True),
@@ -91,7 +92,6 @@ _KINDS = MappingProxyType({
     "imagenet": _Kind(224, 1000, (64, 32)),
     "mnist": _Kind(28, 10, (512, 256), None, "MNIST", MNIST_STATS, channels=1, fixed_classes=True),
 })
-DATASETS = tuple(_KINDS)
 
 
 def build_datasets(
