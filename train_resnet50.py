@@ -16,8 +16,7 @@ DeepR or a static random mask, each on its code's schedule):
 
     python train_resnet50.py /path/to/imagenet --sparse dsr --density 0.2 --gpu 0
 """
-from engine.cli import Recipe
-from engine.trainer import main
+from engine.cli import Recipe, main
 
 RECIPE = Recipe(
     model="resnet50", imagenet=True,

@@ -15,8 +15,7 @@ DeepR or a static random mask, each on its code's schedule):
 
     python train_vgg.py --sparse dsr --density 0.2 --gpu 0
 """
-from engine.cli import Recipe
-from engine.trainer import main
+from engine.cli import Recipe, main
 
 RECIPE = Recipe(
     model="vgg16", imagenet=False,

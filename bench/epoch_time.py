@@ -6,7 +6,7 @@
 
 Writes random CIFAR-10-sized data (50,000 training and 10,000 test images
 unless told otherwise) in the real python-batch format once, then runs the script's own
-recipe through ``engine.trainer.main`` for ``--epochs`` epochs: the loader the
+recipe through ``engine.cli.main`` for ``--epochs`` epochs: the loader the
 run would use (on CUDA the training set held on the GPU, ``--loader auto``),
 training, evaluation and the checkpoints, everything a real epoch does. The
 random files are not the official release, so torchvision's md5 check is
@@ -31,7 +31,7 @@ import torchvision.datasets.cifar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_resnet56  # noqa: E402
 import train_vgg  # noqa: E402
-from engine import trainer as engine  # noqa: E402
+from engine import cli, trainer as engine  # noqa: E402
 
 RECIPES = {"vgg16": train_vgg.RECIPE, "resnet56": train_resnet56.RECIPE}
 
@@ -93,7 +93,7 @@ def main():
         argv += [flag for flag, on in (("--back_dep", args.back_dep), ("--amp", args.amp),
                                        ("--channels-last", args.channels_last), ("--compile", args.compile)) if on]
         try:
-            engine.main(RECIPES[args.model], argv)
+            cli.main(RECIPES[args.model], argv)
         except SystemExit as e:
             if e.code:
                 raise

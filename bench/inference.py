@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models import MODEL_CLASSES, build_model, default_arch, export_pruned  # noqa: E402
+from models import NETWORKS, build_model, default_arch, export_pruned  # noqa: E402
 from models.export import build_pruned, read_pruned  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 from utils.cli import human  # noqa: E402
@@ -48,7 +48,7 @@ CUDA_MODES = ("fp32", "channels_last", "amp", "channels_last+amp")
 def random_pruned(name: str, keep: float, seed: int):
     """(dense, compact): a gated model whose gates keep ``keep`` of each layer, exported."""
     torch.manual_seed(seed)
-    gated = build_model(default_arch(name, KINDS[MODEL_CLASSES[name].data_kind][1], net="hc")).eval()
+    gated = build_model(default_arch(name, KINDS[NETWORKS[name].data_kind][1], net="hc")).eval()
     logits = []
     for width in gated.gates.widths:
         n = max(1, round(keep * width))
@@ -85,7 +85,7 @@ def bench(models: dict, device, mode: str, batch: int, input_size: int, args) ->
     channels_last = "channels_last" in mode
     amp = "amp" in mode
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    channels = KINDS[next(iter(models.values())).data_kind][0]
+    channels = KINDS[NETWORKS[next(iter(models.values())).arch["model"]].data_kind][0]
     x = torch.randn(batch, channels, input_size, input_size, device=device).contiguous(memory_format=fmt)
     placed = {k: m.to(device, memory_format=fmt) for k, m in models.items()}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -118,7 +118,7 @@ def machine(device) -> str:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--model", choices=sorted(MODEL_CLASSES), default="resnet56", help="any registered network")
+    p.add_argument("--model", choices=sorted(NETWORKS), default="resnet56", help="any registered network")
     p.add_argument("--checkpoint", metavar="PRUNED_PT", help="a pruned.pt (else: random gates at --keep)")
     p.add_argument("--keep", type=float, default=0.5, help="fraction of each gated layer kept (random gates)")
     p.add_argument("--batches", default="1,64,256", help="comma-separated batch sizes")

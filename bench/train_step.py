@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pruning.penalty import L0Penalty  # noqa: E402
-from models import MODEL_CLASSES, build_model, default_arch  # noqa: E402
+from models import NETWORKS, build_model, default_arch  # noqa: E402
 
 VARIANTS = {"dense": dict(net="dense"), "hc": dict(net="hc"), "dep": dict(net="dep"),
             "dep-back": dict(net="dep", back_dep=True), "hc-composed": dict(net="hc")}
@@ -82,7 +82,7 @@ def make_step(model, args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODEL_CLASSES), default="resnet56", help="any registered network")
+    p.add_argument("--model", choices=sorted(NETWORKS), default="resnet56", help="any registered network")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("-b", "--batch-size", type=int, default=128)
     p.add_argument("--amp", action="store_true")
@@ -97,7 +97,7 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     device = torch.device(args.device)
-    channels, size, classes = INPUT[MODEL_CLASSES[args.model].data_kind]
+    channels, size, classes = INPUT[NETWORKS[args.model].data_kind]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     images = torch.randn(args.batch_size, channels, size, size, device=device).to(memory_format=fmt)
     targets = torch.randint(0, classes, (args.batch_size,), device=device)

@@ -1,4 +1,4 @@
-"""The command line shared by the three training scripts.
+"""The command line shared by the three training scripts, and their entry point (:func:`main`).
 
 Each script passes its :class:`Recipe` (the paper's defaults for that model);
 the flags are the reference's, spelled as it spells them (``--lamba``,
@@ -6,6 +6,10 @@ the flags are the reference's, spelled as it spells them (``--lamba``,
 reference uses in different scripts map to one destination: ``--epoch`` and
 ``--epochs``, ``--lr_vgg`` and ``--lr``, ``--lr_gate`` and ``--lr_adam``,
 ``--gpu`` and ``--gpu_id``.
+
+Nothing here imports torch: the parser is built from the declarations of the registered networks
+(``models.NETWORKS``) and methods (``pruning.METHODS``), so ``--help`` and a mistaken flag are
+answered at once; :func:`main` imports the engine once the command line is good.
 """
 import argparse
 import dataclasses
@@ -14,10 +18,11 @@ import sys
 from dataclasses import dataclass
 
 from l0_layers import NETS
-from models import MODEL_CLASSES
-from models.structure import CONVENTIONS
+from models import CONVENTIONS, NETWORKS
 from pruning import METHODS
-from utils.cli import DefaultsFormatter, OneLineParser, milestone_list, nonneg_float, nonneg_int, positive_float, positive_int
+from utils.cli import (DefaultsFormatter, OneLineParser, milestone_list, nonneg_float, nonneg_int, positive_float,
+                       positive_int, program_name)
+from utils.errors import run_reporting_errors
 
 from .config import RunConfig
 
@@ -52,6 +57,19 @@ class Recipe:
         return dataclasses.replace(self, **spec.recipe_fields(self))
 
 
+def main(recipe: Recipe, argv=None) -> None:
+    """Entry point of the training scripts: parse, then train (the engine, and with it torch, is
+    imported once the command line is good)."""
+    prog = program_name()
+
+    def train():
+        config = parse_args(recipe, argv, prog)
+        from .trainer import Trainer
+        return Trainer(config).fit()
+
+    sys.exit(run_reporting_errors(prog, train))
+
+
 def training_methods() -> list:
     return METHODS.of_kind("train")
 
@@ -69,8 +87,8 @@ SCRIPT_KINDS = {"cifar": ("cifar", "mnist"), "imagenet": ("imagenet",)}
 
 def architectures(recipe: Recipe) -> list[str]:
     """The registered networks for this script's images (its own first)."""
-    kinds = SCRIPT_KINDS[MODEL_CLASSES[recipe.model].data_kind]
-    return [recipe.model] + sorted(n for n, cls in MODEL_CLASSES.items() if cls.data_kind in kinds and n != recipe.model)
+    kinds = SCRIPT_KINDS[NETWORKS[recipe.model].data_kind]
+    return [recipe.model] + sorted(n for n, net in NETWORKS.items() if net.data_kind in kinds and n != recipe.model)
 
 
 def sparse_names() -> list[str]:
@@ -105,7 +123,7 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
                         "thop counts (BN and pooling modules too; HSIC-Lasso's numbers); a budget is always conv")
     g = p.add_argument_group("network options (of the --arch that declares them)")
     for name in architectures(recipe):
-        MODEL_CLASSES[name].add_arguments(g)
+        NETWORKS[name].add_arguments(g)
     for spec in training_methods():
         spec.add_arguments(p, recipe=recipe)
 
@@ -258,7 +276,7 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
             parser.error("the ImageNet directory DIR is required (or --dummy for synthetic data)")
     else:
         cifar = {10: "cifar10", 100: "cifar100"}
-        if args.dataset is None and MODEL_CLASSES[args.arch].data_kind == "mnist":
+        if args.dataset is None and NETWORKS[args.arch].data_kind == "mnist":
             args.dataset = "mnist"
         if args.dataset is None:
             if args.num_classes not in (None, 10, 100):
@@ -271,7 +289,7 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
                      f"{args.dataset}); leave it out")
     if args.validate_set and args.dataset == "folder" and not args.dummy:
         parser.error("--validate-set: DSR's code holds out part of CIFAR, MNIST and ImageNet only, not --dataset folder")
-    network = MODEL_CLASSES[args.arch]
+    network = NETWORKS[args.arch]
     check_network(parser, args, given, network)
     options = network.options_from(args)
     # The run name spells the options as DSR's names do (wrn-28-2); a switched-off default says so.
@@ -293,7 +311,7 @@ def check_network(parser, args, given: set[str], network) -> None:
         parser.error(f"--dataset mnist gives 1x28x28 images; --arch {args.arch} takes {network.data_kind}'s")
     own = set(network.option_names())
     for name in architectures_of_parser(parser):
-        other = MODEL_CLASSES[name]
+        other = NETWORKS[name]
         for action in parser._actions:
             if action.dest in set(other.option_names()) - own and any(o in given for o in action.option_strings):
                 parser.error(f"{action.option_strings[0]} is --arch {name}'s option, not --arch {args.arch}'s")

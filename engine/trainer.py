@@ -39,22 +39,15 @@ from models.published import TORCHVISION_RESNET50, load_weights, torchvision_res
 from pruning import METHODS
 from utils import distributed
 from utils.checkpoint import FORMAT, link_or_copy, load_checkpoint, save_checkpoint, write_json
-from utils.cli import human, program_name
+from utils.cli import human
 from utils.data import DeviceNormalize, build_datasets, hold_out
-from utils.errors import EXIT_PREEMPTED, TrainingDiverged, UsageError, brief, run_reporting_errors
+from utils.errors import EXIT_PREEMPTED, TrainingDiverged, UsageError, brief
 from utils.logger import RunLogger
 from utils.run import (StopSignals, check_out_dir, create_out_dir, find_resumable, fresh_out_dir, git_commit,
                        kill_loader_workers, loader_options, new_run_note, select_device)
 from utils.sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
 
-from .cli import Recipe, parse_args
 from .config import RunConfig
-
-
-def main(recipe: Recipe, argv=None) -> None:
-    """Entry point of the training scripts."""
-    prog = program_name()
-    sys.exit(run_reporting_errors(prog, lambda: Trainer(parse_args(recipe, argv, prog)).fit()))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:

@@ -33,9 +33,8 @@ import math
 import torch
 from torch import nn
 
-from . import hard_concrete
+from . import DEFAULT_TEMPERATURE, NETS, hard_concrete
 
-NETS = ("hc", "dep", "dense")
 LOGIT_INIT_MEAN = 3.0
 LOGIT_INIT_STD = 0.01
 DEP_SCALE = math.log(100.0)
@@ -133,7 +132,7 @@ class ChannelGates(nn.Module):
     """
 
     def __init__(self, widths, net: str = "hc", back_dep: bool = False,
-                 temperature: float = hard_concrete.DEFAULT_TEMPERATURE, dep_input_dim: int | None = None):
+                 temperature: float = DEFAULT_TEMPERATURE, dep_input_dim: int | None = None):
         super().__init__()
         if net not in NETS:
             raise ValueError(f"net must be one of {NETS}, got {net!r}")

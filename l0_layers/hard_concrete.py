@@ -29,7 +29,6 @@ import torch
 GAMMA = -0.1
 ZETA = 1.1
 EPS = 1e-6
-DEFAULT_TEMPERATURE = 2.0 / 3.0
 # log_alpha at or below this gives a test gate of exactly 0 (sigmoid = 1/12).
 PRUNE_THRESHOLD = math.log(1.0 / 11.0)
 

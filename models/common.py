@@ -1,11 +1,10 @@
 """Pieces shared by the gated models: the base class, gate application, conv records."""
-import argparse
 import re
 
 import torch
 from torch import nn
 
-from l0_layers import ChannelGates
+from l0_layers.gates import ChannelGates
 
 from .structure import CostModel, OpRecord, WeightLayer, gated_layers_of
 
@@ -230,34 +229,15 @@ class GatedNetwork(nn.Module):
     # unstructured sparse training masks the classifier too (DSR's code: ResNet50 only).
     stages_are_layers = False
     sparse_classifier = False
-    # The images it takes: "cifar" (3x32x32; the CIFAR scripts' data) or "imagenet" (3x224x224).
-    data_kind = "cifar"
+    # The images it takes and its own command-line options are declared where it is registered
+    # (models.Network), so that the command lines read them without importing torch.
 
     @classmethod
     def default_arch(cls, num_classes: int, scale, **options) -> dict:
         """The paper's network of this family as an ``arch`` dict (without gate options), every
         channel width passed through ``scale``; ``options`` are the network's own options
-        (:meth:`add_arguments`), each absent one at its default."""
+        (:meth:`models.Network.add_arguments`), each absent one at its default."""
         raise NotImplementedError
-
-    @classmethod
-    def add_arguments(cls, group) -> None:
-        """Add the network's own command-line options (e.g. WRN's ``--layers``) to ``group`` (an
-        argparse parser or group), each with its default; their ``dest`` names are the keyword
-        options of :meth:`default_arch`. Default: none."""
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        """The ``dest`` names of the flags :meth:`add_arguments` adds."""
-        parser = argparse.ArgumentParser(add_help=False)
-        cls.add_arguments(parser.add_argument_group())
-        return tuple(action.dest for action in parser._actions)
-
-    @classmethod
-    def options_from(cls, args) -> dict:
-        """The network's options read from parsed arguments (a namespace with the flags of
-        :meth:`add_arguments`): ``{dest: value}`` for the :meth:`default_arch` call."""
-        return {name: getattr(args, name) for name in cls.option_names() if hasattr(args, name)}
 
     def compact_arch(self, keep: list[torch.Tensor]) -> dict:
         """The arch of the compact network that keeps the channels ``keep`` (per gated layer) of this

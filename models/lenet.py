@@ -30,7 +30,7 @@ keeps the output layer at 10% when the target sparsity is above 90% (:meth:`imp_
 import torch
 from torch import nn
 
-from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
+from l0_layers import DEFAULT_TEMPERATURE
 from utils.errors import UsageError
 
 from .common import GatedNetwork, LayerRecorder
@@ -42,8 +42,6 @@ IMP_OUTPUT_DENSITY = 0.1
 
 class LeNet300100(GatedNetwork):
     """An MLP ``in -> widths[0] -> widths[1] -> num_classes`` with gated hidden units."""
-
-    data_kind = "mnist"  # 1x28x28 images (--dataset mnist)
 
     stages_are_layers = True
     sparse_classifier = True
@@ -102,11 +100,6 @@ class LeNet300100(GatedNetwork):
     @classmethod
     def default_arch(cls, num_classes: int, scale, batch_norm: bool = True) -> dict:
         return dict(widths=scale(WIDTHS), batch_norm=bool(batch_norm))
-
-    @classmethod
-    def add_arguments(cls, group) -> None:
-        group.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
-                           help="LeNet-300-100 without BatchNorm, with biases (DSR's --no-batch-norm)")
 
     def compact_arch(self, keep: list[torch.Tensor]) -> dict:
         return dict(self.arch, net="dense", back_dep=False, widths=tuple(len(k) for k in keep))

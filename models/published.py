@@ -37,7 +37,7 @@ from utils.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from utils.checkpoint import load_foreign
 from utils.errors import UsageError, brief
 
-from . import MODEL_CLASSES, build_model, default_arch
+from . import NETWORKS, build_model, default_arch
 from .common import GatedNetwork
 
 # torchvision's ResNet50 ImageNet weights (IMAGENET1K_V1): what ``resnet50(pretrained=True)`` loads.
@@ -118,8 +118,8 @@ def load_published(path, model: str, num_classes: int | None = None, width_mult:
     :func:`models.default_arch`'s, default ``net='dense'``) with the weights of the published checkpoint
     ``path`` in any of the formats above. ``num_classes`` defaults to the checkpoint's classifier's; a
     mismatch, or a checkpoint of another network, is a one-line ``UsageError``."""
-    if model not in MODEL_CLASSES:
-        raise UsageError(f"unknown network {model!r}; expected one of {sorted(MODEL_CLASSES)}")
+    if model not in NETWORKS:
+        raise UsageError(f"unknown network {model!r}; expected one of {sorted(NETWORKS)}")
     gate_args.setdefault("net", "dense")
     state = checkpoint_state(load_foreign(path), str(path))
     network = build_model(default_arch(model, num_classes or 10, width_mult, **gate_args))
@@ -151,10 +151,10 @@ def load_published_pruned(path, model: str, checkpoint=None) -> tuple[GatedNetwo
     Kept channels are taken as the first ones of each layer (a pruned network holds only the kept ones). A
     file of another network, or with a layer wider than the network's, is one ``UsageError`` line.
     ``checkpoint``: the file's contents, when already read (:func:`utils.checkpoint.load_foreign`)."""
-    if model not in MODEL_CLASSES:
-        raise UsageError(f"unknown network {model!r}; expected one of {sorted(MODEL_CLASSES)}")
+    if model not in NETWORKS:
+        raise UsageError(f"unknown network {model!r}; expected one of {sorted(NETWORKS)}")
     state = checkpoint_state(load_foreign(path) if checkpoint is None else checkpoint, str(path))
-    cls = MODEL_CLASSES[model]
+    cls = NETWORKS[model].model_class()
     mapped = translate(cls, state)
     full = build_model(default_arch(model, 10, net="dense"))
     head = mapped.get(f"{full.weight_layers[-1].name}.weight")

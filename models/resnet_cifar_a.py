@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
+from l0_layers import DEFAULT_TEMPERATURE
 
 from .common import GatedNetwork, LayerRecorder, bn_gate_relu
 

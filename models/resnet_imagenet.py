@@ -24,7 +24,7 @@ per block); see ``models/export.py``.
 import torch
 from torch import nn
 
-from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
+from l0_layers import DEFAULT_TEMPERATURE
 
 from .common import GatedNetwork, LayerRecorder, bn_gate_relu, conv_out
 
@@ -75,7 +75,6 @@ class ImageNetResNet(GatedNetwork):
 
     paper_penalty = "static_input"
     sparse_classifier = True  # DSR's code masks ResNet50's fc too
-    data_kind = "imagenet"
     # Other code bases' ResNet50 names (models/published.py): torchvision's (GReg's checkpoints, with
     # DataParallel's module.) number blocks layer{s}.{j}; HSIC-Lasso's (APIB models/resnet_imagenet.py)
     # also wrap each conv and its BN in a Sequential (conv1.conv, layer1.0.conv2.bn,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import CONVENTIONS
+
 
 @dataclass(frozen=True)
 class WeightLayer:
@@ -66,9 +68,6 @@ class OpRecord:
     out_hw: int
     ops: float
     gate: int | None = None
-
-
-CONVENTIONS = ("conv", "thop")
 
 
 def gated_layers_of(weight_layers) -> tuple[GatedLayer, ...]:

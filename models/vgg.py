@@ -16,7 +16,7 @@ input channel (or the classifier's input column).
 import torch
 from torch import nn
 
-from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
+from l0_layers import DEFAULT_TEMPERATURE
 
 from .common import GatedNetwork, LayerRecorder, bn_gate_relu, compact_cfg_arch
 

@@ -41,48 +41,19 @@ accounting counts their parameters and export carries them; they are never gated
 Compact (exported) networks are the same class with ``net='dense'``, ``inner_widths`` (each
 block's conv1 output) and ``stem_width``.
 """
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
+from l0_layers import DEFAULT_TEMPERATURE
 
 from .common import GatedNetwork, LayerRecorder, bn_gate_relu
-
-DEPTH = 28
-WIDEN_FACTOR = 2
+from .options import WRN_DEPTH, WRN_WIDEN_FACTOR, blocks_per_group
 
 
 def wrn_widths(widen_factor: int) -> tuple[int, int, int, int]:
     """Stem and group widths of WRN-d-k: 16, 16k, 32k, 64k."""
     return (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
-
-
-def blocks_per_group(layers: int) -> int:
-    if layers < 10 or (layers - 4) % 6:
-        raise ValueError(f"a WRN's depth is 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {layers}")
-    return (layers - 4) // 6
-
-
-def _depth_type(text):
-    try:
-        value = int(text)
-        blocks_per_group(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err) if "6n" in str(err) else f"expected an int, got {text!r}") from None
-    return value
-
-
-def _factor_type(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
 class WideBlock(nn.Module):
@@ -119,7 +90,7 @@ class WideBlock(nn.Module):
 class WideResNet(GatedNetwork):
     """WRN-``layers``-``widen_factor`` for 32x32 inputs (DSR's ``cifar10_WideResNet``)."""
 
-    def __init__(self, layers: int = DEPTH, widen_factor: int = WIDEN_FACTOR, widths=None, num_classes: int = 10,
+    def __init__(self, layers: int = WRN_DEPTH, widen_factor: int = WRN_WIDEN_FACTOR, widths=None, num_classes: int = 10,
                  net: str = "hc", back_dep: bool = False, temperature: float = DEFAULT_TEMPERATURE,
                  input_size: int = 32, drop_rate: float = 0.0, model: str = "wrn", inner_widths=None,
                  stem_width: int | None = None):
@@ -194,16 +165,10 @@ class WideResNet(GatedNetwork):
     # -- what the network declares -------------------------------------------------------------
 
     @classmethod
-    def default_arch(cls, num_classes: int, scale, layers: int = DEPTH, widen_factor: int = WIDEN_FACTOR) -> dict:
+    def default_arch(cls, num_classes: int, scale, layers: int = WRN_DEPTH,
+                     widen_factor: int = WRN_WIDEN_FACTOR) -> dict:
         blocks_per_group(layers)
         return dict(layers=layers, widen_factor=widen_factor, widths=scale(wrn_widths(widen_factor)))
-
-    @classmethod
-    def add_arguments(cls, group) -> None:
-        group.add_argument("--layers", type=_depth_type, default=DEPTH, metavar="D",
-                           help="WRN depth d = 6n + 4 (DSR's --layers)")
-        group.add_argument("--widen-factor", dest="widen_factor", type=_factor_type, default=WIDEN_FACTOR,
-                           metavar="K", help="WRN widen factor k (DSR's --widen-factor; its runs use 2)")
 
     def compact_arch(self, keep: list[torch.Tensor]) -> dict:
         widths = [len(k) for k in keep]

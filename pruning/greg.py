@@ -57,12 +57,10 @@ import math
 import torch
 
 from models.export import sparse_cost
-from utils.cli import nonneg_int, positive_float, positive_int
 from utils.errors import UsageError
 
 from .method import PruningMethod
-from .registry import register
-from .selection import RatioMethod, decision, filter_scores, pick, pruned_count
+from .selection import decision, filter_scores, pick, plan, pruned_count
 
 # The regularisation phase continues only with the settings it started with.
 GREG_SETTINGS = ("wg", "update_reg_interval", "stabilize_reg_interval", "reg_upper_limit", "reg_upper_limit_pick",
@@ -589,74 +587,42 @@ class MaskedFineTune(PruningMethod):
                 f"{summary['weight_sparsity']:.4f}); the network keeps its shape, MACs and parameter count")
 
 
-class GRegSpec(RatioMethod):
-    """``prune.py --method greg1 / greg2``: the regularisation phase through the engine in
-    ``<run>/regularize/`` (its pruned.pt is the cut network), then GReg's fine-tuning."""
+def run(spec, job) -> int:
+    """Every phase of ``prune.py --method greg1 / greg2`` (``spec``: its declaration, pruning/specs.py):
+    the regularisation phase through the engine in ``<run>/regularize/`` (its pruned.pt is the cut
+    network), then GReg's fine-tuning."""
+    args = job.args
+    target = plan(spec, job)
+    phase_dir = job.run_dir / "regularize"
+    unstructured = args.wg == "weight"
+    if not (job.run_dir / "last.pt").exists():
+        config = job.config(spec.settings + GREG_SETTINGS, batch_size=args.batch_size_prune, lr=args.lr_prune,
+                            epochs=REGULARIZE_EPOCHS, out_dir=str(phase_dir))
 
-    def __init__(self, variant: int):
-        self.variant = variant
-        self.name = f"greg{variant}"
-        self.aliases = (f"GReg-{variant}",)
-        self.summary = f"GReg-{variant} (Wang et al. 2021): growing regularisation, then the cut"
+        def method(model, config):
+            generator = torch.Generator().manual_seed(config.seed)
+            if unstructured:
+                return GRegUnstructured(model, args.layer_ratios, spec.variant, args.update_reg_interval,
+                                        args.stabilize_reg_interval, args.reg_upper_limit,
+                                        args.reg_upper_limit_pick, args.reg_granularity_pick,
+                                        args.reg_granularity_prune, args.reg_granularity_recover,
+                                        args.pick_pruned, generator)
+            return GReg(model, args.layer_ratios, spec.variant, args.update_reg_interval,
+                        args.stabilize_reg_interval, args.reg_upper_limit, args.reg_upper_limit_pick,
+                        args.reg_granularity_pick, args.reg_granularity_prune, args.reg_granularity_recover,
+                        args.mag_ratio_limit, args.pick_pruned, generator)
 
-    def add_arguments(self, parser, **context) -> None:
-        super().add_arguments(parser, **context)
-        if "--update_reg_interval" in parser._option_string_actions:
-            return  # GReg-1 and GReg-2 share one group
-        g = parser.add_argument_group("GReg's regularisation phase (defaults: CIFAR / ImageNet)")
-        g.add_argument("--wg", choices=("filter", "weight"), default="filter",
-                       help="GReg's weight group: whole filters (the cut network is smaller), or single weights "
-                            "(unstructured: a same-shape network with the pruned weights at 0)")
-        g.add_argument("--update_reg_interval", type=positive_int, help="K_u: iterations between updates (10 / 5)")
-        g.add_argument("--stabilize_reg_interval", "--stabilize", dest="stabilize_reg_interval", type=nonneg_int,
-                       help="K_s: iterations after the last stop (10000 / 40000); --stabilize is the spelling of "
-                            "GReg's README (an abbreviation its argparse accepts)")
-        g.add_argument("--reg_upper_limit", type=positive_float, default=1.0, help="a layer stops above this coefficient")
-        g.add_argument("--reg_upper_limit_pick", type=positive_float, default=1e-2, help="GReg-2 picks at this coefficient")
-        g.add_argument("--reg_granularity_pick", type=positive_float, default=1e-5, help="GReg-2's phase-1 increment")
-        g.add_argument("--reg_granularity_prune", type=positive_float, default=1e-4, help="the pruned filters' increment")
-        g.add_argument("--reg_granularity_recover", type=float, default=-1e-4, help="GReg-2's kept filters' coefficient")
-        g.add_argument("--mag_ratio_limit", type=positive_float, default=1000.0, help="the magnitude-ratio stop")
-        g.add_argument("--batch_size_prune", type=positive_int, help="batch of the regularisation phase (128 / 64)")
-        g.add_argument("--lr_prune", type=positive_float, default=1e-3, help="constant SGD lr of the regularisation phase")
-
-    def run(self, job) -> int:
-        args = job.args
-        target = self.plan(job)
-        phase_dir = job.run_dir / "regularize"
-        unstructured = args.wg == "weight"
-        if not (job.run_dir / "last.pt").exists():
-            config = job.config(self.settings + GREG_SETTINGS, batch_size=args.batch_size_prune, lr=args.lr_prune,
-                                epochs=REGULARIZE_EPOCHS, out_dir=str(phase_dir))
-
-            def method(model, config):
-                generator = torch.Generator().manual_seed(config.seed)
-                if unstructured:
-                    return GRegUnstructured(model, args.layer_ratios, self.variant, args.update_reg_interval,
-                                            args.stabilize_reg_interval, args.reg_upper_limit,
-                                            args.reg_upper_limit_pick, args.reg_granularity_pick,
-                                            args.reg_granularity_prune, args.reg_granularity_recover,
-                                            args.pick_pruned, generator)
-                return GReg(model, args.layer_ratios, self.variant, args.update_reg_interval,
-                            args.stabilize_reg_interval, args.reg_upper_limit, args.reg_upper_limit_pick,
-                            args.reg_granularity_pick, args.reg_granularity_prune, args.reg_granularity_recover,
-                            args.mag_ratio_limit, args.pick_pruned, generator)
-
-            status = job.train(config, method, start=job.source, results_file="regularize.json",
-                               extra_results=dict(phase="regularize", stage_pr=args.stage_pr,
-                                                  target_macs=args.target_macs, layer_ratios=args.layer_ratios))
-            if status != 0:
-                return status
-        phase = job.read_checkpoint(phase_dir / "last.pt")
-        args.seed = phase["args"]["seed"]  # the run's, when continued
-        extra = dict(self.results(args, target), pruning_phase=(phase["results"] or {}).get("pruning_phase"),
-                     greg={key: getattr(args, key) for key in GREG_SETTINGS})
-        if not unstructured:
-            return self.fine_tune(job, phase_dir / "pruned.pt", extra)
-        pruned = dict(zip(phase["method"]["layers"], phase["method"]["pruned"]))
-        return self.fine_tune(job, phase_dir / "pruned.pt", extra,
-                              method=lambda model, _: MaskedFineTune(model, pruned, self.name))
-
-
-register(GRegSpec(1))
-register(GRegSpec(2))
+        status = job.train(config, method, start=job.source, results_file="regularize.json",
+                           extra_results=dict(phase="regularize", stage_pr=args.stage_pr,
+                                              target_macs=args.target_macs, layer_ratios=args.layer_ratios))
+        if status != 0:
+            return status
+    phase = job.read_checkpoint(phase_dir / "last.pt")
+    args.seed = phase["args"]["seed"]  # the run's, when continued
+    extra = dict(spec.results(args, target), pruning_phase=(phase["results"] or {}).get("pruning_phase"),
+                 greg={key: getattr(args, key) for key in GREG_SETTINGS})
+    if not unstructured:
+        return spec.fine_tune(job, phase_dir / "pruned.pt", extra)
+    pruned = dict(zip(phase["method"]["layers"], phase["method"]["pruned"]))
+    return spec.fine_tune(job, phase_dir / "pruned.pt", extra,
+                          method=lambda model, _: MaskedFineTune(model, pruned, spec.name))

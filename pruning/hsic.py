@@ -40,7 +40,6 @@ end, until within (or α < 1e-15). The bisection starts from the midpoint even
 when the last doubling already landed, as in the authors' code.
 """
 import math
-import os
 import sys
 import time
 import warnings
@@ -52,14 +51,13 @@ import torch
 
 from models import build_model
 from utils import distributed
-from utils.cli import positive_float, positive_int
 from utils.data import DeviceNormalize, build_datasets
 from utils.errors import EXIT_PREEMPTED, UsageError
 from utils.logger import EventFile
 from utils.run import StopSignals, select_device
 from utils.sampling import ResumableSampler, SeededDataset
 
-from .registry import MethodSpec, register
+from .specs import HSIC_SETTINGS
 
 # The authors' limits: the omega bisection stops after its 51st fit (`step > 50`) or below 1e-20,
 # the global bisection below 1e-15.
@@ -68,7 +66,6 @@ OMEGA_ALPHA_FLOOR = 1e-20
 SEARCH_ALPHA_FLOOR = 1e-15
 # Their doubling loop has no bound; 2^200 times any alpha removes every coefficient.
 MAX_DOUBLINGS = 200
-Y_SOURCES = ("fc", "conv3")
 
 
 def laplace_kernels(x: torch.Tensor) -> torch.Tensor:
@@ -303,22 +300,6 @@ class SearchStopped(Exception):
 
 # -- prune.py --method hsic -------------------------------------------------------------------------
 
-# HSIC-Lasso's code: a calibration batch of its loaders' size, then 350 cosine epochs (its train.py's
-# defaults; CIFAR lr and batch from its README's VGG16 command, ImageNet lr from its README's ResNet50
-# command and the batch of its loader, see FINE_TUNE_BATCH).
-HSIC_DEFAULTS = {
-    "cifar": dict(calib_batch_size=128, epochs=350, lr=0.1, batch_size=256, weight_decay=2e-4),
-    "imagenet": dict(calib_batch_size=64, epochs=350, lr=0.01, batch_size=64, weight_decay=2e-4),
-}
-# The fine-tune batch, by --batch-from: its code's, or its README's train.py commands'. On ImageNet they
-# differ: train.py:303 builds the training loader with batch_size=64 whatever --batch_size says, and the
-# README's ResNet50 command passes --batch_size 128. On CIFAR the loader reads --batch_size (its
-# dataset/cifar10.py:26-28) and the README's VGG16 command gives 256.
-FINE_TUNE_BATCH = {"code": {"cifar": 256, "imagenet": 64}, "readme": {"cifar": 256, "imagenet": 128}}
-# The cut is decided by these; a continued run must have been started with the same.
-HSIC_SETTINGS = ("target", "omega", "alpha", "tolerance", "calib_batch_size", "resnet50_y")
-
-
 def calibration_batch(args, device: torch.device) -> torch.Tensor:
     """The calibration images: the first ``--calib-batch-size`` of the training set's epoch 0 under
     the run's seed, with the training augmentation, normalised, on ``device``."""
@@ -333,182 +314,130 @@ def calibration_batch(args, device: torch.device) -> torch.Tensor:
     return DeviceNormalize(args.dataset, device)(images.to(device))
 
 
-class HsicLasso(MethodSpec):
-    """``prune.py --method hsic``: calibrate, search the Lasso penalty for the MACs target, slice the
-    kept channels into ``<run>/cut.pt``, fine-tune with a cosine lr."""
+def run(spec, job) -> int:
+    """Every phase of ``prune.py --method hsic`` (``spec``: its declaration, pruning/specs.py): calibrate,
+    search the Lasso penalty for the MACs target, slice the kept channels into ``<run>/cut.pt``, fine-tune
+    with a cosine lr; with ``--ckpt_path``, :func:`fine_tune_only`."""
+    args = job.args
+    if getattr(args, "batch_note", None):
+        job.log(args.batch_note)
+    if job.pruned is not None:
+        return fine_tune_only(job)
+    target = job.absolute_target()
+    args.layer_ratios = None
+    job.start(spec.run_label(args), f"target {target} MACs ({target / job.dense_macs:.4f} of dense "
+                                    f"{job.dense_macs}), --omega {args.omega}, --alpha {args.alpha:g}, "
+                                    f"--tolerance {args.tolerance:g}")
+    cut = job.run_dir / "cut.pt"
+    if not cut.exists():
+        status = search_and_cut(job, cut, target)
+        if status != 0:
+            return status
+    record = job.read_cut(cut).get("hsic")
+    if record is None:
+        raise UsageError(f"{cut} is the start of a --ckpt_path fine-tuning, not a search's cut; give another "
+                         f"--out-dir")
+    for key in HSIC_SETTINGS:
+        if record[key] != getattr(args, key):
+            raise UsageError(f"{cut} was cut with --{key.replace('_', '-')} {record[key]}, this command asks "
+                             f"for {getattr(args, key)}; continue it with matching flags")
+    args.seed = record["calib_seed"]  # the run's, when continued
+    extra = dict(method=args.method, stage_pr=None, target_macs=args.target_macs, target=target,
+                 layer_ratios=None, pick_pruned=args.pick_pruned, source=str(args.checkpoint),
+                 hsic_alpha=record["alpha_found"], omega=args.omega, calib_batch_size=args.calib_batch_size,
+                 calib_seed=record["calib_seed"], hsic=record, lr=args.lr, lr_schedule="cosine",
+                 budget=search_budget(target, record["macs"], record["within_tolerance"], args.tolerance,
+                                      record["alpha_found"]))
+    return job.fine_tune(cut, dict(lr=args.lr, lr_cosine=True), spec.settings, extra)
 
-    name = "hsic"
-    aliases = ("HSIC-Lasso",)
-    kind = "prune"
-    targets = ("target_macs", "target")
-    settings = HSIC_SETTINGS
-    summary = "HSIC-Lasso (Guo et al. 2023): channels chosen by a Lasso on HSIC kernels"
 
-    def add_arguments(self, parser, **context) -> None:
-        g = parser.add_argument_group("HSIC-Lasso's search (defaults: its code's; CIFAR / ImageNet)")
-        g.add_argument("--omega", type=positive_int, default=1, help="ω: the channels the floor's bisection aims every group at (as the authors' code, "
-                            "its last fit stands when none keeps exactly ω)")
-        g.add_argument("--alpha", type=positive_float, default=1e-6,
-                       help="α₀: the Lasso penalty the search starts from (its first upper bracket)")
-        g.add_argument("--tolerance", type=positive_float, default=0.01,
-                       help="the search stops within target·(1 ± tol)")
-        g.add_argument("--calib-batch-size", type=positive_int, metavar="N",
-                       help="N: calibration images (128 / 64); the kernels hold 8·N²·(channels + groups) bytes")
-        g.add_argument("--resnet50-y", choices=Y_SOURCES, default="fc",
-                       help="what ResNet50's conv2 channels are judged against: the pooled classifier input, as "
-                            "the authors' code does, or conv3's output")
-        g.add_argument("--lasso-threads", type=positive_int, default=min(8, os.cpu_count() or 1),
-                       help="groups solved at once (the result does not depend on it)")
-        g.add_argument("--batch-from", choices=tuple(FINE_TUNE_BATCH), default="code",
-                       help="HSIC-Lasso's fine-tune batch when -b is not given: code, the default, is what its "
-                            "code runs (ImageNet 64: its train.py:303 hard-codes it), readme its README's train.py "
-                            "command (ImageNet 128); CIFAR 256 either way")
+def fine_tune_only(job) -> int:
+    """HSIC-Lasso's ``train.py --ckpt_path``: fine-tune an already pruned network with the method's
+    recipe (no calibration, no search). The network is saved as ``<run>/cut.pt`` first: the run
+    directory holds where it started, and a continued run must name the same ``--ckpt_path``."""
+    args, network = job.args, job.pruned
+    macs, params = network.cost.dense(args.cost_convention)
+    job.start("finetune", f"fine-tuning the pruned network in {args.ckpt_path} ({macs} MACs, "
+                          f"{macs / job.dense_macs:.4f} of the uncut {job.dense_macs}; {params} parameters) "
+                          f"with HSIC-Lasso's recipe")
+    cut = job.run_dir / "cut.pt"
+    if job.ctx.is_main and not cut.exists():
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        # Its record names the uncut network, as a search's cut.pt does (a later --ckpt_path of it, or
+        # of this run's pruned.pt, reports its reductions against the same network).
+        uncut = build_model(job.source["arch"])
+        macs_dense, params_dense = uncut.cost.dense("conv")
+        job.save_cut(network, cut, None, finetune=dict(ckpt_path=str(args.ckpt_path)), arch=dict(uncut.arch),
+                     dense_widths=list(uncut.gates.widths), macs_dense=macs_dense, params_dense=params_dense)
+    job.ctx.barrier()
+    record = job.read_cut(cut).get("finetune")
+    if record is None or record["ckpt_path"] != str(args.ckpt_path):
+        raise UsageError(f"{cut} was not started from --ckpt_path {args.ckpt_path}; continue it with the "
+                         f"command that started it, or give another --out-dir")
+    extra = dict(method=args.method, stage_pr=None, target_macs=None, target=None, layer_ratios=None,
+                 source=str(args.ckpt_path), hsic_finetune=dict(ckpt_path=str(args.ckpt_path),
+                                                                source=job.source["kind"],
+                                                                widths=list(network.gates.widths),
+                                                                batch_from=args.batch_from),
+                 lr=args.lr, lr_schedule="cosine")
+    return job.fine_tune(cut, dict(lr=args.lr, lr_cosine=True), ("ckpt_path",), extra)
 
-    def target_refusal(self, flag: str) -> str:
-        if flag == "--stage_pr":
-            return "HSIC-Lasso finds its own widths: give --target MACS or --target-macs F, not --stage_pr"
-        return f"{flag} is IMP's (--method imp); hsic takes --stage_pr, --target-macs or --target"
 
-    def check_args(self, args) -> None:
-        kind = "imagenet" if args.dataset == "imagenet" else "cifar"
-        batch_from = getattr(args, "batch_from", "code")
-        if args.batch_size is None:
-            args.batch_size = FINE_TUNE_BATCH[batch_from][kind]
-        elif kind == "imagenet" and batch_from == "code" and args.batch_size != FINE_TUNE_BATCH["code"][kind]:
-            args.batch_note = (f"-b {args.batch_size}: HSIC-Lasso's train.py would fine-tune with 64 (train.py:303 "
-                               f"ignores its --batch_size on ImageNet); this run takes {args.batch_size} as given")
-        if args.lr_ft is not None:
-            raise UsageError("--lr_ft is GReg's schedule; HSIC-Lasso fine-tunes with a cosine from --lr")
-        if getattr(args, "wg", "filter") != "filter" or getattr(args, "skip_layers", None):
-            raise UsageError("--wg and --skip_layers are GReg's (--method GReg-1 / GReg-2); HSIC-Lasso chooses its "
-                             "channels itself")
-
-    def defaults(self, kind: str) -> dict:
-        return HSIC_DEFAULTS[kind]
-
-    def run_label(self, args) -> str:
-        return f"target{args.target}" if args.target is not None else f"macs{args.target_macs:g}"
-
-    def run(self, job) -> int:
-        args = job.args
-        if getattr(args, "batch_note", None):
-            job.log(args.batch_note)
-        if job.pruned is not None:
-            return self.fine_tune_only(job)
-        target = job.absolute_target()
-        args.layer_ratios = None
-        job.start(self.run_label(args), f"target {target} MACs ({target / job.dense_macs:.4f} of dense "
-                                        f"{job.dense_macs}), --omega {args.omega}, --alpha {args.alpha:g}, "
-                                        f"--tolerance {args.tolerance:g}")
-        cut = job.run_dir / "cut.pt"
-        if not cut.exists():
-            status = self.cut(job, cut, target)
-            if status != 0:
-                return status
-        record = job.read_cut(cut).get("hsic")
-        if record is None:
-            raise UsageError(f"{cut} is the start of a --ckpt_path fine-tuning, not a search's cut; give another "
-                             f"--out-dir")
-        for key in HSIC_SETTINGS:
-            if record[key] != getattr(args, key):
-                raise UsageError(f"{cut} was cut with --{key.replace('_', '-')} {record[key]}, this command asks "
-                                 f"for {getattr(args, key)}; continue it with matching flags")
-        args.seed = record["calib_seed"]  # the run's, when continued
-        extra = dict(method=args.method, stage_pr=None, target_macs=args.target_macs, target=target,
-                     layer_ratios=None, pick_pruned=args.pick_pruned, source=str(args.checkpoint),
-                     hsic_alpha=record["alpha_found"], omega=args.omega, calib_batch_size=args.calib_batch_size,
-                     calib_seed=record["calib_seed"], hsic=record, lr=args.lr, lr_schedule="cosine",
-                     budget=search_budget(target, record["macs"], record["within_tolerance"], args.tolerance,
-                                          record["alpha_found"]))
-        return job.fine_tune(cut, dict(lr=args.lr, lr_cosine=True), self.settings, extra)
-
-    def fine_tune_only(self, job) -> int:
-        """HSIC-Lasso's ``train.py --ckpt_path``: fine-tune an already pruned network with the method's
-        recipe (no calibration, no search). The network is saved as ``<run>/cut.pt`` first: the run
-        directory holds where it started, and a continued run must name the same ``--ckpt_path``."""
-        args, network = job.args, job.pruned
-        macs, params = network.cost.dense(args.cost_convention)
-        job.start("finetune", f"fine-tuning the pruned network in {args.ckpt_path} ({macs} MACs, "
-                              f"{macs / job.dense_macs:.4f} of the uncut {job.dense_macs}; {params} parameters) "
-                              f"with HSIC-Lasso's recipe")
-        cut = job.run_dir / "cut.pt"
-        if job.ctx.is_main and not cut.exists():
-            job.run_dir.mkdir(parents=True, exist_ok=True)
-            # Its record names the uncut network, as a search's cut.pt does (a later --ckpt_path of it, or
-            # of this run's pruned.pt, reports its reductions against the same network).
-            uncut = build_model(job.source["arch"])
-            macs_dense, params_dense = uncut.cost.dense("conv")
-            job.save_cut(network, cut, None, finetune=dict(ckpt_path=str(args.ckpt_path)), arch=dict(uncut.arch),
-                         dense_widths=list(uncut.gates.widths), macs_dense=macs_dense, params_dense=params_dense)
-        job.ctx.barrier()
-        record = job.read_cut(cut).get("finetune")
-        if record is None or record["ckpt_path"] != str(args.ckpt_path):
-            raise UsageError(f"{cut} was not started from --ckpt_path {args.ckpt_path}; continue it with the "
-                             f"command that started it, or give another --out-dir")
-        extra = dict(method=args.method, stage_pr=None, target_macs=None, target=None, layer_ratios=None,
-                     source=str(args.ckpt_path), hsic_finetune=dict(ckpt_path=str(args.ckpt_path),
-                                                                    source=job.source["kind"],
-                                                                    widths=list(network.gates.widths),
-                                                                    batch_from=args.batch_from),
-                     lr=args.lr, lr_schedule="cosine")
-        return job.fine_tune(cut, dict(lr=args.lr, lr_cosine=True), ("ckpt_path",), extra)
-
-    def cut(self, job, cut, target: int) -> int:
-        """Calibrate, search alpha and save the kept channels (rank 0; the other ranks wait for the
-        file). Returns an exit status."""
-        args, ctx = job.args, job.ctx
-        with StopSignals() as stop:
-            if not ctx.is_main:
-                # A file, not a collective: the search may outlast the process group's timeout, and
-                # torchrun ends every rank when rank 0 fails.
-                while not cut.exists():
-                    if stop.received is not None:
-                        return EXIT_PREEMPTED
-                    time.sleep(1.0)
-                return 0
-            device = select_device(args.gpu, ctx)
-            model = job.dense_model().to(device)
-            n = args.calib_batch_size
-            images = calibration_batch(args, device)
-            print(f"HSIC-Lasso: {n} calibration images (seed {args.seed}); the groups' kernels take "
-                  f"{kernel_memory(model, n) / 2 ** 20:.0f} MiB")
-            groups = calibration_groups(job.dense_model().to(device), images, args.resnet50_y)
-            dense_macs = job.dense_macs
-            search = HsicSearch(groups, model.gates.widths, lambda counts: model.cost.pruned(torch.tensor(counts))[0],
-                                args.omega, args.lasso_threads, should_stop=lambda: stop.received is not None)
-            (job.run_dir / "search").mkdir(parents=True, exist_ok=True)
-            events = EventFile(job.run_dir / "search")
-
-            def report(step, decision):
-                print(f"  alpha {decision.alpha:.4e}: {decision.macs} MACs ({decision.macs / dense_macs:.4f} of "
-                      f"dense; target {target}), kept {sum(len(k) for k in decision.kept)} of "
-                      f"{sum(g.width for g in groups)} channels, {decision.seconds:.1f}s"
-                      + (f", {decision.unconverged} fits at the iteration limit" if decision.unconverged else ""))
-                for tag, value in (("alpha", decision.alpha), ("macs", decision.macs),
-                                   ("macs_fraction", decision.macs / dense_macs)):
-                    events.add_scalar(f"hsic/{tag}", value, step)
-                events.flush()
-
-            try:
-                decision = search.run(target, args.alpha, args.tolerance, report)
-            except SearchStopped:
-                print("stopped during the HSIC search (nothing to save: it is deterministic and runs again on "
-                      "--resume auto)")
-                return EXIT_PREEMPTED
-            finally:
-                events.close()
-            within = abs(decision.macs - target) <= args.tolerance * target
-            if not within:
-                print(f"warning: the search ended at alpha {decision.alpha:.3e} with {decision.macs} MACs, outside "
-                      f"{target} ± {args.tolerance:g} (its alpha floor, as in the authors' code)", file=sys.stderr)
-            settings = {key: getattr(args, key) for key in HSIC_SETTINGS}
-            record = dict(settings, alpha_found=decision.alpha, macs=decision.macs, within_tolerance=within,
-                          calib_seed=args.seed, kept_widths={g.name: len(k) for g, k in zip(groups, decision.kept)},
-                          search=search.history)
-            job.save_cut(model.cpu(), cut, search.gates(decision), hsic=record)
-            print(f"HSIC-Lasso: alpha {decision.alpha:.4e} keeps {decision.macs} MACs; cut network in {cut}")
+def search_and_cut(job, cut, target: int) -> int:
+    """Calibrate, search alpha and save the kept channels (rank 0; the other ranks wait for the
+    file). Returns an exit status."""
+    args, ctx = job.args, job.ctx
+    with StopSignals() as stop:
+        if not ctx.is_main:
+            # A file, not a collective: the search may outlast the process group's timeout, and
+            # torchrun ends every rank when rank 0 fails.
+            while not cut.exists():
+                if stop.received is not None:
+                    return EXIT_PREEMPTED
+                time.sleep(1.0)
             return 0
+        device = select_device(args.gpu, ctx)
+        model = job.dense_model().to(device)
+        n = args.calib_batch_size
+        images = calibration_batch(args, device)
+        print(f"HSIC-Lasso: {n} calibration images (seed {args.seed}); the groups' kernels take "
+              f"{kernel_memory(model, n) / 2 ** 20:.0f} MiB")
+        groups = calibration_groups(job.dense_model().to(device), images, args.resnet50_y)
+        dense_macs = job.dense_macs
+        search = HsicSearch(groups, model.gates.widths, lambda counts: model.cost.pruned(torch.tensor(counts))[0],
+                            args.omega, args.lasso_threads, should_stop=lambda: stop.received is not None)
+        (job.run_dir / "search").mkdir(parents=True, exist_ok=True)
+        events = EventFile(job.run_dir / "search")
 
+        def report(step, decision):
+            print(f"  alpha {decision.alpha:.4e}: {decision.macs} MACs ({decision.macs / dense_macs:.4f} of "
+                  f"dense; target {target}), kept {sum(len(k) for k in decision.kept)} of "
+                  f"{sum(g.width for g in groups)} channels, {decision.seconds:.1f}s"
+                  + (f", {decision.unconverged} fits at the iteration limit" if decision.unconverged else ""))
+            for tag, value in (("alpha", decision.alpha), ("macs", decision.macs),
+                               ("macs_fraction", decision.macs / dense_macs)):
+                events.add_scalar(f"hsic/{tag}", value, step)
+            events.flush()
+
+        try:
+            decision = search.run(target, args.alpha, args.tolerance, report)
+        except SearchStopped:
+            print("stopped during the HSIC search (nothing to save: it is deterministic and runs again on "
+                  "--resume auto)")
+            return EXIT_PREEMPTED
+        finally:
+            events.close()
+        within = abs(decision.macs - target) <= args.tolerance * target
+        if not within:
+            print(f"warning: the search ended at alpha {decision.alpha:.3e} with {decision.macs} MACs, outside "
+                  f"{target} ± {args.tolerance:g} (its alpha floor, as in the authors' code)", file=sys.stderr)
+        settings = {key: getattr(args, key) for key in HSIC_SETTINGS}
+        record = dict(settings, alpha_found=decision.alpha, macs=decision.macs, within_tolerance=within,
+                      calib_seed=args.seed, kept_widths={g.name: len(k) for g, k in zip(groups, decision.kept)},
+                      search=search.history)
+        job.save_cut(model.cpu(), cut, search.gates(decision), hsic=record)
+        print(f"HSIC-Lasso: alpha {decision.alpha:.4e} keeps {decision.macs} MACs; cut network in {cut}")
+        return 0
 
 def search_budget(target: int, macs: int, within: bool, tolerance: float, alpha: float) -> dict:
     """results.json's ``budget`` block of the alpha search (the keys a gated run's has where they
@@ -519,5 +448,3 @@ def search_budget(target: int, macs: int, within: bool, tolerance: float, alpha:
                 message=(f"{macs} MACs, target {target} ({'within' if within else 'outside'} {tolerance:g} of it): "
                          f"alpha {alpha:.4e} found by the search"))
 
-
-register(HsicLasso())

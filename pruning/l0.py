@@ -9,19 +9,12 @@ gates freeze at their test values (with a budget missed by more than the
 tolerance, at its projection), and ``--fine_tune_epoch`` epochs train the
 weights alone, with no penalty.
 """
-import argparse
-from types import SimpleNamespace
-
 import torch
 from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 
-from l0_layers.hard_concrete import DEFAULT_TEMPERATURE
-from utils.cli import fraction_type, nonneg_float, positive_float
-
 from .budget import BudgetConstraint, collapse_message, shrinking_collapse
 from .method import PruningMethod
-from .penalty import REGS, L0Penalty
-from .registry import MethodSpec, register
+from .penalty import L0Penalty
 
 
 class L0Method(PruningMethod):
@@ -204,65 +197,3 @@ class L0Method(PruningMethod):
             lines.append(f"budget: {results['budget']['message']}")  # the report results.json has, not a second one
         return "\n".join(lines) or None
 
-
-class L0Training(MethodSpec):
-    """``--net hc`` (L0-HC) and ``--net dep`` (Dep-L0, ``--back_dep`` for the backward chain): the
-    training scripts' methods, with the L0 penalty (``--lamba``) or a budget (``--target-macs``)."""
-
-    name = "l0"
-    aliases = ("hc", "dep")
-    selected_by = ("--net", "hc|dep")
-    settings = ("net", "back_dep", "reg", "temp", "lamba", "target_macs", "target_params", "sparse")
-    summary = "L0-HC / Dep-L0: hard-concrete gates with the L0 penalty or a budget"
-
-    def add_arguments(self, parser: argparse.ArgumentParser, recipe=None, **context) -> None:
-        g = parser.add_argument_group("gates: L0-HC and Dep-L0 (--net hc / dep)")
-        g.add_argument("--back_dep", action="store_true",
-                       help="backward dependency: the MLP chain runs last layer to first")
-        g.add_argument("--lamba", type=nonneg_float, default=recipe.lamba, help="L0 penalty coefficient lambda")
-        g.add_argument("--reg", choices=REGS, default="paper",
-                       help="penalty: the reference's (paper), or lambda * expected MACs / params")
-        g.add_argument("--temp", type=positive_float, default=DEFAULT_TEMPERATURE, help="hard-concrete temperature beta")
-        g.add_argument("--lr_gate", "--lr_adam", dest="lr_gate", type=positive_float, default=recipe.gate_lr,
-                       help="Adam lr of the gate parameters")
-        g.add_argument("--gen_optim", choices=("Adam", "SGD"), default="Adam",
-                       help="optimiser of the gate parameters (SGD: one SGD over all parameters, as the reference's "
-                            "ResNet50 script: the gates get the weights' lr, momentum, schedule and weight decay)")
-        # The gate lr's factor at the milestones: the recipe's (None: constant), or --lr_decay's.
-        parser.set_defaults(gate_decay=recipe.gate_decay, gate_decay_is_lr_decay=recipe.gate_decay_is_lr_decay)
-
-        g = parser.add_argument_group("budget (instead of --lamba)")
-        target = g.add_mutually_exclusive_group()
-        target.add_argument("--target-macs", type=fraction_type, metavar="F",
-                            help="prune to F times the dense MACs (a budget controller replaces the L0 penalty)")
-        target.add_argument("--target-params", type=fraction_type, metavar="F",
-                            help="prune to F times the dense parameters")
-        g.add_argument("--target-warmup", type=nonneg_float, metavar="EPOCHS",
-                       help="epochs over which the target falls linearly from 1.0 to F (default: a quarter of --epoch)")
-        g.add_argument("--lr-lagrangian", type=positive_float, default=0.05,
-                       help="gain of the budget controller: its push ratio lambda1 moves by this times the damped "
-                            "gap between the kept cost and the target, per step")
-
-    def check(self, parser, args, given) -> None:
-        if (args.target_macs or args.target_params) and args.epochs == 0:
-            parser.error("a budget (--target-macs/--target-params) needs penalty epochs: --epoch must be at least 1")
-        if args.target_warmup is None:
-            args.target_warmup = args.epochs / 4
-        if args.back_dep and args.net != "dep":
-            parser.error(f"--back_dep applies to --net dep, not --net {args.net}")
-
-    def run_label(self, args) -> str:
-        name = args.net + ("_back" if args.back_dep else "")
-        if args.target_macs or args.target_params:
-            return name + (f"_macs{args.target_macs:g}" if args.target_macs else f"_params{args.target_params:g}")
-        return name + f"_lam{args.lamba:g}"
-
-    def arch_options(self, args) -> dict:
-        return dict(net=args.net, back_dep=args.back_dep, temperature=args.temp)
-
-    def build(self, model, config) -> L0Method:
-        args = SimpleNamespace(**config.to_dict())
-        return L0Method(model, args, args.lr_decay if args.gate_decay_is_lr_decay else args.gate_decay)
-
-
-register(L0Training())

@@ -25,8 +25,6 @@ gates, which may also scale a channel). Cost, the ``channels`` figure,
 """
 import torch
 
-from .registry import MethodSpec, register
-
 
 class PruningMethod:
     """A method that prunes nothing: dense training, or fine-tuning a compact network.
@@ -159,29 +157,3 @@ class PruningMethod:
         epoch to it before it is saved), or None."""
         return None
 
-
-class DenseTraining(MethodSpec):
-    """``--net dense``: the baseline, trained with its own recipe (``Recipe.dense``), no gates."""
-
-    name = "dense"
-    selected_by = ("--net", "dense")
-    settings = ("net", "sparse")
-    summary = "plain training of the dense network (the peers' baseline)"
-
-    def recipe_fields(self, recipe) -> dict:
-        return dict(recipe.dense)
-
-    def check(self, parser, args, given) -> None:
-        if args.target_macs or args.target_params:
-            parser.error("a budget (--target-macs/--target-params) needs gates: use --net hc or --net dep")
-        if args.back_dep:
-            parser.error("--back_dep applies to --net dep, not --net dense")
-
-    def arch_options(self, args) -> dict:
-        return dict(net="dense", back_dep=False, temperature=args.temp)
-
-    def build(self, model, config) -> PruningMethod:
-        return PruningMethod(model)
-
-
-register(DenseTraining())

@@ -23,7 +23,7 @@ from torch import nn
 
 from models.structure import CostModel
 
-REGS = ("paper", "macs", "params")
+from .specs import REGS
 
 
 class L0Penalty(nn.Module):

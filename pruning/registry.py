@@ -1,11 +1,13 @@
-"""The method registry: every method declares itself here, in its own module.
+"""The method registry: every method declares itself here.
 
 A method is a :class:`MethodSpec`: its name and the other spellings users type,
 its flags (with their defaults), the settings that identify a run of it (a
 checkpoint resumes only a run that agrees on them) and how it runs. The
 command lines read the registry, so adding a method is one module that
-defines a spec and one line that registers it (``pruning/__init__.py`` imports
-the module; a test registers its own).
+implements it and a spec that declares it and is registered in one line
+(``pruning/specs.py`` holds the project's; a test registers its own). A spec
+imports no torch: its method's module is imported by :meth:`MethodSpec.build`
+or :meth:`MethodSpec.run`, when a run starts.
 
 Two kinds, by the script that runs them:
 
@@ -22,8 +24,9 @@ from typing import Protocol
 
 
 class Job(Protocol):
-    """What prune.py offers a ``prune`` method's :meth:`MethodSpec.run` (prune.py's ``PruneJob`` has
-    the details): the command line, the dense network, the run directory and the engine."""
+    """What prune.py offers a ``prune`` method's :meth:`MethodSpec.run` (``PruneJob`` in
+    engine/prune_job.py has the details): the command line, the dense network, the run directory and
+    the engine."""
 
     args: argparse.Namespace  # the parsed command line, the method's defaults filled in
 

@@ -15,54 +15,19 @@ A layer of N filters with ratio r loses :math:`\min(\lceil rN \rceil, N - 1)`
 filters, those with the smallest score :math:`\frac{1}{|W_f|}\sum |W_f|` (the
 mean absolute weight of the filter, GReg's ``_get_score``; the same ranking as
 Li et al.'s L1 norm). All of it is read from and written to the gated-layer
-records of ``models/structure.py``: a decision is one gate value per channel.
+records of ``models/structure.py``: a decision is one gate value per channel. The syntax of
+``--stage_pr`` and ``--skip_layers`` is read in ``pruning/specs.py`` (prune.py checks it without torch).
 """
 import math
-import re
 
 import torch
 
 from utils.errors import UsageError
 
-from .registry import MethodSpec
+from .specs import parse_ratio_list, parse_skip_layers
 
-# Picking rules of GReg's --pick_pruned: the lowest scores (the method), the highest, or at random.
-PICK_RULES = ("min", "max", "rand")
 # How close (absolute, as a fraction of dense) --target-macs must be met.
 TARGET_TOLERANCE = 0.01
-
-
-def parse_ratio_list(text: str) -> list[float] | dict[int, float]:
-    """GReg's ``--stage_pr``: ``[0,0.75,0.75,0.32,0]`` (brackets optional) as a list, or the VGG
-    form ``1-12:0.5,0:0.2`` as ``{layer index: ratio}``."""
-    body = text.strip().removeprefix("[").removesuffix("]").strip()
-    if not body:
-        raise UsageError("--stage_pr is empty")
-    items = [item.strip() for item in body.split(",") if item.strip()]
-    if any(":" in item for item in items):
-        out = {}
-        for item in items:
-            match = re.fullmatch(r"(\d+)(?:-(\d+))?:(.+)", item)
-            if not match:
-                raise UsageError(f"--stage_pr item {item!r}: expected INDEX:RATIO or FIRST-LAST:RATIO")
-            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-            if last < first:
-                raise UsageError(f"--stage_pr item {item!r}: the range runs backwards")
-            ratio = _ratio(match.group(3), item)
-            for index in range(first, last + 1):
-                out[index] = ratio
-        return out
-    return [_ratio(item, item) for item in items]
-
-
-def _ratio(text: str, item: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"--stage_pr: {item!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise UsageError(f"--stage_pr: a ratio must be in [0, 1), got {text}")
-    return value
 
 
 def stage_of_layers(model) -> tuple[list[int], int, str]:
@@ -102,22 +67,6 @@ def layer_ratios(model, ratios, skip: list[str] = ()) -> list[float]:
     if skip:
         out = [0.0 if s else r for r, s in zip(out, skipped(model, list(skip), [g.conv for g in model.gated_layers]))]
     return out
-
-
-def parse_skip_layers(text: str | None) -> list[str]:
-    """GReg's ``--skip_layers``: ``[1.0,2.0,2.3]`` (brackets optional) as its list of strings
-    (``utils.py:336``'s ``strlist_to_list``: split at commas, blanks dropped)."""
-    if not text:
-        return []
-    body = text.strip()
-    if body.startswith("[") and body.endswith("]"):
-        body = body[1:-1]
-    items = [item.strip() for item in body.split(",") if item.strip()]
-    bad = [item for item in items if not re.fullmatch(r"\d+(\.(\d+|-1|None))*\.?", item)]
-    if bad:
-        raise UsageError(f"--skip_layers item {bad[0]!r}: expected a layer id such as 2.3 (stage.block) or, on VGG, "
-                         f"a layer index")
-    return items
 
 
 def skipped(model, skip: list[str], names: list[str]) -> list[bool]:
@@ -279,91 +228,31 @@ def ratios_for_macs(model, target: float, skip: list[str] = ()) -> tuple[float, 
     return low, as_ratios(best)
 
 
-# GReg's settings per kind of data (L1 fine-tunes as GReg does): CIFAR from its README's ResNet56
-# commands, ImageNet its defaults.
-FINE_TUNE_DEFAULTS = {
-    "cifar": dict(update_reg_interval=10, stabilize_reg_interval=10000, batch_size_prune=128, epochs=120,
-                  lr_ft="0:0.01,60:0.001,90:0.0001", batch_size=128, weight_decay=5e-4),
-    "imagenet": dict(update_reg_interval=5, stabilize_reg_interval=40000, batch_size_prune=64, epochs=90,
-                     lr_ft="0:0.01,30:0.001,60:0.0001,75:0.00001", batch_size=256, weight_decay=1e-4),
-}
 
-
-class RatioMethod(MethodSpec):
-    """What L1 and GReg share: per-layer ratios from ``--stage_pr`` or found for a MACs target, and
-    GReg's fine-tuning (``--lr_ft``, piecewise constant)."""
-
-    kind = "prune"
-    targets = ("stage_pr", "target_macs", "target")
-    settings = ("layer_ratios", "pick_pruned", "wg")
-
-    def target_refusal(self, flag: str) -> str:
-        return f"{flag} is IMP's (--method imp); {self.name} takes --stage_pr, --target-macs or --target"
-
-    def add_arguments(self, parser, **context) -> None:
-        if "--skip_layers" in parser._option_string_actions:
-            return  # L1, GReg-1 and GReg-2 share it
-        parser.add_argument_group("L1's and GReg's layers").add_argument(
-            "--skip_layers", metavar="LIST",
-            help="GReg's layers left unpruned: ResNets every layer whose id stage.block.conv starts with an entry "
-                 "([1.0,2.3]: block 0 of stage 1, block 3 of stage 2), VGG layer indices ([0,2,6])")
-
-    def check_args(self, args) -> None:
-        if args.lr is not None:
-            raise UsageError("--lr is HSIC-Lasso's cosine lr; L1 and GReg fine-tune with --lr_ft")
-        if getattr(args, "wg", "filter") == "weight" and args.stage_pr is None:
-            raise UsageError("--wg weight prunes single weights at --stage_pr's ratios; a MACs target does not apply "
-                             "(unstructured pruning leaves the MACs and the parameter count as they are)")
-
-    def defaults(self, kind: str) -> dict:
-        return FINE_TUNE_DEFAULTS[kind]
-
-    def run_label(self, args) -> str:
-        if args.stage_pr is not None:
-            label = "pr" + args.stage_pr.strip("[]").replace(",", "_").replace(":", "-")
-            return ("wgweight_" if getattr(args, "wg", "filter") == "weight" else "") + label
-        return f"target{args.target}" if args.target is not None else f"macs{args.target_macs:g}"
-
-    def plan(self, job) -> int | None:
-        """Set ``args.layer_ratios``, open the run; returns the absolute MACs target (or None)."""
-        args, model = job.args, job.dense_model()
-        target = job.absolute_target()
-        skip = parse_skip_layers(args.skip_layers)
-        unstructured = getattr(args, "wg", "filter") == "weight"
-        if unstructured:
-            args.layer_ratios = weight_layer_ratios(model, parse_ratio_list(args.stage_pr), skip)
-            sizes = [model.get_submodule(w.name).weight.numel() for w in model.weight_layers]
-            pruned = sum(pruned_count(n, r) if r > 0 else 0 for n, r in zip(sizes, args.layer_ratios))
-            how = (f"--wg weight --stage_pr {args.stage_pr}: {pruned} single weights of {sum(sizes)} conv and linear "
-                   f"weights (sparsity {pruned / sum(sizes):.4f})")
-        elif args.stage_pr is not None:
-            args.layer_ratios = layer_ratios(model, parse_ratio_list(args.stage_pr), skip)
-            how = f"--stage_pr {args.stage_pr}"
-        else:
-            ratio, args.layer_ratios = ratios_for_macs(model, args.target_macs, skip)
-            how = f"{target} MACs ({args.target_macs:.4f} of dense): global ratio {ratio:.4f}"
-            args.budget = search_budget(args.target_macs, macs_fraction(model, args.layer_ratios), ratio)
-        if skip:
-            how += f", --skip_layers {args.skip_layers}"
-            if unstructured and not model.stages_are_layers:
-                how += (" (no effect with --wg weight on a ResNet, as in GReg's code, meta_pruner.py:211-221: "
-                        "every layer takes its stage's ratio)")
-        job.start(self.run_label(args), how)
-        return target
-
-    def results(self, args, target: int | None) -> dict:
-        """What the fine-tuning's results.json adds (the ratios and their schedule; with ``--wg weight``
-        ``layer_ratios`` has one entry per conv and linear layer, in the order of ``unstructured``'s
-        ``layer_sparsity``)."""
-        out = dict(method=args.method, stage_pr=args.stage_pr, target_macs=args.target_macs, target=target,
-                   layer_ratios=args.layer_ratios, pick_pruned=args.pick_pruned, source=str(args.checkpoint),
-                   skip_layers=args.skip_layers, wg=getattr(args, "wg", "filter"), lr_ft={str(k): v for k, v in args.lr_ft.items()})
-        if getattr(args, "budget", None):
-            out["budget"] = args.budget
-        return out
-
-    def fine_tune(self, job, cut, extra: dict, method=None) -> int:
-        """Fine-tune ``cut`` with GReg's ``--lr_ft`` (``method``: the in-loop method of the fine-tuning,
-        default none: a plain network)."""
-        args = job.args
-        return job.fine_tune(cut, dict(lr=args.lr_ft[0], lr_schedule=args.lr_ft), self.settings, extra, method=method)
+def plan(spec, job) -> int | None:
+    """L1's and GReg's start (``spec``: their RatioMethod, pruning/specs.py): set ``args.layer_ratios``
+    from ``--stage_pr`` or for the MACs target, open the run; returns the absolute MACs target (or None)."""
+    args, model = job.args, job.dense_model()
+    target = job.absolute_target()
+    skip = parse_skip_layers(args.skip_layers)
+    unstructured = getattr(args, "wg", "filter") == "weight"
+    if unstructured:
+        args.layer_ratios = weight_layer_ratios(model, parse_ratio_list(args.stage_pr), skip)
+        sizes = [model.get_submodule(w.name).weight.numel() for w in model.weight_layers]
+        pruned = sum(pruned_count(n, r) if r > 0 else 0 for n, r in zip(sizes, args.layer_ratios))
+        how = (f"--wg weight --stage_pr {args.stage_pr}: {pruned} single weights of {sum(sizes)} conv and linear "
+               f"weights (sparsity {pruned / sum(sizes):.4f})")
+    elif args.stage_pr is not None:
+        args.layer_ratios = layer_ratios(model, parse_ratio_list(args.stage_pr), skip)
+        how = f"--stage_pr {args.stage_pr}"
+    else:
+        ratio, args.layer_ratios = ratios_for_macs(model, args.target_macs, skip)
+        how = f"{target} MACs ({args.target_macs:.4f} of dense): global ratio {ratio:.4f}"
+        args.budget = search_budget(args.target_macs, macs_fraction(model, args.layer_ratios), ratio)
+    if skip:
+        how += f", --skip_layers {args.skip_layers}"
+        if unstructured and not model.stages_are_layers:
+            how += (" (no effect with --wg weight on a ResNet, as in GReg's code, meta_pruner.py:211-221: "
+                    "every layer takes its stage's ratio)")
+    job.start(spec.run_label(args), how)
+    return target

@@ -53,74 +53,29 @@ zeroes what they dropped):
   declares otherwise (``imp_densities``: LeNet-300-100's output layer stops at 0.1 below d = 0.1).
 
 Schedules are the code's (``learning_schedules/*.yaml``): WRN-28-2's for the CIFAR models, ResNet50's
-for ResNet50 (:data:`SCHEDULES`). :math:`N_p` is the same fraction of the sparse tensors' size as in
-the code's setting (20,000 of WRN-28-2's 1,451,520 sparse weights; 400,000 of ResNet50's 22,724,608).
+for ResNet50 (:data:`pruning.specs.SCHEDULES`, declared with ``--sparse``'s flags). :math:`N_p` is the
+same fraction of the sparse tensors' size as in the code's setting (20,000 of WRN-28-2's 1,451,520
+sparse weights; 400,000 of ResNet50's 22,724,608).
 
 **Cost**: params = the non-zero weights of the sparse tensors + every dense parameter; MACs = per layer,
 its non-zero weights × its output positions (:meth:`models.structure.CostModel.sparse`).
 """
 import functools
-from types import SimpleNamespace
 
 import torch
 
 from models.export import sparse_cost
-from utils.cli import density_type, nonneg_float, nonneg_int, positive_float, positive_int, sparsity_type
 from utils.errors import UsageError
 
 from .method import PruningMethod
-from .registry import MethodSpec, register
+from .specs import DEEPR_ETA, DEEPR_L1, SCHEDULES
 
-METHODS = ("dsr", "set", "deepr", "static")
+THRESHOLD_START = 1e-3
 
 
 def schedule_value(schedule: dict, epoch: int):
     """The value of a ``{first epoch: value}`` schedule at ``epoch`` (the code's get_schedule_val)."""
     return schedule[max(k for k in schedule if k <= epoch)]
-
-
-# The code's learning schedules and settings. "cifar" is WRN-28-2's (wrnet_*.yaml), used for VGG16 and
-# ResNet56 unchanged: both train on CIFAR with the same batch (100) and so the same iterations per epoch.
-SCHEDULES = {
-    "cifar": dict(
-        reference_sparse_weights=1_451_520, n_prune_params=20_000, n_prune_params_kernels=2_000,
-        stop_rewire_epoch=190,
-        rewire_periods={0: 100, 25: 200, 80: 400, 140: 800},
-        deepr_temperatures={0: 1e-5, 25: 1e-8, 80: 1e-12, 140: 1e-15},
-        # SET's --rewire-fraction by density (wrnet_experiments.yaml: sparsity 0.9 ... 0.5).
-        set_fractions={0.1: 0.138, 0.2: 0.07, 0.3: 0.046, 0.4: 0.034, 0.5: 0.028},
-        train=dict(epochs=200, lr=0.1, milestones=(60, 120, 160), lr_decay=0.2, weight_decay=5e-4, batch_size=100),
-        long=dict(epochs=400, milestones=(120, 220, 350)),  # static sparse (wrnet_schedule_long.yaml)
-        deepr=dict(weight_decay=0.0),
-        imp=dict(lr={0: 0.0, 1: 0.02, 25: 0.004, 35: 0.0008}, weight_decay=1e-4, batch_size=100),
-    ),
-    "imagenet": dict(
-        reference_sparse_weights=22_724_608, n_prune_params=400_000, n_prune_params_kernels=40_000,
-        stop_rewire_epoch=95,
-        rewire_periods={0: 1000, 25: 2000, 50: 4000, 75: 8000},
-        deepr_temperatures={0: 1e-5, 25: 1e-8, 50: 1e-12, 75: 1e-15},
-        set_fractions={0.2: 0.089, 0.1: 0.14},  # resnet_experiments.yaml
-        train=dict(epochs=100, lr=0.1, milestones=(30, 60, 90), lr_decay=0.1, weight_decay=1e-4, batch_size=256),
-        long=dict(epochs=200, milestones=(60, 120, 180)),
-        deepr=dict(),  # its ResNet50 DeepR command keeps the default weight decay, 1e-4
-        imp=dict(lr={0: 0.0, 1: 0.01, 25: 0.001, 35: 0.0001}, weight_decay=1e-4, batch_size=256),
-    ),
-}
-THRESHOLD_START = 1e-3
-DEEPR_ETA = 0.01
-DEEPR_L1 = 1e-5
-
-
-def training_recipe(kind: str, method: str) -> dict:
-    """The Recipe fields of ``--sparse method`` on ``kind`` ('cifar' or 'imagenet') data: the code's
-    schedule (Nesterov SGD; static sparse the long one; DeepR's CIFAR runs without weight decay)."""
-    schedule = SCHEDULES[kind]
-    fields = dict(schedule["train"], fine_tune_epochs=0, nesterov=True)
-    if method == "static":
-        fields.update(schedule["long"])
-    if method == "deepr":
-        fields.update(schedule["deepr"])
-    return fields
 
 
 def sparse_layers(model, shortcuts: bool = False) -> list:
@@ -894,82 +849,6 @@ def check_density(model, density: float, shortcuts: bool = False, granularity: i
     check_layer_densities(model, layers, [density] * len(layers), granularity)
 
 
-SCHEDULE_KEYS = {"lr_schedule": "lr", "rewire_period_schedule": "rewire_periods",
-                 "DeepR_temperature_schedule": "deepr_temperatures"}
-
-
-def _schedule_number(path, key: str, epoch, value, positive_int_value: bool):
-    """One ``- epoch : value`` entry of a schedule file, checked (one line on a problem)."""
-    if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string; the code would fail on it
-        try:
-            value = float(value)
-        except ValueError:
-            raise UsageError(f"--schedule-file {path}: {key} at epoch {epoch}: {value!r} is not a number") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
-            float("inf"), float("-inf")):
-        raise UsageError(f"--schedule-file {path}: {key} at epoch {epoch}: {value!r} is not a finite number")
-    if positive_int_value and (value != int(value) or value < 1):
-        raise UsageError(f"--schedule-file {path}: {key} at epoch {epoch}: {value!r} is not a whole number of "
-                         f"iterations >= 1")
-    if value < 0:
-        raise UsageError(f"--schedule-file {path}: {key} at epoch {epoch}: {value!r} is negative")
-    return int(value) if positive_int_value else float(value)
-
-
-def read_schedule_file(path: str) -> dict:
-    """The code's ``--schedule-file`` (``learning_schedules/*.yaml``): three lists of ``- first epoch :
-    value`` (``lr_schedule``, ``rewire_period_schedule``, ``DeepR_temperature_schedule``), each value
-    holding from its epoch to the next entry's (main.py's ``get_schedule_val``). Returns ``{lr,
-    rewire_periods, deepr_temperatures}`` as ``{epoch: value}`` dicts. A file the code could not use
-    as intended (unreadable, not YAML, a key missing or unknown, epochs not increasing from 0, a
-    value not a number) is one line (``UsageError``)."""
-    try:
-        import yaml
-    except ImportError:
-        raise UsageError("--schedule-file reads YAML: install PyYAML (pip install pyyaml)") from None
-    try:
-        with open(path) as stream:
-            loaded = yaml.safe_load(stream)
-    except OSError as e:
-        raise UsageError(f"--schedule-file {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise UsageError(f"--schedule-file {path}: not valid YAML{where}: {problem}") from None
-    if not isinstance(loaded, dict):
-        raise UsageError(f"--schedule-file {path}: expected the keys {', '.join(SCHEDULE_KEYS)}")
-    unknown = [str(k) for k in loaded if k not in SCHEDULE_KEYS]
-    if unknown:
-        raise UsageError(f"--schedule-file {path}: unknown key {unknown[0]!r} (the code's keys: "
-                         f"{', '.join(SCHEDULE_KEYS)})")
-    out = {}
-    for key, name in SCHEDULE_KEYS.items():
-        if key not in loaded:
-            raise UsageError(f"--schedule-file {path}: no {key} (the code needs all of {', '.join(SCHEDULE_KEYS)})")
-        entries = loaded[key]
-        if not isinstance(entries, list) or not entries:
-            raise UsageError(f"--schedule-file {path}: {key} must be a list of '- epoch : value' entries")
-        schedule = {}
-        for entry in entries:
-            if not isinstance(entry, dict) or len(entry) != 1:
-                raise UsageError(f"--schedule-file {path}: {key}: each entry must be one '- epoch : value', got "
-                                 f"{entry!r}")
-            (epoch, value), = entry.items()
-            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-                raise UsageError(f"--schedule-file {path}: {key}: {epoch!r} is not an epoch (a whole number >= 0)")
-            if schedule and epoch <= max(schedule):
-                raise UsageError(f"--schedule-file {path}: {key}: epoch {epoch} comes after epoch {max(schedule)}; "
-                                 f"the epochs must increase")
-            if not schedule and epoch != 0:
-                raise UsageError(f"--schedule-file {path}: {key} starts at epoch {epoch}; it must start at 0")
-            schedule[epoch] = _schedule_number(path, key, epoch, value, key == "rewire_period_schedule")
-        out[name] = schedule
-    if max(out["lr"].values()) <= 0:
-        raise UsageError(f"--schedule-file {path}: every learning rate of lr_schedule is 0")
-    return out
-
-
 def sparse_method(model, args, kind: str) -> PruningMethod:
     """The method of ``--sparse {dsr,set,deepr,static}`` (with ``--tied``: tied weights) with the
     training scripts' arguments, on ``kind`` ('cifar' or 'imagenet') data: the code's settings unless a
@@ -1072,174 +951,3 @@ def copied_masks(model, layers, path: str, granularity: int, density: float | No
                              f"leave the density out to train at the file's")
     return [m.bool() for m in masks]
 
-
-class SparseTraining(MethodSpec):
-    """``--sparse {dsr,set,deepr,static}``: a dense network trained from scratch under per-weight masks,
-    with the code's schedule for the data (``SCHEDULES``) unless a flag overrides it."""
-
-    selected_by = ("--sparse", "")
-    settings = ("net", "sparse", "density", "tied")
-    summary = "unstructured sparse training (DSR, SET, DeepR, static; static with --tied: tied weights)"
-    flags = ("--density", "--n-prune-params", "--rewire-fraction", "--stop-rewire-epoch", "--DeepR_eta",
-             "--L1-loss-coeff", "--initial-sparsity-conv", "--initial-sparsity-fc", "--sub-kernel-granularity",
-             "--tied", "--rescale-tied-gradient", "--threshold-prune", "--rewire-scaling", "--conv-group-lasso",
-             "--big-new-weights", "--sparse-resnet-downsample", "--copy-mask-from", "--schedule-file")
-    # The gates' flags, which --sparse refuses (no published method both masks weights and gates channels).
-    gate_flags = ("--lamba", "--reg", "--temp", "--back_dep", "--lr_gate", "--lr_adam", "--gen_optim",
-                  "--target-macs", "--target-params", "--target-warmup", "--lr-lagrangian", "--fine_tune_epoch")
-    # Flags that only some of the four methods take (the code ignores them elsewhere; refused here).
-    method_flags = {"--DeepR_eta": ("deepr",), "--threshold-prune": ("dsr", "set"), "--rewire-scaling": ("dsr", "set"),
-                    "--big-new-weights": ("dsr", "set", "deepr"), "--tied": ("static",)}
-
-    def __init__(self, name: str):
-        self.name = name
-        self.selected_by = ("--sparse", name)
-
-    def recipe_fields(self, recipe) -> dict:
-        return training_recipe("imagenet" if recipe.imagenet else "cifar", self.name)
-
-    def add_arguments(self, parser, **context) -> None:
-        if "--density" in parser._option_string_actions:
-            return  # the four methods share one group
-        g = parser.add_argument_group("unstructured sparse training (instead of gates; pruning/sparse.py)")
-        g.add_argument("--density", type=density_type, metavar="D",
-                       help="fraction of every sparse tensor's weights active")
-        g.add_argument("--initial-sparsity-conv", type=sparsity_type, metavar="S",
-                       help="the code's flag: every sparse conv tensor at density 1-S (instead of --density)")
-        g.add_argument("--initial-sparsity-fc", type=sparsity_type, metavar="S",
-                       help="the code's flag: every sparse linear tensor at density 1-S (instead of --density)")
-        g.add_argument("--sub-kernel-granularity", type=int, choices=(2, 4),
-                       help="4: mask single weights (default, every published run); 2: whole k x k kernels of the "
-                            "convs (the code's command-line default)")
-        g.add_argument("--n-prune-params", type=positive_int, metavar="N",
-                       help="DSR's N_p: weights (kernels with --sub-kernel-granularity 2) to reallocate per period "
-                            "(default: the code's 20,000 of WRN-28-2 or 400,000 of ResNet50, 2,000 / 40,000 for "
-                            "kernels, scaled by this network's sparse weights)")
-        g.add_argument("--rewire-fraction", type=density_type, metavar="F",
-                       help="SET's fraction of each tensor's active weights replaced per period (default: the code's "
-                            "value for the density)")
-        g.add_argument("--threshold-prune", action="store_true",
-                       help="SET: drop by DSR's adaptive global threshold instead of a fraction per tensor (DSR: "
-                            "always)")
-        g.add_argument("--rewire-scaling", action="store_true",
-                       help="SET: regrow across tensors in proportion to their survivors, as DSR (DSR: always)")
-        g.add_argument("--stop-rewire-epoch", type=nonneg_int, metavar="E",
-                       help="no reallocation from epoch E on (default 190 CIFAR / 95 ImageNet)")
-        g.add_argument("--DeepR_eta", type=positive_float, default=DEEPR_ETA,
-                       help="DeepR's eta: the gradient noise has std sqrt(2 eta T)")
-        g.add_argument("--L1-loss-coeff", type=nonneg_float, metavar="C",
-                       help="the loss gets C times the L1 norm of the sparse (or tied) weights (default: DeepR 1e-5, "
-                            "else 0)")
-        g.add_argument("--conv-group-lasso", action="store_true",
-                       help="--L1-loss-coeff's term is a group lasso over each conv's k x k kernels")
-        g.add_argument("--big-new-weights", action="store_true",
-                       help="a regrown weight starts at a draw from the initial distribution instead of 0")
-        g.add_argument("--sparse-resnet-downsample", action="store_true",
-                       help="ResNet50: the 1x1 projection shortcuts are sparse (or tied) too")
-        g.add_argument("--tied", action="store_true", default=None,
-                       help="--sparse static only: tie each sparse tensor's weights to round(D*n) shared values "
-                            "through a fixed random index (HashedNet; pruning/tied.py) instead of masking them")
-        g.add_argument("--rescale-tied-gradient", action="store_true",
-                       help="the code's flag with --tied: divides the tied gradient after the step, so it changes "
-                            "nothing (as in the code)")
-        g.add_argument("--copy-mask-from", metavar="CHECKPOINT",
-                       help="start from the masks of a sparse run's checkpoint (or run directory) of the same "
-                            "network instead of random ones")
-        g.add_argument("--schedule-file", metavar="YAML",
-                       help="the code's schedule file (learning_schedules/*.yaml): lr, reallocation period and "
-                            "DeepR temperature per epoch, replacing --lr / --milestones / --lr_decay")
-
-    def own_flags(self) -> tuple[str, ...]:
-        return self.flags
-
-    def foreign_flag_message(self, flag: str, args) -> str:
-        return f"{flag} belongs to unstructured sparse training: add --sparse {{{','.join(METHODS)}}}"
-
-    def check(self, parser, args, given) -> None:
-        sparse = args.sparse
-        if args.net not in (None, "dense"):
-            parser.error(f"--sparse {sparse} does not combine with --net {args.net}: it masks single weights "
-                         f"of a dense network, the gates remove whole channels, and no published method does both; "
-                         f"leave --net out (or --net dense)")
-        args.net = "dense"
-        for flag in self.gate_flags:
-            if flag in given:
-                parser.error(f"{flag} belongs to the gates (L0-HC / Dep-L0); --sparse {sparse} trains "
-                             f"without them")
-        if (args.density is None and args.initial_sparsity_conv is None and args.initial_sparsity_fc is None
-                and not args.copy_mask_from):
-            parser.error(f"--sparse {sparse} needs --density D (the fraction of each sparse tensor's "
-                         f"weights kept)")
-        if args.tied and sparse != "static":
-            parser.error(f"--tied is static training's: the code's rewiring, DeepR and pruning act on sparse "
-                         f"tensors, and a tied network has none; use --sparse static --tied")
-        for flag, methods in self.method_flags.items():
-            if flag in given and sparse not in methods:
-                names = " or ".join(f"--sparse {m}" for m in methods)
-                parser.error(f"{flag} is a setting of {names}, not of --sparse {sparse}")
-        threshold = sparse == "dsr" or args.threshold_prune
-        if "--n-prune-params" in given and not threshold:
-            parser.error(f"--n-prune-params is dsr's setting (or set's with --threshold-prune), not --sparse "
-                         f"{sparse}'s")
-        if "--rewire-fraction" in given and (sparse != "set" or threshold):
-            parser.error(f"--rewire-fraction is set's setting without --threshold-prune, not --sparse {sparse}'s"
-                         + (" with --threshold-prune" if sparse == "set" else ""))
-        if "--stop-rewire-epoch" in given and sparse == "static":
-            parser.error("--stop-rewire-epoch: static sparse training never reallocates")
-        if args.tied:
-            # The code's tied runs train on the ordinary schedule (wrnet_schedule.yaml, resnet_schedule.yaml), not
-            # static sparse training's long one.
-            normal = SCHEDULES["imagenet" if args.dataset == "imagenet" else "cifar"]["train"]
-            for field, flags in (("epochs", ("--epoch", "--epochs")), ("milestones", ("--milestones",))):
-                if not any(flag in given for flag in flags):
-                    setattr(args, field, tuple(normal[field]) if field == "milestones" else normal[field])
-        if args.rescale_tied_gradient and not args.tied:
-            parser.error("--rescale-tied-gradient applies to tied weights: add --tied")
-        if args.tied and args.copy_mask_from:
-            parser.error("--copy-mask-from: a tied network has no mask to copy (leave out --tied)")
-        if args.sub_kernel_granularity == 2 and sparse == "deepr":
-            parser.error("--sub-kernel-granularity 2: the code's DeepR fails with kernel masks (its noise and sign "
-                         "checks are per weight); DeepR masks single weights")
-        if args.L1_loss_coeff is None:
-            args.L1_loss_coeff = DEEPR_L1 if sparse == "deepr" else 0.0
-        if args.conv_group_lasso and args.L1_loss_coeff == 0:
-            parser.error("--conv-group-lasso shapes the --L1-loss-coeff term, which is 0 here: give "
-                         "--L1-loss-coeff C")
-        if args.sparse_resnet_downsample and args.arch != "resnet50":
-            parser.error(f"--sparse-resnet-downsample is ResNet50's (the code's imagenet_resnet50); --arch "
-                         f"{args.arch} has no downsample to make sparse")
-        if args.schedule_file:
-            for flag in ("--lr", "--lr_vgg", "--milestones", "--lr_decay"):
-                if flag in given:
-                    parser.error(f"{flag}: --schedule-file {args.schedule_file} sets the learning rate of every "
-                                 f"epoch; leave {flag} out")
-            try:
-                schedule = read_schedule_file(args.schedule_file)
-            except UsageError as e:
-                parser.error(str(e))
-            args.lr_schedule, args.lr = schedule["lr"], max(schedule["lr"].values())
-            args.rewire_periods, args.deepr_temperatures = schedule["rewire_periods"], schedule["deepr_temperatures"]
-
-    def run_label(self, args) -> str:
-        label = self.name + ("_tied" if args.tied else "")
-        if args.density is not None:
-            label += f"_d{args.density:g}"
-        for kind in ("conv", "fc"):
-            value = getattr(args, f"initial_sparsity_{kind}")
-            if value is not None:
-                label += f"_s{kind}{value:g}"
-        if args.copy_mask_from:
-            label += "_copied"
-        if args.sub_kernel_granularity == 2:
-            label += "_kernels"
-        return label
-
-    def arch_options(self, args) -> dict:
-        return dict(net="dense", back_dep=False, temperature=args.temp)
-
-    def build(self, model, config) -> PruningMethod:
-        return sparse_method(model, SimpleNamespace(**config.to_dict()), "imagenet" if config.imagenet else "cifar")
-
-
-for _name in METHODS:
-    register(SparseTraining(_name))

@@ -10,14 +10,14 @@ import pytest
 import torch
 import thop
 
-from models import MODEL_CLASSES, build_model, default_arch
+from models import NETWORKS, build_model, default_arch
 from models.export import export_pruned
 
 SIZES = {"imagenet": (3, 224), "cifar": (3, 32), "mnist": (1, 28)}
 
 
 def thop_count(model) -> int:
-    channels, size = SIZES[type(model).data_kind]
+    channels, size = SIZES[NETWORKS[model.arch['model']].data_kind]
     model.eval()
     ops, _ = thop.profile(model, (torch.randn(1, channels, size, size),), verbose=False)
     for module in model.modules():  # thop leaves its counters behind
@@ -27,10 +27,10 @@ def thop_count(model) -> int:
     return int(ops)
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_CLASSES))
+@pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_thop_convention_is_thops_count_dense_and_pruned(name):
     torch.manual_seed(0)
-    classes = 1000 if MODEL_CLASSES[name].data_kind == "imagenet" else 10
+    classes = 1000 if NETWORKS[name].data_kind == "imagenet" else 10
     model = build_model(default_arch(name, classes, 0.25, net="hc"))
     dense = build_model(default_arch(name, classes, 0.25, net="dense"))
     assert dense.cost.dense("thop")[0] == thop_count(dense)

@@ -19,7 +19,7 @@ import train_resnet56
 from conftest import write_fake_cifar10
 from engine import trainer as engine
 from engine.cli import parse_args
-from l0_layers import ChannelGates
+from l0_layers.gates import ChannelGates
 from l0_layers.hard_concrete import PRUNE_THRESHOLD
 from l0_layers.gates import DEP_SCALE
 from models import build_model, default_arch

@@ -4,7 +4,7 @@ models/wrn.py) and LeNet-300-100 (``mnist_mlp``, models/lenet.py).
 - their dense cost and DSR's sparse weights at full size (1,451,520 for WRN-28-2: the number
   pruning/sparse.py scales N_p by), against an independent hook counter;
 - their forward against a plain re-statement of the authors' forward (same weights, same output);
-- the init, the network options (``default_arch(..., options)``, ``add_arguments``/``options_from``);
+- the init, the network options (``default_arch(..., options)``, their declarations' ``add_arguments``/``options_from``);
 - gating and export: ``pruned.pt`` smaller, ``load_pruned`` rebuilds it, its eval output equals the
   gated model's, its MACs confirmed by the hook counter (tiny widths);
 - the sparse rule (which layers are sparse, their init, IMP's LeNet exception), and an end-to-end
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import MODEL_CLASSES, LeNet300100, WideResNet, build_model, default_arch, load_pruned, save_pruned
+from models import NETWORKS, LeNet300100, WideResNet, build_model, default_arch, load_pruned, save_pruned
 from pruning.sparse import IMP, SCHEDULES, StaticSparse, active_count, sparse_layers
 
 torch.set_num_threads(1)
@@ -259,7 +259,7 @@ def test_network_options():
     assert default_arch("lenet300_100", 10)["batch_norm"] is True
     assert default_arch("lenet300_100", 10, 0.5, options=dict(batch_norm=False))["widths"] == (150, 50)
     # Families without options keep their call, and refuse an option.
-    assert MODEL_CLASSES["vgg16"].option_names() == () and default_arch("vgg16", 10, options={}) == default_arch("vgg16", 10)
+    assert NETWORKS["vgg16"].option_names() == () and default_arch("vgg16", 10, options={}) == default_arch("vgg16", 10)
     with pytest.raises(ValueError, match="vgg16 has no option 'layers'"):
         default_arch("vgg16", 10, options=dict(layers=28))
     with pytest.raises(ValueError, match="6n \\+ 4"):
@@ -268,15 +268,17 @@ def test_network_options():
 
 def test_network_flags():
     parser = argparse.ArgumentParser()
-    for cls in (WideResNet, LeNet300100):
-        cls.add_arguments(parser.add_argument_group(cls.__name__))
-    assert WideResNet.option_names() == ("layers", "widen_factor") and LeNet300100.option_names() == ("batch_norm",)
+    wrn, lenet = NETWORKS["wrn"], NETWORKS["lenet300_100"]
+    assert wrn.model_class() is WideResNet and lenet.model_class() is LeNet300100
+    for network in (wrn, lenet):
+        network.add_arguments(parser.add_argument_group(network.name))
+    assert wrn.option_names() == ("layers", "widen_factor") and lenet.option_names() == ("batch_norm",)
     args = parser.parse_args([])
-    assert WideResNet.options_from(args) == dict(layers=28, widen_factor=2)
-    assert LeNet300100.options_from(args) == dict(batch_norm=True)
+    assert wrn.options_from(args) == dict(layers=28, widen_factor=2)
+    assert lenet.options_from(args) == dict(batch_norm=True)
     args = parser.parse_args(["--layers", "16", "--widen-factor", "1", "--no-batch-norm"])
-    assert WideResNet.options_from(args) == dict(layers=16, widen_factor=1)
-    assert LeNet300100.options_from(args) == dict(batch_norm=False)
+    assert wrn.options_from(args) == dict(layers=16, widen_factor=1)
+    assert lenet.options_from(args) == dict(batch_norm=False)
     for bad in (["--layers", "27"], ["--layers", "4"], ["--widen-factor", "0"], ["--widen-factor", "1.5"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
@@ -418,7 +420,7 @@ def test_imp_keeps_lenets_output_layer_at_a_tenth(density):
 
 
 def test_wrn_gated_run_through_the_engine(monkeypatch, tmp_path):
-    from engine import trainer
+    from engine import cli
     from engine.cli import Recipe
 
     monkeypatch.chdir(tmp_path)
@@ -427,7 +429,7 @@ def test_wrn_gated_run_through_the_engine(monkeypatch, tmp_path):
     argv = ["--net", "hc", "--target-macs", "0.5", "--dummy", "-j", "0", "--limit-batches", "2", "-b", "8",
             "--seed", "0", "--width-mult", "0.125", "--out-dir", "wrn"]
     with pytest.raises(SystemExit) as stop:
-        trainer.main(recipe, argv)
+        cli.main(recipe, argv)
     assert stop.value.code == 0
     results = json.loads((tmp_path / "wrn" / "results.json").read_text())
     assert results["model"] == "wrn" and len(results["channels"]) == 13
@@ -439,7 +441,7 @@ def test_wrn_gated_run_through_the_engine(monkeypatch, tmp_path):
 
 def test_wrn_sparse_run_through_the_engine(monkeypatch, tmp_path):
     """DSR on WRN: only the block convs are masked; pruned.pt's MACs are its non-zero weights' (hooks)."""
-    from engine import trainer
+    from engine import cli
     from engine.cli import Recipe
 
     monkeypatch.chdir(tmp_path)
@@ -448,7 +450,7 @@ def test_wrn_sparse_run_through_the_engine(monkeypatch, tmp_path):
     argv = ["--sparse", "dsr", "--density", "0.2", "--dummy", "-j", "0", "--limit-batches", "2", "-b", "8",
             "--seed", "0", "--width-mult", "0.125", "--epochs", "1", "--out-dir", "dsr"]
     with pytest.raises(SystemExit) as stop:
-        trainer.main(recipe, argv)
+        cli.main(recipe, argv)
     assert stop.value.code == 0
     model = load_pruned(tmp_path / "dsr" / "pruned.pt")
     info = torch.load(tmp_path / "dsr" / "pruned.pt", weights_only=True)

@@ -15,7 +15,8 @@ import train_resnet56
 from engine.cli import parse_args
 from models import build_model, default_arch
 from models.resnet_imagenet import ImageNetResNet
-from pruning.sparse import DSR, IMP, SET, DeepR, StaticSparse, read_schedule_file, sparse_layers, sparse_method
+from pruning.sparse import DSR, IMP, SET, DeepR, StaticSparse, sparse_layers, sparse_method
+from pruning.specs import read_schedule_file
 from utils.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import prune
-from engine import trainer
+from engine import cli
 from engine.cli import Recipe
-from models import MODEL_CLASSES, build_model, load_pruned, register_model
+from models import NETWORKS, Network, build_model, load_pruned, register_model
 from models.common import GatedNetwork, LayerRecorder, bn_gate_relu
 from pruning import METHODS, MethodSpec, register
 
@@ -112,7 +112,7 @@ def registered(monkeypatch, tmp_path):
     """The toy network and method registered for this test only (each one line), cwd tmp_path."""
     monkeypatch.setattr(METHODS, "_by_name", dict(METHODS._by_name))
     monkeypatch.setattr(METHODS, "_specs", list(METHODS._specs))
-    monkeypatch.setitem(MODEL_CLASSES, "toynet", ToyNet)  # what register_model does, undone after the test
+    monkeypatch.setitem(NETWORKS, "toynet", Network("toynet", ToyNet))  # register_model's entry, undone after
     register(KeepFirst())
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
@@ -121,7 +121,7 @@ def registered(monkeypatch, tmp_path):
 
 def train(*argv) -> int:
     with pytest.raises(SystemExit) as stop:
-        trainer.main(RECIPE, list(argv))
+        cli.main(RECIPE, list(argv))
     return stop.value.code
 
 

@@ -7,7 +7,7 @@ file really truncated or overwritten, a real full disk (a small tmpfs, where
 this machine lets us mount one), an absurd learning rate, broken image files,
 a file holding pickled code. Where a fault cannot be caused from outside
 (a write failing at one chosen save, a NaN at one chosen step) the engine runs
-in this process, ``engine.trainer.main(RECIPE, argv)`` exactly as the script
+in this process, ``engine.cli.main(RECIPE, argv)`` exactly as the script
 calls it, with that one function patched.
 
 After an interruption, ``--resume auto`` must end bit for bit where an
@@ -401,9 +401,9 @@ def _load_script(name):
 
 @pytest.fixture
 def train_here(capsys, monkeypatch, tmp_path):
-    """``train(*argv)`` runs ``engine.trainer.main(RECIPE, argv)`` here (cwd: tmp_path, one thread)
+    """``train(*argv)`` runs ``engine.cli.main(RECIPE, argv)`` here (cwd: tmp_path, one thread)
     and returns its exit status and output."""
-    from engine import trainer as engine
+    from engine import cli
 
     recipe = _load_script(TRAIN).RECIPE
     monkeypatch.setattr(sys, "argv", [TRAIN])
@@ -415,7 +415,7 @@ def train_here(capsys, monkeypatch, tmp_path):
         capsys.readouterr()
         code = "returned without sys.exit"
         try:
-            engine.main(recipe, [str(a) for a in argv])
+            cli.main(recipe, [str(a) for a in argv])
         except SystemExit as e:
             code = e.code
         finally:

@@ -15,10 +15,10 @@ import torch
 import evaluate
 import prune
 import train_vgg
-from engine import trainer
+from engine import cli
 from engine.cli import parse_args
 from models import build_model, default_arch
-from pruning import GReg
+from pruning.greg import GReg
 from utils.errors import brief
 from utils.run import new_run_note, unfinished_run
 
@@ -96,7 +96,7 @@ def dummy_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     with pytest.raises(SystemExit) as stop:
-        trainer.main(train_vgg.RECIPE, ["--net", "hc", "--target-macs", "0.6", "--epoch", "1", "--fine_tune_epoch",
+        cli.main(train_vgg.RECIPE, ["--net", "hc", "--target-macs", "0.6", "--epoch", "1", "--fine_tune_epoch",
                                         "1", "-p", "1", *TINY, "--out-dir", "run"])
     assert stop.value.code == 0
     return tmp_path / "run", capsys.readouterr().out
@@ -114,7 +114,7 @@ def test_progress_lines_give_the_run_eta_and_the_phase(dummy_run):
 def test_a_resumed_run_says_from_where(dummy_run, capsys):
     run, _ = dummy_run
     with pytest.raises(SystemExit) as stop:
-        trainer.main(train_vgg.RECIPE, ["--net", "hc", "--target-macs", "0.6", "--epoch", "1", "--fine_tune_epoch",
+        cli.main(train_vgg.RECIPE, ["--net", "hc", "--target-macs", "0.6", "--epoch", "1", "--fine_tune_epoch",
                                         "1", *TINY, "--out-dir", "run", "--resume", "auto"])
     assert stop.value.code == 0
     assert "resumed from run/last.pt: epoch 3, step 0" in capsys.readouterr().out

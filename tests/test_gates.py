@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from l0_layers import ChannelGates, DependencyMLP, FreeLogits, hard_concrete
+from l0_layers import DEFAULT_TEMPERATURE, hard_concrete
+from l0_layers.gates import ChannelGates, DependencyMLP, FreeLogits
 from models import VGG, CifarResNet, ImageNetResNet, resnet50, resnet56, vgg16
 
 GAMMA, ZETA = -0.1, 1.1
@@ -17,7 +18,7 @@ LOGITS = (-3.0, -1.0, 0.0, 1.0, 3.0)
 def test_constants():
     assert hard_concrete.GAMMA == GAMMA
     assert hard_concrete.ZETA == ZETA
-    assert hard_concrete.DEFAULT_TEMPERATURE == pytest.approx(BETA)
+    assert DEFAULT_TEMPERATURE == pytest.approx(BETA)
     assert hard_concrete.PRUNE_THRESHOLD == pytest.approx(math.log(1.0 / 11.0))
 
 

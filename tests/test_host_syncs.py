@@ -40,7 +40,7 @@ import train_resnet56
 from conftest import write_fake_cifar10
 from engine import trainer as engine
 from engine.cli import parse_args
-from pruning import GReg
+from pruning.greg import GReg
 from pruning.selection import layer_ratios
 
 pytestmark = pytest.mark.usefixtures("one_thread")

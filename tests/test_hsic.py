@@ -24,6 +24,7 @@ import prune
 from conftest import assert_equal_states, read_tb_events, run_script
 from models import build_model, default_arch, load_pruned
 from pruning import hsic
+from engine import prune_job
 from engine.trainer import Trainer
 from utils.errors import UsageError
 
@@ -223,8 +224,7 @@ def test_sigterm_mid_fine_tune_resumes_exactly(dense, tmp_path, monkeypatch, cap
         assert_equal_states(a[key], b[key], key)
     # A continued run must ask for the cut it has.
     with pytest.raises(UsageError, match="--omega"):
-        prune.run(prune.build_parser().parse_args([*argv, "--omega", "2", "--out-dir", str(tmp_path / "cut"),
-                                                   "--resume", "auto"]))
+        prune_job.run(prune.parse_args([*argv, "--omega", "2", "--out-dir", str(tmp_path / "cut"), "--resume", "auto"]))
     capsys.readouterr()
 
 

@@ -30,7 +30,8 @@ from engine.trainer import Trainer
 from models import build_model, default_arch, save_pruned
 from models.export import export_pruned, read_pruned
 from models.published import load_published_pruned
-from pruning.hsic import FINE_TUNE_BATCH, HsicLasso
+from pruning import hsic
+from pruning.specs import FINE_TUNE_BATCH
 from test_peer_readme_commands import APIB_TRAIN, _apib_name
 from test_published import (TINY, apib_file, assert_same_outputs, googlenet_forward, googlenet_state, resnet_forward,
                             resnet_state, vgg_forward, vgg_state, with_prefix)
@@ -237,7 +238,7 @@ def test_the_imagenet_fine_tune_batch(batch_from, flags, want, note, tmp_path, m
     compact, _ = export_pruned(dense)
     torch.save({"state_dict": {_apib_name(k): v for k, v in compact.state_dict().items()}}, tmp_path / "r50.pth")
     seen = {}
-    monkeypatch.setattr(HsicLasso, "fine_tune_only", lambda self, job: seen.update(vars(job.args)) or 0)
+    monkeypatch.setattr(hsic, "fine_tune_only", lambda job: seen.update(vars(job.args)) or 0)
     argv = ["--model", "resnet50", "--dataset", "imagenet", "--ckpt_path", str(tmp_path / "r50.pth"), "--dummy",
             "--batch-from", batch_from, *flags]
     assert prune.main(argv) == 0

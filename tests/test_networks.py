@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import trainer
+from engine import cli
 from engine.cli import Recipe
-from models import MODEL_CLASSES, build_model, default_arch, export_pruned, load_pruned, save_pruned
+import models
+from models import build_model, default_arch, export_pruned, load_pruned, save_pruned
 from pruning import hsic
 from pruning.greg import GReg
 from pruning.penalty import L0Penalty
@@ -320,7 +321,7 @@ def test_every_method_runs(name, tmp_path, monkeypatch):
     # the same class.)
     if name not in ("resnet32a", "resnet56a", "resnet110a"):
         with pytest.raises(SystemExit) as stop:
-            trainer.main(Recipe(model=name, **RECIPE), ["--net", "dep", "--target-macs", "0.5", *FAST,
+            cli.main(Recipe(model=name, **RECIPE), ["--net", "dep", "--target-macs", "0.5", *FAST,
                                                         "--out-dir", "dep"])
         assert stop.value.code == 0
         results = json.loads((tmp_path / "dep" / "results.json").read_text())
@@ -401,5 +402,5 @@ def test_every_method_runs(name, tmp_path, monkeypatch):
 
 def test_every_new_network_is_registered():
     for name in NETWORKS:
-        assert name in MODEL_CLASSES
+        assert name in models.NETWORKS
         assert build_model(default_arch(name, 100, TINY, net="dense")).arch["num_classes"] == 100

@@ -29,6 +29,7 @@ import torch
 
 import prune
 from conftest import run_script
+from engine import prune_job
 from pruning import METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,11 +177,11 @@ def test_pretrained_reads_torchvisions_file_from_the_hub_cache(tmp_path, monkeyp
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(prune.UsageError, match="could not be downloaded .*network is unreachable.*resnet50-0676ba61"):
-        prune.torchvision_resnet50(ctx)
+    with pytest.raises(prune_job.UsageError, match="could not be downloaded .*network is unreachable.*resnet50-0676ba61"):
+        prune_job.torchvision_resnet50(ctx)
     cached = tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
     cached.write_bytes(b"")
-    assert prune.torchvision_resnet50(ctx) == cached
+    assert prune_job.torchvision_resnet50(ctx) == cached
 
 
 def test_greg_scratch_training_then_greg1_through_base_model_path(tmp_path):
@@ -232,7 +233,7 @@ def test_resnet50_checkpoints_of_greg_and_hsic_lasso_load(naming, tmp_path):
     from utils import distributed
     torch.manual_seed(0)
     reference = torchvision.models.resnet50(weights=None).state_dict()
-    want = prune._torchvision_resnet50(reference)  # this project's names
+    want = prune_job._torchvision_resnet50(reference)  # this project's names
     if naming == "torchvision":
         saved = {"state_dict": {f"module.{k}": v for k, v in reference.items()}, "arch": "resnet50"}
         argv = ["--base_model_path", str(tmp_path / "ckpt.pth"), "-a", "resnet50", "--method", "GReg-1",
@@ -241,8 +242,8 @@ def test_resnet50_checkpoints_of_greg_and_hsic_lasso_load(naming, tmp_path):
         saved = {"state_dict": {_apib_name(k): v for k, v in want.items()}}
         argv = ["--model", "resnet50", "--ckpt", str(tmp_path / "ckpt.pth"), "--target", "1550000000"]
     torch.save(saved, tmp_path / "ckpt.pth")
-    source = prune.named_source(prune.parse_args(argv), distributed.Context())
+    source = prune_job.named_source(prune.parse_args(argv), distributed.Context())
     assert source["dataset"] == "imagenet" and source["arch"]["model"] == "resnet50"
-    got = prune.dense_model(source).state_dict()
+    got = prune_job.dense_model(source).state_dict()
     for key, value in want.items():
         assert torch.equal(got[key], value), key

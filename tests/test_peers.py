@@ -28,9 +28,11 @@ import prune
 import train_resnet56
 from conftest import assert_equal_states, read_tb_events, run_parallel, run_script
 from models import build_model, default_arch, export_pruned, load_pruned
-from pruning import GReg, PruningMethod
+from pruning.greg import GReg
+from pruning.method import PruningMethod
 from pruning.selection import (decision, filter_scores, layer_ratios, macs_fraction, parse_ratio_list,
                                pruned_count, ratios_for_macs)
+from engine import prune_job
 from engine.cli import parse_args
 from engine.trainer import Trainer
 from utils.errors import UsageError
@@ -570,9 +572,9 @@ def test_torchvision_resnet50_weights_are_a_dense_source(tmp_path):
                 module.running_var.uniform_(0.5, 1.5)
     state = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "resnet50.pth")
-    source = prune.load_source(str(tmp_path / "resnet50.pth"))
+    source = prune_job.load_source(str(tmp_path / "resnet50.pth"))
     assert source["dataset"] == "imagenet" and source["arch"]["net"] == "dense"
-    model = prune.dense_model(source).eval()
+    model = prune_job.dense_model(source).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)

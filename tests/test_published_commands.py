@@ -7,7 +7,7 @@ flag for flag (``--gpu [ID]`` written as ``--gpu 0``), in the first ```bash
 block of its section "The published commands".
 
 Each command is then run as README.md writes it, in this process
-(``engine.trainer.main(recipe, argv)``, as the script's ``__main__`` does), with
+(``engine.cli.main(recipe, argv)``, as the script's ``__main__`` does), with
 flags appended that make it short: synthetic data, one penalty epoch and one
 fine-tune epoch of one batch, one thread, the CPU. A run must exit 0 and write
 ``results.json`` (describing the command's network, 2 of 2 epochs done) and a
@@ -101,7 +101,7 @@ def _load_script(script: str):
 def run_here(monkeypatch, capsys):
     """``run(script, argv) -> (exit status, stdout, stderr)``: the script's ``main`` here, CPU only,
     one thread, in a scratch directory."""
-    from engine import trainer
+    from engine import cli
 
     scratch = Path(tempfile.mkdtemp(prefix="published-"))
     monkeypatch.chdir(scratch)
@@ -119,7 +119,7 @@ def run_here(monkeypatch, capsys):
         capsys.readouterr()
         code = "returned without sys.exit"
         try:
-            trainer.main(recipe, argv)
+            cli.main(recipe, argv)
         except SystemExit as e:
             code = e.code
         out, err = capsys.readouterr()

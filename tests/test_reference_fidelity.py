@@ -28,7 +28,7 @@ import train_resnet50
 import train_resnet56
 import train_vgg
 from conftest import REPO_ROOT, run_parallel, run_script
-from l0_layers import DependencyMLP
+from l0_layers.gates import DependencyMLP
 from pruning.budget import TOLERANCE, BudgetConstraint
 from l0_layers.gates import DEP_SCALE, PRE_ACTIVATION_LIMIT
 from models import build_model, default_arch

@@ -12,7 +12,7 @@
 * :class:`SeededDataset` and :class:`ShardSampler`;
 * ``--amp`` (bf16 autocast on the CPU) and ``--channels-last`` runs.
 
-The engine runs in-process (``engine.trainer.main``), as the scripts call it.
+The engine runs in-process (``engine.cli.main``), as the scripts call it.
 """
 import json
 import math
@@ -30,6 +30,7 @@ from torchvision import transforms
 import train_resnet56
 import train_vgg
 import engine.trainer as engine
+from engine import cli
 from utils.distributed import Context
 from conftest import write_fake_cifar10
 from utils.sampling import (DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler, crop_flip,
@@ -373,7 +374,7 @@ def test_shard_sampler_covers_each_index_once(length, world):
 
 @pytest.fixture
 def in_process(monkeypatch):
-    """Run ``engine.trainer.main`` here, single-process, CPU-only; returns ``run(recipe, argv) -> exit code``."""
+    """Run ``engine.cli.main`` here, single-process, CPU-only; returns ``run(recipe, argv) -> exit code``."""
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -383,7 +384,7 @@ def in_process(monkeypatch):
 
     def run(recipe, argv):
         try:
-            engine.main(recipe, [str(a) for a in argv])
+            cli.main(recipe, [str(a) for a in argv])
         except SystemExit as e:
             return e.code
         return None

@@ -270,7 +270,7 @@ def _one_line_error(capsys, call):
 
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_bad_sparse_input_is_one_line(case, tmp_path, capsys, monkeypatch):
-    from engine.trainer import main
+    from engine.cli import main
     monkeypatch.chdir(tmp_path)
     argv, needle = ERRORS[case]
     line = _one_line_error(capsys, lambda: main(train_resnet56.RECIPE, [
@@ -364,7 +364,7 @@ def test_masks_and_weights_agree_across_torchrun_ranks(method, tmp_path):
 
 
 def test_resume_with_other_method_settings_is_refused(tmp_path, capsys, monkeypatch):
-    from engine.trainer import main
+    from engine.cli import main
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     argv = ["--sparse", "dsr", "--density", "0.3", "--width-mult", "0.125", "--epoch", "2", "--limit-batches", "2",

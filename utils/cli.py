@@ -89,6 +89,18 @@ def milestone_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
 
 
+def lr_schedule(text: str) -> dict[int, float]:
+    """GReg's ``--lr_ft``: ``{0:0.01,60:0.001,90:0.0001}`` (braces optional): lr from each epoch on."""
+    body = text.strip().removeprefix("{").removesuffix("}")
+    try:
+        schedule = {int(k): float(v) for k, v in (item.split(":") for item in body.split(",") if item.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected EPOCH:LR,EPOCH:LR,..., got {text!r}") from None
+    if 0 not in schedule or any(v <= 0 for v in schedule.values()) or any(k < 0 for k in schedule):
+        raise argparse.ArgumentTypeError(f"needs a positive lr from epoch 0 on, got {text!r}")
+    return schedule
+
+
 def human(n: float) -> str:
     """A count (MACs, parameters) as the scripts print it: ``1.23 G``, ``45.60 M``, ``7.00 K``, ``12``."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
