@@ -11,10 +11,9 @@ run was trained on (recorded in the checkpoint and in ``pruned.pt``). A
 training checkpoint is evaluated with its deterministic test gates, a
 ``pruned.pt`` as the compact model: the two give the same numbers.
 """
-import os
 import sys
 
-from utils.cli import DATASETS, OneLineParser, human, nonneg_int, positive_int
+from utils.cli import DATASETS, OneLineParser, human, nonneg_int, positive_int, usable_cpus
 from utils.errors import UsageError, run_reporting_errors
 
 
@@ -70,6 +69,8 @@ def evaluate(args) -> dict:
 
     from engine.trainer import evaluate_model
     from utils.data import DeviceNormalize, build_datasets
+    from utils.run import limit_threads
+    limit_threads()
     model, info = load_model(args.path)
     if info["dummy"] and not args.dummy and args.dataset is None and args.data_dir is None:
         # A run on synthetic data is evaluated on synthetic data unless real data is named.
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--num_classes", type=positive_int, help="must match the model (a check)")
     p.add_argument("--dummy", action="store_true", help="synthetic data of the right shape")
     p.add_argument("-b", "--batch-size", type=positive_int, default=256)
-    p.add_argument("-j", "--workers", type=nonneg_int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("-j", "--workers", type=nonneg_int, default=min(4, usable_cpus()),
+                   help="data-loading processes (default: 4, or the CPUs this process may use if fewer)")
     p.add_argument("--limit-batches", type=positive_int, metavar="N", help="at most N batches")
     p.add_argument("--gpu", "--gpu_id", dest="gpu", type=nonneg_int, help="CUDA device index (default: CPU)")
     args = p.parse_args(argv)

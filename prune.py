@@ -40,14 +40,13 @@ phases, and runs them through the ``PruneJob`` this script hands it (engine/prun
 once the command line is good: ``--help`` and a mistaken flag need no torch).
 """
 import argparse
-import os
 import sys
 
 from models import CONVENTIONS, NETWORKS
 from pruning import METHODS
 from pruning.specs import APIB_MODELS, GREG_ARCHS, PICK_RULES, TARGET_FLAGS, parse_ratio_list, parse_skip_layers
 from utils.cli import (DATASETS, OneLineParser, density_type, lr_schedule, nonneg_int, positive_float,
-                       positive_int)
+                       positive_int, usable_cpus)
 from utils.errors import UsageError, run_reporting_errors
 
 
@@ -124,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", "--data_dir", dest="data_dir", metavar="DIR")
     g.add_argument("--num_classes", type=positive_int, help="must match the checkpoint (a check)")
     g.add_argument("--dummy", action="store_true", help="synthetic data of the right shape")
-    g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=min(4, os.cpu_count() or 1),
-                   help="data-loading processes (default: 4, or the machine's cores if fewer)")
+    g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=min(4, usable_cpus()),
+                   help="data-loading processes: 4, or the CPUs this process may use if fewer")
     g.add_argument("--limit-batches", type=positive_int, metavar="N", help="at most N train and N val batches per epoch")
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", metavar="DIR", help="run directory (default runs/<model>_<data>_<method>_<ratios>)")

@@ -21,7 +21,7 @@ from l0_layers import NETS
 from models import CONVENTIONS, NETWORKS
 from pruning import METHODS
 from utils.cli import (DefaultsFormatter, OneLineParser, milestone_list, nonneg_float, nonneg_int, positive_float,
-                       positive_int, program_name)
+                       positive_int, program_name, usable_cpus)
 from utils.errors import run_reporting_errors
 
 from .config import RunConfig
@@ -145,8 +145,10 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--validate-set", action="store_true", default=None,
                    help="train without the training set's last images (CIFAR 5000, MNIST and ImageNet 10000) and "
                         "report their accuracy every epoch (DSR's --validate-set)")
-    g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=min(recipe.workers, os.cpu_count() or 1),
-                   help="data-loading processes (-w is the reference CIFAR scripts' spelling; at most the machine's cores)")
+    workers = min(recipe.workers, usable_cpus())
+    g.add_argument("-j", "-w", "--workers", type=nonneg_int, default=workers,
+                   help=f"data-loading processes (-w is the reference CIFAR scripts' spelling); default: "
+                        f"{recipe.workers}, or the CPUs this process may use if fewer (here {workers})")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("-b", "--batch-size", type=positive_int, default=recipe.batch_size,

@@ -44,7 +44,7 @@ from utils.data import DeviceNormalize, build_datasets, hold_out
 from utils.errors import EXIT_PREEMPTED, TrainingDiverged, UsageError, brief
 from utils.logger import RunLogger
 from utils.run import (StopSignals, check_out_dir, create_out_dir, find_resumable, fresh_out_dir, git_commit,
-                       kill_loader_workers, loader_options, new_run_note, select_device)
+                       kill_loader_workers, limit_threads, loader_options, new_run_note, select_device)
 from utils.sampling import DeviceCifarLoader, ResumableSampler, SeededDataset, ShardSampler
 
 from .config import RunConfig
@@ -129,6 +129,7 @@ class Trainer:
         self.owns_process_group = not torch.distributed.is_initialized()
         self.ctx = ctx = distributed.init()
         self.device = device = select_device(args.gpu, ctx)
+        limit_threads()
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed-shape batches: cuDNN times its kernels once per shape
         if args.batch_size % ctx.world_size:

@@ -54,7 +54,7 @@ from utils import distributed
 from utils.data import DeviceNormalize, build_datasets
 from utils.errors import EXIT_PREEMPTED, UsageError
 from utils.logger import EventFile
-from utils.run import StopSignals, select_device
+from utils.run import StopSignals, limit_threads, select_device
 from utils.sampling import ResumableSampler, SeededDataset
 
 from .specs import HSIC_SETTINGS
@@ -397,6 +397,7 @@ def search_and_cut(job, cut, target: int) -> int:
                 time.sleep(1.0)
             return 0
         device = select_device(args.gpu, ctx)
+        limit_threads()
         model = job.dense_model().to(device)
         n = args.calib_batch_size
         images = calibration_batch(args, device)

@@ -12,13 +12,11 @@ The methods, in registration order (the order of ``--help``): ``--net dense`` (m
 ``--net hc`` / ``--net dep`` (l0.py), ``--sparse {dsr,set,deepr,static}`` (sparse.py), and
 prune.py's L1 (l1.py), GReg-1 / GReg-2 (greg.py), HSIC-Lasso (hsic.py) and IMP (imp.py).
 """
-import os
-
 import re
 
 from l0_layers import DEFAULT_TEMPERATURE
 from utils.cli import (density_type, fraction_type, nonneg_float, nonneg_int, positive_float, positive_int,
-                       sparsity_type)
+                       sparsity_type, usable_cpus)
 from utils.errors import UsageError
 
 from .registry import MethodSpec, register
@@ -639,8 +637,9 @@ class HsicLasso(MethodSpec):
         g.add_argument("--resnet50-y", choices=Y_SOURCES, default="fc",
                        help="what ResNet50's conv2 channels are judged against: the pooled classifier input, as "
                             "the authors' code does, or conv3's output")
-        g.add_argument("--lasso-threads", type=positive_int, default=min(8, os.cpu_count() or 1),
-                       help="groups solved at once (the result does not depend on it)")
+        g.add_argument("--lasso-threads", type=positive_int, default=min(8, usable_cpus()),
+                       help="groups solved at once: 8, or the CPUs this process may use if fewer (the result does "
+                            "not depend on it)")
         g.add_argument("--batch-from", choices=tuple(FINE_TUNE_BATCH), default="code",
                        help="HSIC-Lasso's fine-tune batch when -b is not given: code, the default, is what its "
                             "code runs (ImageNet 64: its train.py:303 hard-codes it), readme its README's train.py "

@@ -8,19 +8,25 @@ line with no run ETA or phase, a resumed run that does not say where from.
 """
 import json
 import os
+import subprocess
 
 import pytest
 import torch
 
 import evaluate
 import prune
+import train_resnet50
 import train_vgg
+from conftest import script_command, script_env
 from engine import cli
-from engine.cli import parse_args
+from engine.cli import build_parser, parse_args
 from models import build_model, default_arch
+from pruning import specs
 from pruning.greg import GReg
+from utils import run
+from utils.cli import usable_cpus
 from utils.errors import brief
-from utils.run import new_run_note, unfinished_run
+from utils.run import limit_threads, new_run_note, unfinished_run
 
 TINY = ("--dummy", "--width-mult", "0.125", "-b", "8", "--limit-batches", "2", "-j", "0", "--seed", "0")
 
@@ -61,10 +67,51 @@ def test_a_quoted_message_is_cut_at_a_word():
     assert brief("short line\nsecond") == "short line"
 
 
-def test_data_workers_default_to_at_most_the_machines_cores():
-    config = parse_args(train_vgg.RECIPE, [])
-    assert config.workers == min(train_vgg.RECIPE.workers, os.cpu_count() or 1)
-    assert prune.parse_args(["b.pt", "--method", "l1", "--target-macs", "0.5"]).workers <= (os.cpu_count() or 1)
+def test_usable_cpus_are_the_affinity(monkeypatch):
+    assert usable_cpus() == len(os.sched_getaffinity(0)) >= 1
+    monkeypatch.delattr(os, "sched_getaffinity")  # not Linux: the machine's count
+    assert usable_cpus() == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("cpus", (1, 3, 64))
+def test_workers_default_to_at_most_the_cpus_this_process_may_use(cpus, monkeypatch):
+    """-j of every script (and HSIC-Lasso's --lasso-threads): the script's default, or the CPUs this
+    process may use (its affinity) if fewer, which --help says."""
+    for module in (cli, prune, evaluate, specs):
+        monkeypatch.setattr(module, "usable_cpus", lambda: cpus)
+    assert parse_args(train_vgg.RECIPE, []).workers == min(4, cpus)
+    assert parse_args(train_resnet50.RECIPE, ["--dummy"]).workers == min(8, cpus)
+    assert f"4, or the CPUs this process may use if fewer (here {min(4, cpus)})" in " ".join(
+        build_parser(train_vgg.RECIPE).format_help().split())
+    args = prune.parse_args(["b.pt", "--method", "hsic", "--target-macs", "0.5"])
+    assert args.workers == min(4, cpus) and args.lasso_threads == min(8, cpus)
+    evaluated = []
+    monkeypatch.setattr(evaluate, "evaluate", evaluated.append)
+    assert evaluate.main(["run/last.pt"]) == 0 and evaluated[0].workers == min(4, cpus)
+
+
+def test_torch_threads_never_exceed_the_cpus_this_process_may_use(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(run, "usable_cpus", lambda: 1)
+        assert limit_threads() == 1 == torch.get_num_threads()
+        monkeypatch.setattr(run, "usable_cpus", lambda: 64)
+        assert limit_threads() == 1 == torch.get_num_threads()  # the default or a choice, never raised
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_run_on_one_cpu_starts_no_more_loader_workers_than_it_may_use(tmp_path):
+    """On a machine of several cores, a process bound to one (taskset, a cpuset) runs with the
+    default -j: one loader worker, and no warning from PyTorch that there are too many."""
+    argv = ["--dummy", "--width-mult", "0.125", "-b", "4", "--epoch", "1", "--limit-batches", "1", "--seed", "0",
+            "--out-dir", "run"]
+    proc = subprocess.run(script_command("train_vgg.py", *argv), cwd=tmp_path, env=script_env(), capture_output=True,
+                          text=True, timeout=600, preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+    assert proc.returncode == 0, proc.stderr
+    assert '"workers": 1' in proc.stdout
+    assert "worker" not in proc.stderr, proc.stderr
 
 
 def test_an_unfinished_run_of_the_same_command_is_named(tmp_path):

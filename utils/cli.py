@@ -4,6 +4,7 @@ formatter that shows defaults, checked number types, and how counts are printed 
 Nothing here imports torch: every script builds its parser, and answers ``--help`` or a bad flag,
 before it imports anything heavy."""
 import argparse
+import os
 import re
 import sys
 
@@ -107,6 +108,14 @@ def human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f}"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a container's or SLURM's cpuset), which
+    may be fewer than the machine's cores; the machine's count where there is no affinity to read."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def program_name() -> str:

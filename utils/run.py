@@ -1,7 +1,8 @@
-"""Run plumbing shared by every entry point: devices, run directories, resume files, signals, loaders.
+"""Run plumbing shared by every entry point: devices, threads, run directories, resume files, signals,
+loaders.
 
 Everything here is about *running* a training, not about what it trains:
-which device a process uses, where a run writes and whether it may, which
+which device a process uses and how many CPU threads, where a run writes and whether it may, which
 checkpoint a resumed run continues from, how SIGTERM/SIGINT/SIGUSR1 become a
 clean stop after the current step, and the DataLoader settings that keep a
 GPU fed. ``engine/trainer.py`` is the loop that uses them.
@@ -18,6 +19,7 @@ import torch
 
 from . import distributed
 from .checkpoint import load_checkpoint, previous_of
+from .cli import usable_cpus
 from .errors import UsageError
 
 
@@ -34,6 +36,17 @@ def select_device(gpu: int | None, ctx: distributed.Context) -> torch.device:
         raise UsageError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) present")
     torch.cuda.set_device(gpu)
     return torch.device("cuda", gpu)
+
+
+def limit_threads() -> int:
+    """Torch's intra-op threads: its default (or what OMP_NUM_THREADS or an earlier
+    ``torch.set_num_threads`` chose), but never more than the CPUs this process may use: threads
+    beyond them, on a machine whose cpuset is smaller than its cores, only wait for one another.
+    Returns the count."""
+    threads = min(torch.get_num_threads(), usable_cpus())
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
 
 
 def fresh_out_dir(base: Path) -> Path:
