@@ -23,8 +23,9 @@ class L0Method(PruningMethod):
     loss_name = "l0"
 
     def __init__(self, model, args, gate_decay: float | None):
-        """``args``: the training scripts' arguments; ``gate_decay``: the gate lr's factor at the
-        milestones (None: constant, the VGG recipe)."""
+        """``args``: the run's configuration (engine.config.RunConfig: the training scripts' flags, the
+        method's read as attributes too); ``gate_decay``: the gate lr's factor at the milestones (None:
+        constant, the VGG recipe)."""
         super().__init__(model)
         self.name = {"hc": "l0-hc", "dep": "dep-l0"}[model.gates.net]
         self.args = args

@@ -851,8 +851,8 @@ def check_density(model, density: float, shortcuts: bool = False, granularity: i
 
 def sparse_method(model, args, kind: str) -> PruningMethod:
     """The method of ``--sparse {dsr,set,deepr,static}`` (with ``--tied``: tied weights) with the
-    training scripts' arguments, on ``kind`` ('cifar' or 'imagenet') data: the code's settings unless a
-    flag overrides them."""
+    training scripts' arguments (the run's RunConfig), on ``kind`` ('cifar' or 'imagenet') data: the
+    code's settings unless a flag overrides them."""
     get = functools.partial(getattr, args)
     shortcuts = bool(get("sparse_resnet_downsample", False))
     granularity = get("sub_kernel_granularity", None) or 4

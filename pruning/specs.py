@@ -110,11 +110,9 @@ class L0Training(MethodSpec):
         return dict(net=args.net, back_dep=args.back_dep, temperature=args.temp)
 
     def build(self, model, config):
-        from types import SimpleNamespace
-
         from .l0 import L0Method
-        args = SimpleNamespace(**config.to_dict())
-        return L0Method(model, args, args.lr_decay if args.gate_decay_is_lr_decay else args.gate_decay)
+        return L0Method(model, config, config.lr_decay if config.gate_decay_is_lr_decay else config.gate_decay)
+
 
 # --sparse: the four methods of Mostafa & Wang's code (pruning/sparse.py).
 SPARSE_METHODS = ("dsr", "set", "deepr", "static")
@@ -404,10 +402,8 @@ class SparseTraining(MethodSpec):
         return dict(net="dense", back_dep=False, temperature=args.temp)
 
     def build(self, model, config):
-        from types import SimpleNamespace
-
         from .sparse import sparse_method
-        return sparse_method(model, SimpleNamespace(**config.to_dict()), "imagenet" if config.imagenet else "cifar")
+        return sparse_method(model, config, "imagenet" if config.imagenet else "cifar")
 
 
 # -- prune.py's methods -----------------------------------------------------------------------------
