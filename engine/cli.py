@@ -292,7 +292,7 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
     if args.validate_set and args.dataset == "folder" and not args.dummy:
         parser.error("--validate-set: DSR's code holds out part of CIFAR, MNIST and ImageNet only, not --dataset folder")
     network = NETWORKS[args.arch]
-    check_network(parser, args, given, network)
+    check_network(parser, args, given, network, architectures(recipe))
     options = network.options_from(args)
     # The run name spells the options as DSR's names do (wrn-28-2); a switched-off default says so.
     arch = args.arch + "".join(("" if value else f"-no{key.replace('_', '')}") if isinstance(value, bool)
@@ -304,20 +304,21 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
                                               *spec.settings))
 
 
-def check_network(parser, args, given: set[str], network) -> None:
-    """The network's images must be the data's, and another network's options are refused."""
+def check_network(parser, args, given: set[str], network, names: list[str]) -> None:
+    """The network's images must be the data's, and the options of the other networks ``names`` (the
+    script's, whose flags the parser has) are refused."""
     mnist = args.dataset == "mnist"
     if network.data_kind == "mnist" and not mnist:
         parser.error(f"--arch {args.arch} takes MNIST's 1x28x28 images: add --dataset mnist")
     if mnist and network.data_kind != "mnist":
         parser.error(f"--dataset mnist gives 1x28x28 images; --arch {args.arch} takes {network.data_kind}'s")
     own = set(network.option_names())
-    for name in architectures_of_parser(parser):
-        other = NETWORKS[name]
-        for action in parser._actions:
-            if action.dest in set(other.option_names()) - own and any(o in given for o in action.option_strings):
-                parser.error(f"{action.option_strings[0]} is --arch {name}'s option, not --arch {args.arch}'s")
-
-
-def architectures_of_parser(parser) -> list[str]:
-    return next(a.choices for a in parser._actions if a.dest == "arch")
+    owner = {}  # each other network's option dest -> the network
+    for name in names:
+        for dest in NETWORKS[name].option_names():
+            if dest not in own:
+                owner.setdefault(dest, name)
+    for action in parser._actions:
+        if action.dest in owner and any(o in given for o in action.option_strings):
+            parser.error(f"{action.option_strings[0]} is --arch {owner[action.dest]}'s option, "
+                         f"not --arch {args.arch}'s")

@@ -284,6 +284,22 @@ def test_network_flags():
             parser.parse_args(bad)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--layers", "16"], "--layers is --arch wrn's option, not --arch resnet56's"),
+    (["--arch", "wrn", "--no-batch-norm"], "--no-batch-norm is --arch lenet300_100's option, not --arch wrn's"),
+    (["--arch", "lenet300_100", "--dataset", "mnist", "--widen-factor", "2"],
+     "--widen-factor is --arch wrn's option, not --arch lenet300_100's"),
+])
+def test_another_networks_flag_is_one_line(argv, message, capsys):
+    import train_resnet56
+    from engine.cli import parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse_args(train_resnet56.RECIPE, argv, prog="train_resnet56.py")
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert parse_args(train_resnet56.RECIPE, ["--arch", "wrn", "--layers", "16"]).network_options == dict(
+        layers=16, widen_factor=2)
+
+
 # ----------------------------------------------------------------------------- gating and export
 
 
