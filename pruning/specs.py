@@ -36,10 +36,7 @@ class DenseTraining(MethodSpec):
         return dict(recipe.dense)
 
     def check(self, parser, args, given) -> None:
-        if args.target_macs or args.target_params:
-            parser.error("a budget (--target-macs/--target-params) needs gates: use --net hc or --net dep")
-        if args.back_dep:
-            parser.error("--back_dep applies to --net dep, not --net dense")
+        check_gate_flags(parser, args)
 
     def arch_options(self, args) -> dict:
         return dict(net="dense", back_dep=False, temperature=args.temp)
@@ -51,6 +48,18 @@ class DenseTraining(MethodSpec):
 
 # The L0 penalty's forms (--reg; pruning/penalty.py): the reference's, or lambda * expected MACs / params.
 REGS = ("paper", "macs", "params")
+
+
+def check_gate_flags(parser, args) -> None:
+    """What the gates' flags need, whatever ``--net`` (L0-HC, Dep-L0 and the dense baseline share it):
+    a budget needs gates and penalty epochs, ``--back_dep`` the dependency MLP."""
+    if args.target_macs or args.target_params:
+        if args.net == "dense":
+            parser.error("a budget (--target-macs/--target-params) needs gates: use --net hc or --net dep")
+        if args.epochs == 0:
+            parser.error("a budget (--target-macs/--target-params) needs penalty epochs: --epoch must be at least 1")
+    if args.back_dep and args.net != "dep":
+        parser.error(f"--back_dep applies to --net dep, not --net {args.net}")
 
 
 class L0Training(MethodSpec):
@@ -93,12 +102,9 @@ class L0Training(MethodSpec):
                             "gap between the kept cost and the target, per step")
 
     def check(self, parser, args, given) -> None:
-        if (args.target_macs or args.target_params) and args.epochs == 0:
-            parser.error("a budget (--target-macs/--target-params) needs penalty epochs: --epoch must be at least 1")
+        check_gate_flags(parser, args)
         if args.target_warmup is None:
             args.target_warmup = args.epochs / 4
-        if args.back_dep and args.net != "dep":
-            parser.error(f"--back_dep applies to --net dep, not --net {args.net}")
 
     def run_label(self, args) -> str:
         name = args.net + ("_back" if args.back_dep else "")

@@ -314,8 +314,10 @@ BAD = {
     "warmup-negative": ["--target-macs", "0.5", "--target-warmup", "-1"],
     "lr-lagrangian-zero": ["--target-macs", "0.5", "--lr-lagrangian", "0"],
     "no-penalty-epochs": ["--target-macs", "0.5", "--epoch", "0", "--fine_tune_epoch", "2"],
+    "dense-no-penalty-epochs": ["--net", "dense", "--target-macs", "0.5", "--epoch", "0", "--fine_tune_epoch", "2"],
 }
 EXPECTED_WORDS = {"both": "not allowed with", "dense": "gates", "dense-params": "gates", "no-penalty-epochs": "--epoch",
+                  "dense-no-penalty-epochs": "needs gates: use --net hc or --net dep",
                   "warmup-negative": "target-warmup", "lr-lagrangian-zero": "lr-lagrangian"}
 
 
@@ -331,6 +333,16 @@ def test_bad_budget_flags_are_one_line(case, capsys):
     flag = "--target-params" if case.startswith("params") else "--target-macs"
     assert (EXPECTED_WORDS.get(case) or flag) in lines[0], lines[0]
     assert not captured.out
+
+
+@pytest.mark.parametrize("net", ["dense", "hc"])
+def test_back_dep_needs_the_dependency_mlp(net, capsys):
+    """The gate flags' checks are one, whatever --net (pruning.specs.check_gate_flags)."""
+    with pytest.raises(SystemExit) as exc:
+        parse_args(train_resnet56.RECIPE, ["--dummy", "--net", net, "--back_dep"], prog="train_resnet56.py")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"train_resnet56.py: error: --back_dep applies to --net dep, not --net {net} "
+                                       f"(see --help)\n")
 
 
 SCRIPT_CASES = ["both", "dense", "macs-abc"]
