@@ -72,6 +72,9 @@ class L0Training(MethodSpec):
     selected_by = ("--net", "hc|dep")
     settings = ("net", "back_dep", "reg", "temp", "lamba", "target_macs", "target_params", "sparse")
     summary = "L0-HC / Dep-L0: hard-concrete gates with the L0 penalty or a budget"
+    # Every option string add_arguments adds (--sparse refuses them: SparseTraining.gate_flags).
+    flags = ("--lamba", "--reg", "--temp", "--back_dep", "--lr_gate", "--lr_adam", "--gen_optim", "--target-macs",
+             "--target-params", "--target-warmup", "--lr-lagrangian")
 
     def add_arguments(self, parser, recipe=None, **context) -> None:
         g = parser.add_argument_group("gates: L0-HC and Dep-L0 (--net hc / dep)")
@@ -254,9 +257,9 @@ class SparseTraining(MethodSpec):
              "--L1-loss-coeff", "--initial-sparsity-conv", "--initial-sparsity-fc", "--sub-kernel-granularity",
              "--tied", "--rescale-tied-gradient", "--threshold-prune", "--rewire-scaling", "--conv-group-lasso",
              "--big-new-weights", "--sparse-resnet-downsample", "--copy-mask-from", "--schedule-file")
-    # The gates' flags, which --sparse refuses (no published method both masks weights and gates channels).
-    gate_flags = ("--lamba", "--reg", "--temp", "--back_dep", "--lr_gate", "--lr_adam", "--gen_optim",
-                  "--target-macs", "--target-params", "--target-warmup", "--lr-lagrangian", "--fine_tune_epoch")
+    # The gates' flags and their fine-tuning's, which --sparse refuses (no published method both masks
+    # weights and gates channels).
+    gate_flags = (*L0Training.flags, "--fine_tune_epoch")
     # Flags that only some of the four methods take (the code ignores them elsewhere; refused here).
     method_flags = {"--DeepR_eta": ("deepr",), "--threshold-prune": ("dsr", "set"), "--rewire-scaling": ("dsr", "set"),
                     "--big-new-weights": ("dsr", "set", "deepr"), "--tied": ("static",)}

@@ -279,6 +279,20 @@ def test_bad_sparse_input_is_one_line(case, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_the_refused_gate_flags_are_the_l0_specs():
+    """--sparse refuses every flag the L0 spec adds (its declared ``flags``, which are what its
+    add_arguments adds), and --fine_tune_epoch; and the spec's flags are the sparse spec's too."""
+    import argparse
+
+    from pruning import METHODS
+    for name in ("l0", "dsr"):
+        spec = METHODS.get(name)
+        parser = argparse.ArgumentParser(add_help=False)
+        spec.add_arguments(parser, recipe=train_resnet56.RECIPE)
+        assert set(spec.flags) == set(parser._option_string_actions), name
+    assert set(METHODS.get("dsr").gate_flags) == {*METHODS.get("l0").flags, "--fine_tune_epoch"}
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--method", "l1", "--density", "0.5"], "--density is IMP's"),
     (["--method", "imp", "--density", "0.5", "--lr", "0.1"], "--lr is HSIC-Lasso's"),
