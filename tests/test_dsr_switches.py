@@ -285,7 +285,7 @@ TINY = ["--dummy", "-j", "0", "--seed", "0", "--width-mult", "0.125", "--epoch",
 
 @pytest.mark.parametrize("case", list(BAD_SCHEDULES))
 def test_bad_schedule_file_is_one_line(case, tmp_path, capsys, monkeypatch):
-    from engine.trainer import main
+    from engine.cli import main
     monkeypatch.chdir(tmp_path)
     text, needle = BAD_SCHEDULES[case]
     (tmp_path / "s.yaml").write_text(text)
@@ -313,7 +313,7 @@ SWITCH_ERRORS = {
 
 @pytest.mark.parametrize("case", list(SWITCH_ERRORS))
 def test_bad_switch_is_one_line(case, tmp_path, capsys, monkeypatch):
-    from engine.trainer import main
+    from engine.cli import main
     monkeypatch.chdir(tmp_path)
     argv, needle = SWITCH_ERRORS[case]
     line = _one_line_error(capsys, lambda: main(train_resnet56.RECIPE, [*argv, *TINY, "--out-dir", "run"]))
@@ -324,7 +324,7 @@ def test_bad_switch_is_one_line(case, tmp_path, capsys, monkeypatch):
 
 
 def test_copy_mask_from_and_imp_epochs(tmp_path, capsys, monkeypatch):
-    from engine.trainer import main
+    from engine.cli import main
     monkeypatch.chdir(tmp_path)
     for out, extra in (("dsr", ["--sparse", "dsr", "--density", "0.2"]), ("dense", ["--net", "dense"])):
         with pytest.raises(SystemExit) as done:
@@ -394,10 +394,10 @@ def test_no_augment_trains_cifar_on_the_plain_images(tmp_path, monkeypatch, caps
     monkeypatch.setattr(engine.trainer, "build_datasets", recording)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as done:
-        engine.trainer.main(train_resnet56.RECIPE, ["--net", "dense", "--no-augment", *TINY, "--out-dir", "run"])
+        engine.cli.main(train_resnet56.RECIPE, ["--net", "dense", "--no-augment", *TINY, "--out-dir", "run"])
     assert done.value.code == 0 and seen == [False]
     # Only CIFAR is augmented in the code: elsewhere the flag is refused.
-    line = _one_line_error(capsys, lambda: engine.trainer.main(train_resnet50.RECIPE, [
+    line = _one_line_error(capsys, lambda: engine.cli.main(train_resnet50.RECIPE, [
         "--net", "dense", "--no-augment", *TINY, "--out-dir", "run50"]))
     assert "only CIFAR is augmented" in line, line
 
@@ -426,7 +426,7 @@ def test_validate_set_holds_out_the_last_training_images(tmp_path, monkeypatch, 
         hold_out("mnist", Cifar(10_000), SimpleNamespace(transform=None))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as done:
-        engine.trainer.main(train_resnet56.RECIPE, ["--net", "dense", "--validate-set", *TINY, "--out-dir", "run"])
+        engine.cli.main(train_resnet56.RECIPE, ["--net", "dense", "--validate-set", *TINY, "--out-dir", "run"])
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "461 training / 256 validation images" in out and "held-out training images (16)" in out

@@ -188,7 +188,7 @@ TINY = ["--dummy", "-j", "0", "--seed", "0", "--width-mult", "0.125", "--epoch",
 
 
 def test_tied_run_end_to_end(tmp_path, monkeypatch):
-    from engine.trainer import main
+    from engine.cli import main
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as done:
         main(train_resnet56.RECIPE, ["--sparse", "static", "--tied", "--density", "0.3", *TINY, "--out-dir", "run"])
@@ -218,7 +218,7 @@ def test_tied_run_end_to_end(tmp_path, monkeypatch):
     (["--sparse", "static", "--density", "1e-5", "--tied"], "without a free value"),
 ])
 def test_bad_tied_input_is_one_line(argv, needle, tmp_path, capsys, monkeypatch):
-    from engine.trainer import main
+    from engine.cli import main
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
         main(train_resnet56.RECIPE, [*argv, *TINY, "--out-dir", "run"])
