@@ -9,8 +9,8 @@ spec's :meth:`~pruning.registry.MethodSpec.build` or :meth:`~pruning.registry.Me
 when a run starts.
 
 The methods, in registration order (the order of ``--help``): ``--net dense`` (method.py),
-``--net hc`` / ``--net dep`` (l0.py), ``--sparse {dsr,set,deepr,static}`` (sparse.py), and
-prune.py's L1 (l1.py), GReg-1 / GReg-2 (greg.py), HSIC-Lasso (hsic.py) and IMP (imp.py).
+``--net hc`` / ``--net dep`` (l0.py), ``--sparse {dsr,set,deepr,static}`` (sparse.py; ``--tied``:
+tied.py), and prune.py's L1 (l1.py), GReg-1 / GReg-2 (greg.py), HSIC-Lasso (hsic.py) and IMP (imp.py).
 """
 import re
 
