@@ -172,7 +172,6 @@ class BudgetConstraint(nn.Module):
         self.log_alpha, self.expected_open, self.test_gates = gates.log_alpha, gates.expected_open, gates.test_gates
         self.kept, self.per_layer_sum, self.layer_of_channel = gates.kept, gates.per_layer_sum, gates.layer_of_channel
         self.tie_key, self.temperature = gates.tie_key, gates.temperature
-        self.channels = float(sum(gates.widths))
         self.layer_names = [layer.name for layer in model.gated_layers]
         self.register_buffer("closable", torch.tensor([layer.closable for layer in model.gated_layers]),
                              persistent=False)
@@ -229,14 +228,18 @@ class BudgetConstraint(nn.Module):
         :meth:`channel_order`, k the largest whose network costs at most ``target_at(progress)``
         (every layer that may not close keeps its first channel). Computed on the device, without
         a host synchronisation."""
-        order, _, _, forced = self._ranked(log_alpha)
+        return self._keep(log_alpha, progress)[0]
+
+    def _keep(self, log_alpha: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`keep_set` and each channel's marginal cost (the order's, reused by the push)."""
+        order, _, marginal, forced = self._ranked(log_alpha)
         fractions = self._prefix_fractions(order)
         position = torch.arange(len(fractions), device=fractions.device)
         fits = (fractions <= self.target_at(progress)) & (position >= forced)
         k = torch.where(fits, position, torch.full_like(position, forced)).max()
         keep = torch.zeros_like(log_alpha, dtype=torch.bool)
         keep[order] = position[:-1] < k
-        return keep
+        return keep, marginal
 
     def push_(self, groups: list[dict], log_alpha_of, progress: float, epochs: float) -> None:
         r"""Push the gates the target does not keep towards closing, by :math:`\lambda_1` times the
@@ -254,12 +257,11 @@ class BudgetConstraint(nn.Module):
         params = [p for group in groups for p in group["params"]]
         with torch.enable_grad():
             log_alpha = log_alpha_of()
-            keep = self.keep_set(log_alpha.detach(), progress)
-            pushed = torch.where(self.lambda1 >= 0, ~keep, keep).float()
+            with torch.no_grad():
+                keep, marginal = self._keep(log_alpha.detach(), progress)
+            pushed = torch.where(self.lambda1 >= 0, ~keep, keep).to(log_alpha.dtype)
             probability = hard_concrete.prob_nonzero(log_alpha, self.temperature)
-            widths = self.expected_open(log_alpha)
-            marginal = torch.autograd.grad(self.fraction(widths), widths, create_graph=False, retain_graph=True)[0]
-            cost = (probability * pushed * marginal.detach()[self.layer_of_channel]).sum()
+            cost = (probability * pushed * marginal.to(log_alpha.dtype)).sum()
             grads = iter(torch.autograd.grad(cost, params, allow_unused=True))
         top = max(group["lr"] for group in groups)
         pace = TRAVEL / max(self.warmup, 1.0) * epochs  # per step, in logit units

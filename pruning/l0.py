@@ -83,7 +83,6 @@ class L0Method(PruningMethod):
     def loss(self, progress: float) -> torch.Tensor | None:
         if self._log_alpha is None:
             return None
-        expected_open = self.model.gates.expected_open(self._log_alpha)
         if self.budget is not None:
             # The budget acts by the controller's push after the step (after_step), not through the
             # loss: the cross-entropy alone goes through the gates' optimiser.
@@ -93,7 +92,7 @@ class L0Method(PruningMethod):
             self._progress = progress
             return None
         if self.args.lamba > 0:
-            return self.penalty(self.args.lamba, expected_open)
+            return self.penalty(self.args.lamba, self.model.gates.expected_open(self._log_alpha))
         return None
 
     def after_step(self, iteration: int) -> None:
