@@ -183,6 +183,8 @@ def reproduce(args) -> int:
         for task in tasks:
             where = f"[slurm level {levels[task.key]}] " if args.launcher == "slurm" else ""
             print(f"{where}{shlex.join(task.command())}")
+            if task.run.row.authors:
+                print(f"    # authors: {task.run.row.authors}")
         return 0
     submitit_folder = runs_dir / table.name / "submitit"
     # Finished runs count as finished for the runs that need them; their wall times feed the ETA.

@@ -11,6 +11,7 @@ A table file (TOML, read by the standard library's ``tomllib``) holds a
     gpus = 1                       # optional: >1 runs the script under torchrun
     top1 = "best_top1"             # optional: the results.json key the report averages (or "top1")
     published = { top1 = 93.18, base = 93.36, speedup = 2.55, source = "GReg Tab. 2" }   # optional
+    authors = "python main.py --method GReg-1 ..."   # optional: the authors' command this row stands for
 
 ``{name}`` in an argument is the run directory of row ``name`` with the same
 seed: that row runs first and the path must exist before this one starts
@@ -20,7 +21,10 @@ seed, in ``<runs>/<table>/<row>/seed<k>/``; ``reproduce.py`` adds ``--seed``,
 set them. ``published`` holds a paper's number for the same setting:
 ``top1`` (and the paper's ``base``), where it sits (``speedup`` = dense MACs /
 pruned MACs, or ``macs_kept``, a fraction; ``params_kept`` for parameter
-budgets) and its ``source``.
+budgets; ``sparsity``, the fraction of weights removed, for unstructured
+rows), ``top5`` where the paper gives it, and its ``source``. ``authors`` is
+the command line, in the authors' own repository, that the row reproduces;
+``reproduce.py --dry-run`` prints it under the row's command.
 
 Nothing here imports torch: the submitit jobs import this module to run a row.
 """
@@ -38,8 +42,8 @@ TABLES_DIR = REPO_ROOT / "experiments"
 SCRIPTS = ("train_vgg.py", "train_resnet56.py", "train_resnet50.py", "prune.py")
 # Flags reproduce.py sets itself for every run: a row that sets one would fight it.
 RUN_FLAGS = ("--seed", "--out-dir", "--resume")
-ROW_KEYS = {"name", "method", "script", "args", "gpus", "top1", "published"}
-PUBLISHED_KEYS = {"top1", "base", "speedup", "macs_kept", "params_kept", "source"}
+ROW_KEYS = {"name", "method", "script", "args", "gpus", "top1", "published", "authors"}
+PUBLISHED_KEYS = {"top1", "top5", "base", "speedup", "macs_kept", "params_kept", "sparsity", "source"}
 TOP1_KEYS = ("best_top1", "top1")
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 PLACEHOLDER = re.compile(r"\{([A-Za-z][A-Za-z0-9_-]*)\}")
@@ -55,6 +59,7 @@ class Row:
     top1: str
     published: dict | None
     needs: tuple[str, ...]  # rows named in placeholders, in order of first use
+    authors: str | None = None  # the authors' command line this row stands for
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,10 @@ def _row(entry, where: str, index: int) -> Row:
     needs = tuple(dict.fromkeys(m.group(1) for arg in args for m in PLACEHOLDER.finditer(arg)))
     if name in needs:
         raise UsageError(f"{what}: refers to its own run directory {{{name}}}")
-    return Row(name, method, script, tuple(args), gpus, top1, published, needs)
+    authors = entry.get("authors")
+    if authors is not None and (not isinstance(authors, str) or not authors.strip()):
+        raise UsageError(f"{what}: authors must be the authors' command line as a string, got {authors!r}")
+    return Row(name, method, script, tuple(args), gpus, top1, published, needs, authors)
 
 
 def _check_published(published, what: str) -> None:

@@ -140,9 +140,11 @@ def test_dry_run_writes_nothing_and_every_shipped_table_passes_its_scripts_parse
     monkeypatch.chdir(tmp_path)
     for path in sorted(TABLES_DIR.glob("*.toml")):
         assert reproduce.main([path.stem, "--dry-run", "--data-dir", str(data)]) == 0, capsys.readouterr().err
-        out = capsys.readouterr().out.splitlines()
+        lines = capsys.readouterr().out.splitlines()
+        out = [line for line in lines if not line.startswith("    # authors: ")]
         table = load_table(path.stem)
         assert len(out) == len(table.rows) * len(table.seeds)
+        assert len(lines) - len(out) == sum(row.authors is not None for row in table.rows) * len(table.seeds)
         assert all(f"--out-dir runs/{path.stem}/" in line and "--resume" not in line for line in out)
         assert all(f"--data-dir {data}" in line for line in out)
         assert "Time on one GPU" in path.read_text()
@@ -153,6 +155,16 @@ def test_dry_run_writes_nothing_and_every_shipped_table_passes_its_scripts_parse
     assert all(" -m torch.distributed.run --standalone --nproc_per_node=2 " in line
                for line in capsys.readouterr().out.splitlines())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_prints_the_authors_command_under_its_row(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    authors = "python main.py --method GReg-1 --stage_pr [0,0.75,0.75,0.32,0]"
+    table = _table(tmp_path, HEAD + _row("a", TINY_VGG) + f'authors = "{authors}"\n' + _row("b", TINY_VGG))
+    assert reproduce.main([table, "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == f"    # authors: {authors}" and "--out-dir runs/t/a/" in out[0]
+    assert len(out) == 3 and "--out-dir runs/t/b/" in out[2]
 
 
 def _published_numbers(text: str) -> set[str]:
@@ -197,6 +209,10 @@ ERRORS = {
     "cycle": (HEAD + _row("a", ["{b}/best.pt"], "prune.py") + _row("b", ["{a}/best.pt"], "prune.py"), [],
               "cycle: a -> b -> a"),
     "unknown key": (HEAD + _row("a", TINY_VGG) + "gpu = 2\n", [], "row 'a': unknown key 'gpu'"),
+    "authors not a string": (HEAD + _row("a", TINY_VGG) + "authors = 3\n", [],
+                             "row 'a': authors must be the authors' command line as a string, got 3"),
+    "published top5 not positive": (HEAD + _row("a", TINY_VGG) + 'published = { top1 = 90.0, top5 = -1, source = "x" }\n',
+                                    [], "row 'a': published top5 must be a positive number, got -1"),
     "dependency not run": (None, ["tiny", "--only", "l1-macs"],
                            "l1-macs/seed0 needs runs/tiny/dense/seed0/best.pt, which does not exist: "
                            "run its row first (--only dense)"),
