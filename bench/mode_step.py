@@ -23,13 +23,13 @@ range. A benchmark, not a test (bench/RESULTS.md has the figures measured here).
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.interleaved import ratio_to, time_interleaved  # noqa: E402
 from models import NETWORKS, build_model, default_arch  # noqa: E402
 from pruning import sparse  # noqa: E402
 from pruning.greg import GReg, GRegUnstructured  # noqa: E402
@@ -80,11 +80,6 @@ def make_step(variant, model_name, args, device):
     return step
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_pair(pair, args, device):
     model_name = args.model or DEFAULT_MODEL[pair]
     names = PAIRS[pair]
@@ -92,27 +87,11 @@ def time_pair(pair, args, device):
           + (f"ratio {args.ratio:g}, update every {args.update_interval} steps" if pair == "greg"
              else f"density {args.density:g}"), flush=True)
     steps = {name: make_step(name, model_name, args, device) for name in names}
-    for name, step in steps.items():
-        for _ in range(args.warmup):
-            step()
-        sync(device)
-    times = {name: [] for name in names}
-    for rep in range(args.reps):
-        for name, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            sync(device)
-            times[name].append((time.perf_counter() - start) / args.steps)
-        print(f"  rep {rep + 1}/{args.reps} ms/step: " + ", ".join(f"{n} {1000 * times[n][-1]:.1f}" for n in names),
-              flush=True)
+    times = time_interleaved(steps, args.reps, args.steps, args.warmup, device)
     reference, mode = names
-    ratios = sorted(t / r for t, r in zip(times[mode], times[reference]))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return [(pair, model_name, name, statistics.median(times[name]) * 1000,
-             1.0 if name == reference else statistics.median(ratios),
-             None if name == reference else (q[0], q[2])) for name in names]
+    ratio, q1, q3 = ratio_to(times[mode], times[reference])
+    return [(pair, model_name, reference, statistics.median(times[reference]) * 1000, 1.0, None),
+            (pair, model_name, mode, statistics.median(times[mode]) * 1000, ratio, (q1, q3))]
 
 
 def main(argv=None):
