@@ -834,6 +834,8 @@ class IMP(SparseMethod):
                     out[kind] = values.pop()
         if self.start or self.every != 2:
             out.update(start_pruning_after_epoch=self.start, prune_epoch_frequency=self.every)
+        # IMP is set to its target density, not the one it starts from
+        out.update(sparsity_keys(out))
         return out
 
     def epoch_message(self, epoch: int, results: dict) -> str | None:
