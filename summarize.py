@@ -100,9 +100,9 @@ def penalty_cell(r: dict) -> str:
 
 
 def table(rows) -> str:
-    imagenet = any("top5" in r for _, r in rows)
+    top5 = any("top5" in r for _, r in rows)  # every run writes it (older CIFAR runs did not)
     head = ["model", "dataset", "method", "direction", "lambda / setting", "epochs", "top-1 (%)"]
-    head += ["top-5 (%)"] if imagenet else []
+    head += ["top-5 (%)"] if top5 else []
     head += ["MACs", "MACs ↓", "params", "params ↓", "run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for run, r in rows:
@@ -111,7 +111,7 @@ def table(rows) -> str:
                  ("backward" if r.get("back_dep") else "forward") if net == "dep" else "–",
                  penalty_cell(r),
                  f"{r.get('epochs_done', '?')}/{r.get('epochs_total', '?')}", f"{r.get('top1', float('nan')):.2f}"]
-        cells += [f"{r['top5']:.2f}" if "top5" in r else "–"] if imagenet else []
+        cells += [f"{r['top5']:.2f}" if "top5" in r else "–"] if top5 else []
         cells += [human(r["macs_pruned"]), f"{r.get('macs_reduction', 0.0):.1f}%",
                   human(r["params_pruned"]), f"{r.get('params_reduction', 0.0):.1f}%", run_label(run)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -15,13 +15,13 @@ is the median of the per-repetition ratios, with their interquartile range. A be
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.interleaved import ratio_to, time_interleaved  # noqa: E402
 from models import build_model, default_arch  # noqa: E402
 from pruning import sparse  # noqa: E402
 
@@ -70,11 +70,6 @@ def make_step(name, args, device):
     return step
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -100,33 +95,16 @@ def main(argv=None):
           f"torch {torch.__version__}, {args.reps} reps of {args.steps} steps, DSR/SET period {args.period}",
           flush=True)
     steps = {name: make_step(name, args, device) for name in names}
-    for name, step in steps.items():
-        for _ in range(args.warmup):
-            step()
-        sync(device)
-        print(f"warmed up: {name}", flush=True)
-    times = {name: [] for name in names}
-    for rep in range(args.reps):
-        for name, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            sync(device)
-            times[name].append((time.perf_counter() - start) / args.steps)
-        print(f"rep {rep + 1}/{args.reps} ms/step: " + ", ".join(f"{n} {1000 * times[n][-1]:.1f}" for n in names),
-              flush=True)
+    times = time_interleaved(steps, args.reps, args.steps, args.warmup, device)
     print("| variant | ms / step (median) | ratio to dense (median) | ratio IQR |")
     print("|---|---:|---:|---:|")
     for name in names:
         ms = statistics.median(times[name]) * 1000
         if "dense" in times:
-            ratios = sorted(t / d for t, d in zip(times[name], times["dense"]))
-            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-            print(f"| {name} | {ms:.1f} | {statistics.median(ratios):.3f} | {q[0]:.3f}-{q[2]:.3f} |", flush=True)
+            ratio, q1, q3 = ratio_to(times[name], times["dense"])
+            print(f"| {name} | {ms:.1f} | {ratio:.3f} | {q1:.3f}-{q3:.3f} |", flush=True)
         else:
             print(f"| {name} | {ms:.1f} | – | – |", flush=True)
-
 
 if __name__ == "__main__":
     main()

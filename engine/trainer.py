@@ -181,6 +181,7 @@ class Trainer:
         # best_top1 / best.pt range over the epochs since the open channels last changed (from
         # best_since on): only networks of the architecture and cost the run ends with compete.
         self.best_since, self.best_channels = 1, None
+        self.best_top5 = None  # the top-5 of the epoch that set best_top1
         # Summed over this rank's examples of the epoch: loss, method term, top-1 hits, top-5 hits, examples.
         self.train_totals = torch.zeros(5, device=device)
         self.resume_rank_state = None
@@ -279,6 +280,7 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_top1, self.wall_before = state["best_top1"], state["wall_time_s"]
         self.best_since = state.get("best_since", 1)
+        self.best_top5 = state.get("best_top5")
         self.best_channels = state.get("best_channels")  # None in older checkpoints: the next epoch starts afresh
         if self.step:
             mine = state["rank_states"][self.ctx.rank] if len(state["rank_states"]) == self.ctx.world_size else None
@@ -461,6 +463,8 @@ class Trainer:
             self.best_top1, self.best_since, self.best_channels = float("-inf"), self.epoch, open_channels
         new_best = val_stats["top1"] >= self.best_top1
         self.best_top1 = max(self.best_top1, val_stats["top1"])
+        if new_best:
+            self.best_top5 = val_stats["top5"]
         results = self.results(val_stats)
         self.log.epoch(self.epoch - 1, train_stats, val_stats, results, self.method,
                        seconds=time.time() - self.epoch_started)
@@ -506,13 +510,14 @@ class Trainer:
             disconnected=model.disconnected_layers(kept), wall_time_s=round(self.wall_time(), 3),
             device=str(self.device), world_size=self.ctx.world_size, torch_version=str(torch.__version__),
             git_commit=self.commit)
-        if args.imagenet:
-            results["top5"] = val_stats["top5"]
+        # Top-5 is measured on every data set (the papers report it for ImageNet): the last epoch's, and
+        # that of the epoch that set best_top1.
+        results.update(top5=val_stats["top5"], best_top5=self.best_top5 if self.best_top5 is not None
+                       else val_stats["top5"])
         if self.held_stats is not None:
             # --validate-set: the held-out training images (DSR's val_prec1 / val_loss); top1 stays the test set's.
-            results.update(validate_top1=self.held_stats["top1"], validate_loss=self.held_stats["loss"])
-            if args.imagenet:
-                results["validate_top5"] = self.held_stats["top5"]
+            results.update(validate_top1=self.held_stats["top1"], validate_loss=self.held_stats["loss"],
+                           validate_top5=self.held_stats["top5"])
         start_weights = args.get("init_weights") or (TORCHVISION_RESNET50 if args.get("init_pretrained") else None)
         if start_weights:
             results["init_weights"] = start_weights
@@ -547,6 +552,7 @@ class Trainer:
                      weight_scheduler=self.weight_schedule.state_dict(), method=self.method.state_dict(),
                      scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
                      gates_frozen=self.model.gates.frozen, best_top1=self.best_top1, best_since=self.best_since,
+                     best_top5=self.best_top5,
                      best_channels=self.best_channels,
                      wall_time_s=self.wall_time(), rank_states=rank_states, results=results)
         last = self.out_dir / "last.pt"

@@ -23,7 +23,6 @@ FLOPs is another counter's; ours is conv + linear MACs, ``docs/cost.md``. ``test
 checks this table.)
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from l0_layers import DEFAULT_TEMPERATURE

@@ -70,25 +70,85 @@ GREG_SETTINGS = ("wg", "update_reg_interval", "stabilize_reg_interval", "reg_upp
 REGULARIZE_EPOCHS = 1_000_000
 
 
-class GReg(PruningMethod):
-    """The regularisation phase of GReg-1 (``variant=1``) or GReg-2 (``variant=2``)."""
+class _RegularizationPhase(PruningMethod):
+    """What both granularities share: the settings, the loop's hooks (an update before the step of
+    every K_u-th iteration until every layer has stopped, then K_s stabilising iterations) and the
+    bound on the updates left. A subclass makes the update (``_update``) and adds the coefficients
+    to the gradients (``after_backward``)."""
 
     loss_name = "reg"
     ends_by_own_rule = True
 
     def __init__(self, model, ratios: list[float], variant: int, update_interval: int, stabilize_interval: int,
-                 upper_limit: float = 1.0, upper_limit_pick: float = 1e-2, granularity_pick: float = 1e-5,
-                 granularity_prune: float = 1e-4, granularity_recover: float = -1e-4, mag_ratio_limit: float = 1000.0,
-                 pick_rule: str = "min", generator: torch.Generator | None = None):
+                 upper_limit: float, upper_limit_pick: float, granularity_pick: float, granularity_prune: float,
+                 granularity_recover: float):
         super().__init__(model)
         if variant not in (1, 2):
             raise ValueError(f"GReg has variants 1 and 2, not {variant}")
         self.name = f"greg{variant}"
         self.variant, self.ratios = variant, list(ratios)
         self.update_interval, self.stabilize_interval = update_interval, stabilize_interval
-        self.upper_limit, self.upper_limit_pick, self.mag_ratio_limit = upper_limit, upper_limit_pick, mag_ratio_limit
+        self.upper_limit, self.upper_limit_pick = upper_limit, upper_limit_pick
         self.granularity_pick, self.granularity_prune = granularity_pick, granularity_prune
         self.granularity_recover = granularity_recover
+        self.iteration = 0          # training steps taken in this phase
+        self.updates = 0            # coefficient updates made
+        self.picked_at = None       # GReg-2: the update at which the pruned sets were picked
+        self.stopped_at = None      # the iteration at which every layer had stopped
+        self.done = False
+
+    def changes_gradients(self) -> bool:
+        return True
+
+    def before_step(self, iteration: int) -> None:
+        if self.stopped_at is None and self.iteration % self.update_interval == 0:
+            self._update()
+
+    def after_step(self, iteration: int) -> None:
+        if self.stopped_at is not None and self.iteration == self.stopped_at + self.stabilize_interval:
+            self.done = True
+            self._end()
+        self.iteration += 1
+
+    def _end(self) -> None:
+        """At the end of the phase (after its last step)."""
+
+    def finished(self) -> bool:
+        return self.done
+
+    def updates_bound(self) -> int:
+        """Updates after which every layer has stopped at the latest: the coefficients grow by
+        ``--reg_granularity_prune`` per update up to ``--reg_upper_limit`` (GReg-2 first by
+        ``--reg_granularity_pick`` up to ``--reg_upper_limit_pick``); the filters' magnitude ratio
+        may stop a layer sooner."""
+        bound = math.ceil(self.upper_limit / self.granularity_prune) + 1
+        if self.variant == 2:
+            bound += math.ceil(self.upper_limit_pick / self.granularity_pick) + 1
+        return bound
+
+    def _phase_state(self, done: str) -> str:
+        """Where the phase is, for the epoch line."""
+        if self.done:
+            return done
+        if self.stopped_at is not None:
+            left = self.stopped_at + self.stabilize_interval - self.iteration
+            return f"stabilising since iteration {self.stopped_at}, {left} iterations left"
+        left = max(self.updates_bound() - self.updates, 0)
+        return (f"{sum(self.finished_layers)}/{len(self.finished_layers)} layers stopped; at most {left} more "
+                f"updates ({left * self.update_interval} iterations) and {self.stabilize_interval} stabilising "
+                f"iterations left")
+
+
+class GReg(_RegularizationPhase):
+    """The regularisation phase of GReg-1 (``variant=1``) or GReg-2 (``variant=2``)."""
+
+    def __init__(self, model, ratios: list[float], variant: int, update_interval: int, stabilize_interval: int,
+                 upper_limit: float = 1.0, upper_limit_pick: float = 1e-2, granularity_pick: float = 1e-5,
+                 granularity_prune: float = 1e-4, granularity_recover: float = -1e-4, mag_ratio_limit: float = 1000.0,
+                 pick_rule: str = "min", generator: torch.Generator | None = None):
+        super().__init__(model, ratios, variant, update_interval, stabilize_interval, upper_limit, upper_limit_pick,
+                         granularity_pick, granularity_prune, granularity_recover)
+        self.mag_ratio_limit = mag_ratio_limit
         layers = model.gated_layers
         self.convs = [model.get_submodule(g.conv) for g in layers]
         device = self.convs[0].weight.device
@@ -107,11 +167,6 @@ class GReg(PruningMethod):
         self.picked = [variant == 1 or r == 0 for r in self.ratios]
         self.hist = [None] * len(layers)
         self.finished_layers = [False] * len(layers)
-        self.iteration = 0          # training steps taken in this phase
-        self.updates = 0            # coefficient updates made
-        self.picked_at = None       # GReg-2: the update at which the pruned sets were picked
-        self.stopped_at = None      # the iteration at which every layer had stopped
-        self.done = False
         # Per channel: its layer, and per layer: its first channel, the filters it prunes, ratio > 0.
         self._layer = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths)).to(device)
         starts = torch.tensor([0] + widths[:-1]).cumsum(0)
@@ -132,26 +187,11 @@ class GReg(PruningMethod):
 
     # -- the loop's hooks ----------------------------------------------------------------------
 
-    def changes_gradients(self) -> bool:
-        return True
-
-    def before_step(self, iteration: int) -> None:
-        if self.stopped_at is None and self.iteration % self.update_interval == 0:
-            self._update()
-
     @torch.no_grad()
     def after_backward(self) -> None:
         for conv, reg in zip(self.convs, self.reg):
             if conv.weight.grad is not None:
                 conv.weight.grad.add_(reg.view(-1, *([1] * (conv.weight.dim() - 1))) * conv.weight)
-
-    def after_step(self, iteration: int) -> None:
-        if self.stopped_at is not None and self.iteration == self.stopped_at + self.stabilize_interval:
-            self.done = True
-        self.iteration += 1
-
-    def finished(self) -> bool:
-        return self.done
 
     # -- the coefficient update ----------------------------------------------------------------
 
@@ -287,28 +327,9 @@ class GReg(PruningMethod):
             stopped_at_iteration=self.stopped_at, done=self.done, reg_pruned_mean=pruned, reg_kept_mean=kept,
             mag_ratio=[h for h in self.hist], reg_max=[float(r.max()) for r in self.reg]))
 
-    def updates_bound(self) -> int:
-        """Updates after which every layer has stopped at the latest: the coefficients grow by
-        ``--reg_granularity_prune`` per update up to ``--reg_upper_limit`` (GReg-2 first by
-        ``--reg_granularity_pick`` up to ``--reg_upper_limit_pick``); the magnitude ratio may stop
-        a layer sooner."""
-        bound = math.ceil(self.upper_limit / self.granularity_prune) + 1
-        if self.variant == 2:
-            bound += math.ceil(self.upper_limit_pick / self.granularity_pick) + 1
-        return bound
-
     def epoch_message(self, epoch: int, results: dict) -> str | None:
         pruned, kept, ratio = self._means()
-        if self.done:
-            state = "done"
-        elif self.stopped_at is not None:
-            left = self.stopped_at + self.stabilize_interval - self.iteration
-            state = f"stabilising since iteration {self.stopped_at}, {left} iterations left"
-        else:
-            left = max(self.updates_bound() - self.updates, 0)
-            state = (f"{sum(self.finished_layers)}/{len(self.finished_layers)} layers stopped; at most {left} more "
-                     f"updates ({left * self.update_interval} iterations) and {self.stabilize_interval} stabilising "
-                     f"iterations left")
+        state = self._phase_state("done")
         return (f"greg: iteration {self.iteration}, {self.updates} updates, {state}; coefficient pruned "
                 f"{pruned:.3g} kept {kept:.3g}, smallest magnitude ratio {ratio:.3g}")
 
@@ -333,7 +354,7 @@ def unstructured_summary(model, names: list[str], pruned: list[int], decided: bo
                    "non-zero weights"))
 
 
-class GRegUnstructured(PruningMethod):
+class GRegUnstructured(_RegularizationPhase):
     """The regularisation phase of GReg-1 (``variant=1``) or GReg-2 (``variant=2``) with GReg's
     ``--wg weight``: one coefficient per weight, ``ratios`` one per weight layer (the model's
     ``weight_layers``).
@@ -346,25 +367,15 @@ class GRegUnstructured(PruningMethod):
     phase, and the same coefficients, gradients and stop counts as the code.
     """
 
-    loss_name = "reg"
-    ends_by_own_rule = True
-
     def __init__(self, model, ratios: list[float], variant: int, update_interval: int, stabilize_interval: int,
                  upper_limit: float = 1.0, upper_limit_pick: float = 1e-2, granularity_pick: float = 1e-5,
                  granularity_prune: float = 1e-4, granularity_recover: float = -1e-4, pick_rule: str = "min",
                  generator: torch.Generator | None = None):
-        super().__init__(model)
-        if variant not in (1, 2):
-            raise ValueError(f"GReg has variants 1 and 2, not {variant}")
+        super().__init__(model, ratios, variant, update_interval, stabilize_interval, upper_limit, upper_limit_pick,
+                         granularity_pick, granularity_prune, granularity_recover)
         records = model.weight_layers
         if len(ratios) != len(records):
             raise ValueError(f"{len(ratios)} ratios for {len(records)} weight layers")
-        self.name = f"greg{variant}"
-        self.variant, self.ratios = variant, list(ratios)
-        self.update_interval, self.stabilize_interval = update_interval, stabilize_interval
-        self.upper_limit, self.upper_limit_pick = upper_limit, upper_limit_pick
-        self.granularity_pick, self.granularity_prune = granularity_pick, granularity_prune
-        self.granularity_recover = granularity_recover
         self.names = [w.name for w in records]
         self.weights = [model.get_submodule(name).weight for name in self.names]
         # A ratio-0 layer prunes nothing (and a one-weight layer cannot lose its only weight).
@@ -383,20 +394,8 @@ class GRegUnstructured(PruningMethod):
         self.coefficients = [None] * len(self.names)
         self.picked = [variant == 1 or not p for p in self.prunes]
         self.finished_layers = [False] * len(self.names)
-        self.iteration = 0
-        self.updates = 0
-        self.picked_at = None
-        self.stopped_at = None
-        self.done = False
 
     # -- the loop's hooks ----------------------------------------------------------------------
-
-    def changes_gradients(self) -> bool:
-        return True
-
-    def before_step(self, iteration: int) -> None:
-        if self.stopped_at is None and self.iteration % self.update_interval == 0:
-            self._update()
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -404,14 +403,8 @@ class GRegUnstructured(PruningMethod):
             if coefficient is not None and w.grad is not None:
                 w.grad.add_(coefficient.view(w.shape) * w)  # the code's grad += reg * W, two roundings
 
-    def after_step(self, iteration: int) -> None:
-        if self.stopped_at is not None and self.iteration == self.stopped_at + self.stabilize_interval:
-            self.done = True
-            self.apply_masks()
-        self.iteration += 1
-
-    def finished(self) -> bool:
-        return self.done
+    def _end(self) -> None:
+        self.apply_masks()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -530,25 +523,9 @@ class GRegUnstructured(PruningMethod):
             reg_max=[float(self._reg_max(i)) for i in range(len(self.names))]),
             unstructured=unstructured_summary(self.model, self.names, self.counts, decided))
 
-    def updates_bound(self) -> int:
-        """Updates after which every layer has stopped (no magnitude-ratio stop here)."""
-        bound = math.ceil(self.upper_limit / self.granularity_prune) + 1
-        if self.variant == 2:
-            bound += math.ceil(self.upper_limit_pick / self.granularity_pick) + 1
-        return bound
-
     def epoch_message(self, epoch: int, results: dict) -> str | None:
         pruned, kept = self._means()
-        if self.done:
-            state = "done: the pruned weights are zero"
-        elif self.stopped_at is not None:
-            left = self.stopped_at + self.stabilize_interval - self.iteration
-            state = f"stabilising since iteration {self.stopped_at}, {left} iterations left"
-        else:
-            left = max(self.updates_bound() - self.updates, 0)
-            state = (f"{sum(self.finished_layers)}/{len(self.finished_layers)} layers stopped; at most {left} more "
-                     f"updates ({left * self.update_interval} iterations) and {self.stabilize_interval} stabilising "
-                     f"iterations left")
+        state = self._phase_state("done: the pruned weights are zero")
         sparsity = results.get("unstructured", {}).get("weight_sparsity", float("nan"))
         return (f"greg (single weights): iteration {self.iteration}, {self.updates} updates, {state}; coefficient "
                 f"pruned {pruned:.3g} kept {kept:.3g}; weight sparsity {sparsity:.4f}")

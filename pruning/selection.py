@@ -39,11 +39,11 @@ def stage_of_layers(model) -> tuple[list[int], int, str]:
         raise UsageError(str(e)) from None
 
 
-def layer_ratios(model, ratios, skip: list[str] = ()) -> list[float]:
-    """The ratio of each gated layer from a parsed ``--stage_pr`` (one-line errors for a list of the
-    wrong length, a classifier ratio, or the VGG form on a ResNet); 0 for the layers ``--skip_layers``
-    names (:func:`skipped`)."""
-    stages, entries, what = stage_of_layers(model)
+def stage_list(model, ratios) -> list[float]:
+    """A parsed ``--stage_pr`` as one ratio per entry of the network's stage list: VGG's
+    ``INDEX:RATIO`` form filled with 0; one-line errors for that form on a ResNet, an index past
+    the list, or a list of the wrong length."""
+    _, entries, what = stage_of_layers(model)
     family = model.arch["model"]
     if isinstance(ratios, dict):
         if not model.stages_are_layers:
@@ -54,6 +54,16 @@ def layer_ratios(model, ratios, skip: list[str] = ()) -> list[float]:
         ratios = [ratios.get(i, 0.0) for i in range(entries)]
     if len(ratios) != entries:
         raise UsageError(f"--stage_pr: {family} takes {entries} ratios ({what}), got {len(ratios)}")
+    return list(ratios)
+
+
+def layer_ratios(model, ratios, skip: list[str] = ()) -> list[float]:
+    """The ratio of each gated layer from a parsed ``--stage_pr`` (one-line errors for a list of the
+    wrong length, a classifier ratio, or the VGG form on a ResNet); 0 for the layers ``--skip_layers``
+    names (:func:`skipped`)."""
+    stages, entries, what = stage_of_layers(model)
+    family = model.arch["model"]
+    ratios = stage_list(model, ratios)
     if ratios[-1] != 0.0:
         raise UsageError("--stage_pr: the classifier's ratio must be 0 (its outputs are the classes; GReg's code "
                          "would shrink them towards zero and never remove one)")
@@ -96,18 +106,8 @@ def weight_layer_ratios(model, ratios, skip: list[str] = ()) -> list[float]:
     ``--stage_pr`` (``meta_pruner.py:198-235``: on a ResNet the stem, the shortcuts and the classifier
     included, and ``--skip_layers`` has no effect; on a single-branch network its layer index's entry,
     ``--skip_layers`` by index). One-line errors for a list of the wrong length."""
-    _, entries, what = stage_of_layers(model)
-    family = model.arch["model"]
     ids = greg_ids(model)
-    if isinstance(ratios, dict):
-        if not model.stages_are_layers:
-            raise UsageError(f"--stage_pr INDEX:RATIO is VGG's form; {family} takes {entries} ratios ({what})")
-        bad = [i for i in ratios if i >= entries]
-        if bad:
-            raise UsageError(f"--stage_pr: {family} has layer indices 0-{entries - 1}, got {bad[0]}")
-        ratios = [ratios.get(i, 0.0) for i in range(entries)]
-    if len(ratios) != entries:
-        raise UsageError(f"--stage_pr: {family} takes {entries} ratios ({what}), got {len(ratios)}")
+    ratios = stage_list(model, ratios)
     out = [ratios[stage] for stage, _, _ in ids]
     if model.stages_are_layers:
         names = [w.name for w in model.weight_layers]

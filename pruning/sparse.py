@@ -131,6 +131,19 @@ def default_rewire_fraction(kind: str, density: float) -> float | None:
     return None
 
 
+def sparsity_keys(results: dict) -> dict:
+    """results.json's ``sparsity`` (1 - the density the run was set to: DSR's s), or ``sparsity_conv`` /
+    ``sparsity_fc`` where the conv and linear tensors were set apart, and ``sparsity_active``, the share of
+    the sparse (or tied) weights that are zero (or shared) now."""
+    out = {}
+    for key in ("", "_conv", "_fc"):
+        density = results.get(f"density{key}")
+        if density is not None:
+            out[f"sparsity{key}"] = round(1.0 - density, 12)
+    out["sparsity_active"] = 1.0 - results["density_active"]
+    return out
+
+
 def active_count(n: int, density: float) -> int:
     """Active weights of a tensor of ``n`` at ``density``: the code's int(d·n + 0.1)."""
     return int(density * n + 0.1)
@@ -515,6 +528,7 @@ class SparseMethod(PruningMethod):
                 values = {d for d, lin in zip(self.start_densities, self.linear) if lin == linear}
                 if values:
                     out[kind] = values.pop()
+        out.update(sparsity_keys(out))
         if self.granularity != 4:
             out["sub_kernel_granularity"] = self.granularity
         if self.l1:
@@ -820,6 +834,8 @@ class IMP(SparseMethod):
                     out[kind] = values.pop()
         if self.start or self.every != 2:
             out.update(start_pruning_after_epoch=self.start, prune_epoch_frequency=self.every)
+        # IMP is set to its target density, not the one it starts from
+        out.update(sparsity_keys(out))
         return out
 
     def epoch_message(self, epoch: int, results: dict) -> str | None:

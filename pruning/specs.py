@@ -342,10 +342,10 @@ class SparseTraining(MethodSpec):
         if (args.density is None and args.initial_sparsity_conv is None and args.initial_sparsity_fc is None
                 and not args.copy_mask_from):
             parser.error(f"--sparse {sparse} needs --density D (the fraction of each sparse tensor's "
-                         f"weights kept)")
+                         "weights kept)")
         if args.tied and sparse != "static":
-            parser.error(f"--tied is static training's: the code's rewiring, DeepR and pruning act on sparse "
-                         f"tensors, and a tied network has none; use --sparse static --tied")
+            parser.error("--tied is static training's: the code's rewiring, DeepR and pruning act on sparse "
+                         "tensors, and a tied network has none; use --sparse static --tied")
         for flag, methods in self.method_flags.items():
             if flag in given and sparse not in methods:
                 names = " or ".join(f"--sparse {m}" for m in methods)

@@ -48,7 +48,7 @@ from models.export import tied_cost
 from utils.errors import UsageError
 
 from .method import PruningMethod
-from .sparse import initialize_as_code, is_linear, sparse_layers
+from .sparse import initialize_as_code, is_linear, sparse_layers, sparsity_keys
 
 
 def tied_count(n: int, density: float) -> int:
@@ -208,6 +208,7 @@ class TiedWeights(PruningMethod):
                 values = {d for d, lin in zip(self.start_densities, self.linear) if lin == linear}
                 if values:
                     out[kind] = values.pop()
+        out.update(sparsity_keys(out))
         if self.l1:
             out.update(l1_loss_coeff=self.l1, conv_group_lasso=self.group_lasso)
         if self.shortcuts:

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, script_env
 
 SCRIPTS = ("train_vgg.py", "train_resnet56.py", "train_resnet50.py", "prune.py", "evaluate.py", "export.py",
            "reproduce.py", "summarize.py")
-HEAVY = ("torch", "torchvision", "matplotlib", "tensorboardX", "sklearn")
+HEAVY = ("torch", "torchvision", "numpy", "matplotlib", "tensorboardX", "sklearn")
 # A mistaken command per script, refused by its own checks (not only by argparse), and the refusal.
 MISTAKES = {
     "train_vgg.py": (["--sparse", "dsr", "--density", "0.1", "--lamba", "1e-6"], "--lamba belongs to the gates"),

@@ -263,3 +263,20 @@ def test_bench_prints_speed_and_macs_ratio(run_dir, capsys):
     payload = torch.load(run_dir / "pruned.pt", weights_only=True)
     ratio = payload["arch"]["source"]["macs_dense"] / payload["macs"]
     assert f"| {ratio:.2f}x |" in out and str(run_dir / "pruned.pt") in out
+
+
+# ------------------------------------------------------------------ bench/mode_step.py
+
+def test_mode_bench_times_each_mode_against_its_own_reference(capsys):
+    """Unstructured GReg against filter GReg, tied against untied static: each pair's reference reads 1.000
+    and the mode its measured ratio; a coefficient update falls inside the timed GReg steps."""
+    bench = load_script("bench/mode_step.py", "dep_l0_bench_mode_step")
+    bench.main(["--width-mult", "0.125", "-b", "4", "--steps", "2", "--reps", "2", "--warmup", "1",
+                "--update-interval", "2", "--device", "cpu", "--threads", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| greg |")
+            or line.startswith("| tied |")]
+    assert [(r[0].strip(), r[1].strip(), r[2].strip()) for r in rows] == [
+        ("greg", "resnet56a", "greg-filter"), ("greg", "resnet56a", "greg-weight"),
+        ("tied", "wrn", "untied"), ("tied", "wrn", "tied")]
+    assert rows[0][4].strip() == rows[2][4].strip() == "1.000"
+    assert all(float(r[4]) > 0 and float(r[3]) > 0 for r in rows) and "-" in rows[1][5] and "-" in rows[3][5]

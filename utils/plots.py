@@ -9,17 +9,17 @@ a finished run can be plotted without its checkpoint.
 Matplotlib is used through its object API with the Agg canvas only (no
 ``pyplot``): nothing global changes for a program that imports this module,
 no GUI backend is ever touched, and a figure is freed as soon as it goes out
-of scope, which keeps the per-epoch TensorBoard image cheap. Matplotlib is imported where a figure
-is drawn: the titles and labels here are read by every script's results, with or without a figure.
+of scope, which keeps the per-epoch TensorBoard image cheap. Matplotlib and numpy are imported where
+a figure is drawn: the titles and labels here are read by every script's results, with or without a
+figure, and by ``summarize.py --help``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
     from matplotlib.figure import Figure
 
 ORIGINAL_COLOUR = "#c8d3e0"
@@ -29,6 +29,7 @@ KEPT_COLOUR = "#1f5fa8"
 def channels_figure(channels, title: str = "") -> Figure:
     """A matplotlib Figure of kept vs original channels per gated layer."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    import numpy as np
     from matplotlib.figure import Figure
     names = [c["name"] for c in channels]
     total = np.array([c["total"] for c in channels], dtype=float)
@@ -57,6 +58,7 @@ def channels_figure(channels, title: str = "") -> Figure:
 def figure_to_array(fig: Figure) -> np.ndarray:
     """Render a figure to an ``(H, W, 3)`` uint8 RGB array."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    import numpy as np
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
