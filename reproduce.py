@@ -113,12 +113,13 @@ def _flag_value(args, flags) -> str | None:
 
 
 def needs_data_folder(table, row) -> bool:
-    """The row reads a dataset that must already be on disk (ImageNet, or a --dataset folder tree), from
-    reproduce.py's --data-dir: not with --dummy, nor with a --data-dir of its own; a row that prunes
+    """The row reads a dataset that must already be on disk (ImageNet: train_resnet50.py, or a prune.py row
+    with --dataset imagenet, e.g. torchvision's weights through --pretrained; or a --dataset folder tree),
+    from reproduce.py's --data-dir: not with --dummy, nor with a --data-dir of its own; a row that prunes
     such a row's network (``{dense}``) reads the same data. CIFAR downloads itself."""
     if "--dummy" in row.args or _flag_value(row.args, ("--data-dir", "--data_dir")) is not None:
         return False
-    if row.script == "train_resnet50.py" or _flag_value(row.args, ("--dataset",)) == "folder":
+    if row.script == "train_resnet50.py" or _flag_value(row.args, ("--dataset",)) in ("folder", "imagenet"):
         return True
     return any(needs_data_folder(table, table.row(need)) for need in row.needs)
 

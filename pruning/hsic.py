@@ -37,7 +37,10 @@ last solution stands otherwise.
 until the network's MACs fall below the target T, then bisected on ``[0, α]``:
 MACs above T(1 + tol) raise the lower end, below T(1 − tol) lower the upper
 end, until within (or α < 1e-15). The bisection starts from the midpoint even
-when the last doubling already landed, as in the authors' code.
+when the last doubling already landed, as in the authors' code. Where the MACs
+jump over the band (no α lands within it), the bisection ends once no float
+lies between its ends, with the α tried whose MACs came closest to T; the
+authors' loop would run forever there.
 """
 import math
 import sys
@@ -273,9 +276,16 @@ class HsicSearch:
             raise UsageError(f"no alpha up to {right:g} brings the MACs under {target:.0f} with --omega "
                              f"{self.omega} (the least is {decision.macs}); lower --omega or raise the target")
         left, low, high = 0.0, target * (1 - tolerance), target * (1 + tolerance)
+        closest = decision
         while True:
             middle = (left + right) / 2
+            if not left < middle < right:
+                # No float lies between the ends: the MACs jump over the band at this alpha (one more
+                # channel kept or removed crosses it), where the authors' loop would never end.
+                return closest
             decision = self._step(middle, report)
+            if abs(decision.macs - target) < abs(closest.macs - target):
+                closest = decision
             if decision.macs > high:
                 left = middle
             elif decision.macs < low:

@@ -107,6 +107,19 @@ def test_the_search_doubles_then_bisects_from_the_midpoint_as_the_authors_code()
     assert tried[7] == pytest.approx((left + right) / 2)
 
 
+def test_a_band_the_macs_jump_over_ends_the_bisection_at_the_closest_alpha():
+    """MACs that fall from 400 to 200 at alpha 0.01 never land within 300 +- 1%: the authors' loop
+    bisects forever (the ends meet at 0.01, far above its 1e-15 floor); here it ends when no float lies
+    between the ends, with the closest alpha tried."""
+    search = _Scripted(lambda a: 400 if a < 0.01 else 200)
+    decision = search.run(target=300, alpha=0.001, tolerance=0.01, report=lambda *a: None)
+    assert len(search.history) < 100 and decision.macs in (200, 400)
+    assert [h["alpha"] for h in search.history][-1] == pytest.approx(0.01)
+    near = _Scripted(lambda a: 304 if a < 0.01 else 200)  # 304 is closer to 300 than 200
+    decision = near.run(target=300, alpha=0.001, tolerance=0.01, report=lambda *a: None)
+    assert decision.macs == 304 and decision.alpha < 0.01 and len(near.history) < 100
+
+
 def test_an_unreachable_target_is_a_usage_error():
     search = _Scripted(lambda a: 500)
     with pytest.raises(UsageError, match="no alpha"):
