@@ -204,7 +204,7 @@ EVALUATE_HELP = ("evaluate model on validation set (pytorch/examples' -e) and st
                  "dense by default); writes results.json (top-1, top-5, MACs, params, evaluated_only)")
 
 
-def check_evaluate(parser, args, given: set[str], imagenet: bool) -> None:
+def check_evaluate(parser, args, imagenet: bool) -> None:
     """``-e``: something to evaluate, and a published network evaluated as it is (no gates)."""
     if not args.evaluate:
         return
@@ -284,7 +284,7 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
     parser = build_parser(chosen, prog)
     args = parser.parse_args(argv)
     given = set(a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv))
-    check_evaluate(parser, args, given, recipe.imagenet)
+    check_evaluate(parser, args, recipe.imagenet)
     if not args.sparse:
         args.net = args.net or ("dense" if spec.name == "dense" else "dep")
     for other in training_methods():
