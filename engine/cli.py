@@ -65,7 +65,8 @@ def main(recipe: Recipe, argv=None) -> None:
     def train():
         config = parse_args(recipe, argv, prog)
         from .trainer import Trainer
-        return Trainer(config).fit()
+        trainer = Trainer(config)
+        return trainer.evaluate_only() if config.evaluate else trainer.fit()
 
     sys.exit(run_reporting_errors(prog, train))
 
@@ -180,6 +181,8 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     g.add_argument("--limit-batches", type=positive_int, metavar="N", help="at most N train and N val batches per epoch")
     g.add_argument("--save_epoch", type=nonneg_int, default=0, help="also keep epoch_<k>.pt every k epochs (0: never)")
     g.add_argument("--max-grad-norm", type=positive_float, help="clip the gradient norm of all trainable parameters")
+    if not recipe.imagenet:
+        g.add_argument("-e", "--evaluate", action="store_true", help=EVALUATE_HELP)
 
     if recipe.imagenet:
         add_reference_flags(p)
@@ -196,6 +199,27 @@ def build_parser(recipe: Recipe, prog: str | None = None) -> argparse.ArgumentPa
     return p
 
 
+EVALUATE_HELP = ("evaluate model on validation set (pytorch/examples' -e) and stop, training nothing: the weights "
+                 "of --resume (a checkpoint or run directory), else of --init-weights or --pretrained (then --net "
+                 "dense by default); writes results.json (top-1, top-5, MACs, params, evaluated_only)")
+
+
+def check_evaluate(parser, args, imagenet: bool) -> None:
+    """``-e``: something to evaluate, and a published network evaluated as it is (no gates)."""
+    if not args.evaluate:
+        return
+    published = bool(args.init_weights or getattr(args, "pretrained", False))
+    if not published and not args.resume:
+        pretrained = "--pretrained (torchvision's weights), " if imagenet else ""
+        parser.error(f"-e/--evaluate: nothing to evaluate: give {pretrained}--init-weights FILE or --resume "
+                     f"CHECKPOINT (for a run's checkpoint or pruned.pt: python evaluate.py CHECKPOINT --data-dir DIR)")
+    if published and (args.sparse or args.net not in (None, "dense")):
+        what = f"--sparse {args.sparse}" if args.sparse else f"--net {args.net}"
+        parser.error(f"-e/--evaluate with {'--init-weights' if args.init_weights else '--pretrained'} evaluates the "
+                     f"published network as it is: {what} would add its untrained gates or masks; leave it out "
+                     f"(--net dense)")
+
+
 def add_reference_flags(p: argparse.ArgumentParser) -> None:
     """The flags of pytorch/examples' imagenet/main.py, which the reference's ResNet50 script is built
     on: each honoured, or answered with the one line that says what does its job here
@@ -203,7 +227,7 @@ def add_reference_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("the reference ResNet50 script's pytorch/examples flags")
     g.add_argument("--start-epoch", type=nonneg_int, default=0,
                    help="as the reference: overwritten by the checkpoint's epoch with --resume (only 0 without)")
-    g.add_argument("-e", "--evaluate", action="store_true", help="evaluation is evaluate.py's (says how)")
+    g.add_argument("-e", "--evaluate", action="store_true", help=EVALUATE_HELP)
     g.add_argument("--pretrained", action="store_true",
                    help="start from torchvision's ImageNet weights (pretrained=True: resnet50-0676ba61.pth in "
                         "torch.hub's cache, downloaded there if absent), as --init-weights that file")
@@ -218,9 +242,6 @@ def add_reference_flags(p: argparse.ArgumentParser) -> None:
 
 def check_reference_flags(parser, args) -> None:
     """Honour the pytorch/examples flags where they agree with how this engine runs, else one line."""
-    if args.evaluate:
-        parser.error("-e/--evaluate: evaluation is evaluate.py's here: python evaluate.py CHECKPOINT "
-                     "--data-dir DIR (top-1 and top-5 of a checkpoint or pruned.pt)")
     if args.pretrained and args.init_weights:
         parser.error("--pretrained (torchvision's weights) and --init-weights both name the starting weights; give one")
     if args.pretrained and args.arch != "resnet50":
@@ -248,14 +269,24 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
     pre = OneLineParser(prog=prog, add_help=False)
     pre.add_argument("--net")
     pre.add_argument("--sparse", choices=sparse_names())
+    pre.add_argument("-e", "--evaluate", action="store_true")
+    pre.add_argument("--init-weights")
+    pre.add_argument("--pretrained", action="store_true")
+    pre.add_argument("--resume")
     known = pre.parse_known_args(argv)[0]
-    spec = selected_method(known.net if known.net in NETS else None, known.sparse)
+    # -e on a published network (--init-weights, --pretrained): the network as published, --net dense
+    # unless a method is named (which check_evaluate refuses).
+    evaluate_published = (known.evaluate and (known.init_weights or known.pretrained)
+                          and known.net is None and known.sparse is None)
+    spec = selected_method("dense" if evaluate_published else known.net if known.net in NETS else None,
+                           known.sparse)
     chosen = recipe.for_method(spec)
     parser = build_parser(chosen, prog)
     args = parser.parse_args(argv)
     given = set(a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv))
+    check_evaluate(parser, args, recipe.imagenet)
     if not args.sparse:
-        args.net = args.net or "dep"
+        args.net = args.net or ("dense" if spec.name == "dense" else "dep")
     for other in training_methods():
         for flag in other.own_flags():
             if flag in given and flag not in spec.own_flags():
@@ -264,7 +295,7 @@ def parse_args(recipe: Recipe, argv=None, prog=None) -> RunConfig:
     if recipe.imagenet:
         check_reference_flags(parser, args)
     args.init_pretrained = bool(getattr(args, "pretrained", False))
-    if args.epochs + args.fine_tune_epoch == 0:
+    if args.epochs + args.fine_tune_epoch == 0 and not args.evaluate:
         parser.error("--epoch 0 with no fine-tuning epochs trains nothing (no results.json, an untrained "
                      "pruned.pt); give --epoch N")
     if args.nesterov and args.momentum == 0:

@@ -22,6 +22,7 @@ the step and the last good checkpoint; user mistakes stop it with one line
 (status 2).
 """
 import atexit
+import json
 import math
 import sys
 import time
@@ -208,7 +209,7 @@ class Trainer:
         self.log.start(args.to_dict(), device, self.out_dir, len(train_set), len(val_set), ctx.world_size)
         if checkpoint is not None:
             self.log.message(f"resumed from {checkpoint['path']}: epoch {self.epoch + 1}, step {self.step}")
-        if self.init_weights is not None:
+        if self.init_weights is not None and not args.get("evaluate"):
             self.log.message(f"weights from {self.init_weights[0]} ({self.init_weights[1]}); the gates start from "
                              f"their own initialisation")
 
@@ -236,6 +237,10 @@ class Trainer:
             note = None if args.out_dir else new_run_note(Path("runs") / args.name, out_dir)
             if note and ctx.is_main:
                 print(note, file=sys.stderr)
+        if (checkpoint is None and args.get("evaluate") and not args.get("init_weights")
+                and not args.get("init_pretrained")):
+            raise UsageError(f"-e/--evaluate --resume {args.resume}: {out_dir} holds no checkpoint to evaluate "
+                             f"(give --init-weights FILE for a published network)")
         if checkpoint is not None:
             self._check_identity(checkpoint)
             args.seed = checkpoint["args"]["seed"]
@@ -254,7 +259,7 @@ class Trainer:
             if saved.get(key) != ours and not (key == "num_classes" and ours is None):
                 raise UsageError(f"{path} was trained with --{key} {saved.get(key)}, this command asks for "
                                  f"{ours}; resume it with matching flags")
-        if checkpoint.get("gates_frozen") and args.epochs > saved["epochs"]:
+        if checkpoint.get("gates_frozen") and args.epochs > saved["epochs"] and not args.get("evaluate"):
             raise UsageError(f"{path} ended its penalty phase at epoch {saved['epochs']} (gates frozen); it cannot "
                              f"prune on to --epoch {args.epochs}: resume with --epoch {saved['epochs']} and "
                              f"--fine_tune_epoch to fine-tune it")
@@ -478,6 +483,50 @@ class Trainer:
         if message:
             self.log.message(message)
         self.save(results, new_best)
+
+    def evaluate_only(self) -> int:
+        """``-e``: the validation set once, on the weights the run was built with (the checkpoint of
+        ``--resume``, else those of ``--init-weights`` / ``--pretrained``), and a finished run's
+        ``results.json`` (``evaluated_only``, ``epochs_done`` = ``epochs_total`` = 0, ``best_top1`` =
+        ``top1``); no training, no checkpoint. In a run directory whose results.json is a training
+        run's (``-e --resume`` of its checkpoint), the numbers go to ``evaluation.json`` instead."""
+        args = self.args
+        try:
+            if self.checkpoint is not None:
+                source = dict(evaluated_weights=str(self.checkpoint["path"]), evaluated_kind="checkpoint",
+                              evaluated_epoch=self.epoch)
+            elif args.get("init_weights"):
+                source = dict(evaluated_weights=args.init_weights, evaluated_kind=self.init_weights[1])
+            else:
+                source = dict(evaluated_weights=TORCHVISION_RESNET50, evaluated_kind="torchvision's pretrained weights")
+            stats = self.evaluate()
+            results = self.results(stats)
+            results.update(source, evaluated_only=True, epochs_done=0, epochs_total=0,
+                           best_top1=stats["top1"], best_top5=stats["top5"], best_top1_epochs=[0, 0],
+                           best_top1_over="evaluated only: no training epoch", val_examples=stats["examples"],
+                           macs=results["macs_pruned"], params=results["params_pruned"])
+            name = self.results_file
+            previous = self.out_dir / name
+            if previous.exists():
+                try:
+                    training = not json.loads(previous.read_text()).get("evaluated_only")
+                except (OSError, ValueError, AttributeError):
+                    training = True
+                if training:
+                    name = "evaluation.json"  # a training run's results stay as they are
+            if self.ctx.is_main:
+                write_json(results, self.out_dir / name)
+            top5 = f" top-5 {stats['top5']:.2f}%"
+            self.log.message(f"evaluated {source['evaluated_weights']} ({source['evaluated_kind']}) on "
+                             f"{stats['examples']} validation images: top-1 {stats['top1']:.2f}%{top5}  "
+                             f"MACs {human(results['macs'])} ({args.cost_convention})  "
+                             f"params {human(results['params'])}; wrote {self.out_dir / name}")
+            self.ctx.barrier()
+            return 0
+        finally:
+            self.log.close()
+            if self.owns_process_group:
+                distributed.shutdown(self.ctx)
 
     def evaluate(self) -> dict:
         """Validation statistics (deterministic gates), over all ranks."""

@@ -262,11 +262,12 @@ def read_results(run_dir: Path) -> dict | None:
 def finished(run_dir: Path) -> bool:
     """The run reached its end: every epoch done (results.json, rewritten after each epoch) and the
     network exported (``pruned.pt``, written once after the last epoch, by the training scripts and
-    by prune.py's fine-tuning alike)."""
+    by prune.py's fine-tuning alike); or the run only evaluated a network (a training script's
+    ``-e``: results.json with ``evaluated_only``, no epoch and no pruned.pt)."""
     results = read_results(run_dir)
     return (results is not None and isinstance(results.get("epochs_done"), int)
             and results["epochs_done"] >= results.get("epochs_total", float("inf"))
-            and (run_dir / "pruned.pt").is_file())
+            and ((run_dir / "pruned.pt").is_file() or results.get("evaluated_only") is True))
 
 
 def started(run_dir: Path) -> bool:

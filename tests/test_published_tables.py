@@ -8,10 +8,11 @@ HSIC-Lasso's search on 8 calibration images at ω 1 and half the MACs (``--targe
 absolute ``--target`` belongs to the full-size network). Where a row prunes a published network
 (torchvision's ResNet50 weights through ``--pretrained``, HSIC-Lasso's checkpoints under
 ``checkpoints/apib/``), a narrow dense network of the same architecture, trained here for one
-batch, stands in for it. Every smoke row must pass its script's parser through
-``reproduce.py --dry-run``; one or two rows per table (those of ``RUN``) run end to end in this
-process, through the scripts' own entry points, and must finish (results.json complete, pruned.pt
-written). The full tables' rows are checked by tests/test_reproduce.py (parsers, published
+batch, stands in for it; the dense row that evaluates the published network (a training script's
+``-e``) evaluates that stand-in. Every smoke row must pass its script's parser through
+``reproduce.py --dry-run``; a few rows per table (those of ``RUN``) run end to end in this process,
+through the scripts' own entry points, and must finish (results.json complete, pruned.pt written,
+or for the evaluated dense row results.json with ``evaluated_only``). The full tables' rows are checked by tests/test_reproduce.py (parsers, published
 numbers); here also that each table's rows say what the authors ran and where they sit.
 """
 import json
@@ -32,13 +33,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = {
     "greg_tab1_resnet56a_cifar10": ["dense", "greg1-x359"],
     "greg_tab2_resnet56a_cifar10": ["dense", "greg2"],
-    "greg_tab3_resnet50_imagenet": ["greg2-x306"],
-    "greg_tab4_resnet50_imagenet": ["greg1", "hc"],
-    "hsic_vgg16_cifar10": ["hsic"],
-    "hsic_resnet56_cifar10": ["hsic"],
-    "hsic_resnet110_cifar10": ["hsic"],
-    "hsic_googlenet_cifar10": ["hsic"],
-    "hsic_resnet50_imagenet": ["hsic", "dep-bwd"],
+    "greg_tab3_resnet50_imagenet": ["dense", "greg2-x306"],
+    "greg_tab4_resnet50_imagenet": ["dense", "greg1", "hc"],
+    "hsic_vgg16_cifar10": ["dense", "hsic"],
+    "hsic_resnet56_cifar10": ["dense", "hsic"],
+    "hsic_resnet110_cifar10": ["dense", "hsic"],
+    "hsic_googlenet_cifar10": ["dense", "hsic"],
+    "hsic_resnet50_imagenet": ["dense", "hsic", "dep-bwd"],
 }
 TABLES = sorted(RUN)
 
@@ -62,10 +63,18 @@ def _drop(args, flag, takes_value=True):
         del args[i:i + 1 + takes_value]
 
 
+def evaluates(row) -> bool:
+    """A training script's row that only evaluates a published network (``-e``: the table's dense base)."""
+    return row.script != "prune.py" and "-e" in row.args
+
+
 def published_source(row) -> str | None:
-    """The architecture of the published network a row prunes (torchvision's ResNet50 through
-    --pretrained, or an authors' checkpoint file given with --arch), None for a run's own files."""
+    """The architecture of the published network a row prunes or evaluates (torchvision's ResNet50
+    through --pretrained, or an authors' checkpoint file given with --arch / --init-weights), None for
+    a run's own files."""
     args = list(row.args)
+    if evaluates(row):
+        return _value(args, "--arch") or "resnet50"
     if row.script != "prune.py":
         return None
     if "--pretrained" in args:
@@ -79,6 +88,11 @@ def smoke_args(row, sources: dict) -> list[str]:
     """The row's arguments in miniature (see the module docstring); ``sources`` maps an architecture
     to the tiny dense checkpoint that stands for its published network."""
     args = list(row.args)
+    if evaluates(row):  # the published weights: the tiny network standing for them, evaluated on one batch
+        _drop(args, "--pretrained", takes_value=False)
+        _drop(args, "--init-weights")
+        return args + ["--init-weights", sources.get(published_source(row), "tiny.pt"), "--width-mult",
+                       WIDTH[row.script], "-b", "8", *RUN_FLAGS]
     if row.script != "prune.py":
         _drop(args, "--epoch")
         _drop(args, "--epochs")
@@ -181,6 +195,9 @@ def test_table_in_miniature_parses_and_runs(name, sources, tmp_path, monkeypatch
             assert results["unstructured"]["weight_sparsity"] > 0.75 and results["macs_reduction"] == 0
         elif _value(args, "--stage_pr") not in (None, "[0,0,0,0,0]") or "--target-macs" in args:
             assert results["macs_reduction"] > 0, run.key
+        if evaluates(run.row):  # the dense base, evaluated: no epoch, no checkpoint, a finished row
+            assert results["evaluated_only"] and results["epochs_total"] == 0 and results["macs_reduction"] == 0
+            assert not list(run.run_dir.glob("*.pt")), run.key
     capsys.readouterr()
 
 
@@ -197,11 +214,14 @@ def test_rows_carry_the_authors_command_and_the_cost_they_compare_at(name):
     table = load_table(name)
     text = table.path.read_text()
     assert "Time on one GPU" in text and "ESTIMATED, not measured" in text
-    assert all(row.authors for row in table.rows), [r.name for r in table.rows if not r.authors]
+    # The dense base evaluated with -e stands for no command of the authors' READMEs.
+    assert all(row.authors for row in table.rows if not evaluates(row)), [r.name for r in table.rows if not r.authors]
     methods = {row.method for row in table.rows}
     assert {"Dep-L0 (fwd)", "Dep-L0 (bwd)", "L0-HC"} <= methods
     for row in table.rows:
-        if row.script == "prune.py":
+        if evaluates(row):
+            assert row.authors is None and "--net" in row.args and _value(list(row.args), "--net") == "dense"
+        elif row.script == "prune.py":
             assert row.authors.startswith(("python main.py", "CUDA_VISIBLE_DEVICES")), row.name
         else:  # Dep-L0 and L0-HC: a budget, on the peer's network
             assert ("--target-macs" in row.args) != ("--target-params" in row.args), row.name

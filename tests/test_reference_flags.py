@@ -1,6 +1,9 @@
 """The reference ResNet50 script's pytorch/examples flags: honoured where they agree with how this
-engine runs (``--pretrained``: torchvision's weights, tests/test_init_weights.py), else one line saying
-what does their job here (evaluate.py, torchrun)."""
+engine runs (``--pretrained``: torchvision's weights, tests/test_init_weights.py; ``-e/--evaluate``:
+the validation set once, tests/test_evaluate_flag.py), else one line saying what does their job here
+(torchrun). ``-e`` was refused with a pointer to evaluate.py until it evaluated --pretrained,
+--init-weights and --resume itself; without any of them it still is one line naming them and
+evaluate.py."""
 import pytest
 
 import train_resnet50
@@ -35,8 +38,8 @@ def test_under_torchrun_the_reference_distributed_flags_agree(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["-e"], "evaluation is evaluate.py's here: python evaluate.py CHECKPOINT"),
-    (["--evaluate"], "evaluation is evaluate.py's here"),
+    (["-e"], "-e/--evaluate: nothing to evaluate: give --pretrained (torchvision's weights), --init-weights FILE"),
+    (["--evaluate"], "python evaluate.py CHECKPOINT"),
     (["--pretrained", "--init-weights", "x.pth"], "both name the starting weights"),
     (["--start-epoch", "5"], "--start-epoch 5 without --resume"),
     (["--multiprocessing-distributed"], "torchrun --nproc_per_node=GPUS train_resnet50.py"),
@@ -59,7 +62,14 @@ def test_start_epoch_with_resume_is_the_references_no_op(tmp_path):
     assert config.start_epoch == 7 and config.resume == "auto"
 
 
+def test_evaluate_is_honoured(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = parse_args(train_resnet50.RECIPE, [*BASE, "-e", "--pretrained"])
+    assert config.evaluate and config.init_pretrained and config.net == "dense"
+
+
 def test_the_cifar_scripts_do_not_take_them(capsys):
+    """The CIFAR scripts take -e (every training script evaluates), not the ImageNet script's others."""
     with pytest.raises(SystemExit):
-        parse_args(train_vgg.RECIPE, ["-e"], prog="train_vgg.py")
-    assert "unrecognized arguments: -e" in capsys.readouterr().err
+        parse_args(train_vgg.RECIPE, ["--pretrained"], prog="train_vgg.py")
+    assert "unrecognized arguments: --pretrained" in capsys.readouterr().err

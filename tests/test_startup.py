@@ -19,7 +19,7 @@ HEAVY = ("torch", "torchvision", "numpy", "matplotlib", "tensorboardX", "sklearn
 MISTAKES = {
     "train_vgg.py": (["--sparse", "dsr", "--density", "0.1", "--lamba", "1e-6"], "--lamba belongs to the gates"),
     "train_resnet56.py": (["--layers", "16"], "--layers is --arch wrn's option"),
-    "train_resnet50.py": (["--dummy", "--evaluate"], "-e/--evaluate: evaluation is evaluate.py's"),
+    "train_resnet50.py": (["--dummy", "--evaluate"], "-e/--evaluate: nothing to evaluate"),
     "prune.py": (["best.pt", "--method", "l1", "--target-macs", "1.5"], "--target-macs 1.5: must be below 1"),
     "evaluate.py": (["best.pt", "-b", "0"], "must be > 0"),
     "export.py": ([], "the following arguments are required: CHECKPOINT"),
