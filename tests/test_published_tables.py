@@ -1,5 +1,7 @@
 """The tables of the peers' published experiments, in miniature: GReg's Tables 1-4
-(experiments/greg_tab*.toml) and HSIC-Lasso's five published commands (experiments/hsic_*.toml).
+(experiments/greg_tab*.toml) and HSIC-Lasso's five published commands (experiments/hsic_*.toml);
+and this project's own tables (``OWN``) the same way, so that every shipped table is smoked here or
+in tests/test_dsr_tables.py.
 
 Each table is rewritten into a smoke version by rewriting its rows' arguments, not by hand:
 synthetic data (``--dummy``), one epoch of one batch of 8, narrow training networks
@@ -42,6 +44,18 @@ RUN = {
     "hsic_resnet50_imagenet": ["dense", "hsic", "dep-bwd"],
 }
 TABLES = sorted(RUN)
+# This project's own tables (the Dep-L0 paper's, at lambdas or at equal cost), smoked the same way.
+OWN = {
+    "tiny": [],  # run in full by tests/test_reproduce.py
+    "vgg16_cifar10": ["dep-fwd"],
+    "vgg16_cifar100": [],
+    "vgg16_cifar10_macs": ["dense", "greg1"],
+    "resnet56_cifar10": ["hc"],
+    "resnet56_cifar100": [],
+    "resnet56_cifar10_macs": ["dense", "hsic"],
+    "resnet50_imagenet": [],
+    "resnet50_imagenet_macs": ["dense", "l1"],
+}
 
 # The script of the published network's architecture, and how narrow its smoke version is.
 TRAIN_SCRIPT = {"vgg16_apib": "train_vgg.py", "resnet56a": "train_resnet56.py", "resnet110a": "train_resnet56.py",
@@ -96,8 +110,9 @@ def smoke_args(row, sources: dict) -> list[str]:
     if row.script != "prune.py":
         _drop(args, "--epoch")
         _drop(args, "--epochs")
-        return args + ["--width-mult", WIDTH[row.script], "--epoch", "1", "--fine_tune_epoch", "0", "-b", "8",
-                       *RUN_FLAGS]
+        gated = "--sparse" not in args  # --fine_tune_epoch is the gates' flag
+        return args + ["--width-mult", WIDTH[row.script], "--epoch", "1", *(["--fine_tune_epoch", "0"] * gated),
+                       "-b", "8", *RUN_FLAGS]
     arch = published_source(row)
     if arch is not None:
         if "--pretrained" in args:
@@ -121,6 +136,8 @@ def smoke_args(row, sources: dict) -> list[str]:
             args += ["--stabilize_reg_interval", "1"]
     if "--batch_size" not in args and "-b" not in args:
         args += ["-b", "8"]
+    if "--epochs" not in args and "--ft-epochs" not in args:  # the method's default fine-tune is long
+        args += ["--epochs", "1"]
     return args + RUN_FLAGS
 
 
@@ -169,24 +186,28 @@ def sources(tmp_path_factory):
     return Sources()
 
 
-def test_every_published_table_is_smoked():
+def test_every_shipped_table_is_smoked():
+    """Here, or (the DSR paper's tables) in tests/test_dsr_tables.py."""
+    from test_dsr_tables import TABLES as DSR_TABLES
     shipped = {p.stem for p in TABLES_DIR.glob("*.toml")}
     assert {t for t in shipped if t.startswith(("greg_tab", "hsic_"))} == set(RUN)
+    assert shipped == set(RUN) | set(OWN) | set(DSR_TABLES)
 
 
-@pytest.mark.parametrize("name", TABLES)
+@pytest.mark.parametrize("name", TABLES + sorted(OWN))
 def test_table_in_miniature_parses_and_runs(name, sources, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     table = load_table(name)
+    runs = RUN.get(name, OWN.get(name))
     # The published networks its runs need, made (or found) before the table is checked.
-    needed = {published_source(table.row(r)) for r in RUN[name]} - {None}
+    needed = {published_source(table.row(r)) for r in runs} - {None}
     for arch in needed:
         sources[arch]
     path = smoke_table(name, {arch: sources[arch] for arch in needed} | _absent(table, needed), tmp_path)
     assert reproduce.main([str(path), "--dry-run"]) == 0, capsys.readouterr().err
     smoke = load_table(str(path))
     assert [r.name for r in smoke.rows] == [r.name for r in table.rows]
-    for run in plan(smoke, tmp_path / "runs", only=RUN[name]):
+    for run in plan(smoke, tmp_path / "runs", only=runs):
         _run(run.row.script, run.argv(resume=False))
         assert finished(run.run_dir), run.key
         results = json.loads((run.run_dir / "results.json").read_text())
