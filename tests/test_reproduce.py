@@ -389,15 +389,16 @@ def test_report_labels_synthetic_rows(tmp_path):
 
 
 def _interrupt_long_run(base: Path, launcher: str, signum: int, capsys):
-    """Run the long table in-process; once its first checkpoint exists, send ``signum`` to the
-    training process (from a thread: the launcher's signal handlers need the main thread)."""
+    """Run the long table in-process; once its first checkpoint and its results.json exist (written
+    one after the other at an epoch's end), send ``signum`` to the training process (from a
+    thread: the launcher's signal handlers need the main thread)."""
     table = _table(base, LONG_TABLE, "long.toml")
     run_dir = base / "runs/long/dense/seed0"
     sent = []
 
     def interrupt():
         deadline = time.time() + 120
-        while not (run_dir / "last.pt").exists() and time.time() < deadline:
+        while not ((run_dir / "last.pt").exists() and (run_dir / "results.json").exists()) and time.time() < deadline:
             time.sleep(0.05)
         for pid in process_ids(f"--out-dir {run_dir}"):
             os.kill(pid, signum)
