@@ -236,6 +236,44 @@ def test_option_a_shortcut_and_heads(name):
         assert seen["inp"].shape[2:] == (16, 16) and torch.equal(seen["out"], torch.cat(parts, 1))
 
 
+@pytest.mark.parametrize("stride_block", [True, False])
+def test_option_a_block_adds_its_shortcut_in_place_as_the_padded_sum(stride_block):
+    """The option-A block adds its shortcut into a channel slice of BN's output, in place, with no
+    zero-padded copy: the same output and gradients, bit for bit, as ``relu(bn2(...) + shortcut(x))``,
+    gated in training and eval, and in the exported model."""
+    from models.common import bn_gate_relu
+
+    def composed(block, x, z):
+        out = block.bn2(block.conv2(bn_gate_relu(block.bn1, block.conv1(x), z)))
+        return torch.relu(out + block.shortcut(x))
+
+    model = tiny("resnet20a", net="hc")
+    block = model.layer2[0] if stride_block else model.layer2[1]
+    assert (block.stride != 1 and any(block.pad)) == stride_block
+    c_in = block.conv1.in_channels
+    for train in (True, False):
+        runs = []
+        for fn in (lambda b, x, z: b(x, z), composed):
+            torch.manual_seed(1)
+            b = copy.deepcopy(block).train(train)
+            x = torch.randn(3, c_in, 8, 8, requires_grad=True)
+            z = torch.rand(3 if train else 1, block.conv1.out_channels, 1, 1, requires_grad=True)
+            out = fn(b, x, z)
+            out.backward(torch.randn_like(out))
+            runs.append((out, x.grad, z.grad, [p.grad for p in b.parameters()], b.bn2.running_mean))
+        (out, *grads), (expected, *expected_grads) = runs
+        assert torch.equal(out, expected)
+        for got, want in zip(grads[:2], expected_grads[:2]):
+            assert torch.equal(got, want)
+        assert all(torch.equal(g, w) for g, w in zip(grads[2], expected_grads[2]))
+        assert torch.equal(grads[3], expected_grads[3])
+    dense = tiny("resnet20a", net="dense").eval()
+    block = dense.layer2[0] if stride_block else dense.layer2[1]
+    x = torch.randn(3, c_in, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(block(x, None), composed(block, x, None))
+
+
 @pytest.mark.parametrize("name", NETWORKS)
 def test_forward_backward_every_gate_kind(name):
     for net, back_dep in (("hc", False), ("dep", False), ("dep", True), ("dense", False)):
