@@ -236,6 +236,28 @@ def test_option_a_shortcut_and_heads(name):
         assert seen["inp"].shape[2:] == (16, 16) and torch.equal(seen["out"], torch.cat(parts, 1))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_3x3_is_the_pool_bit_for_bit(stride):
+    """GoogLeNet's 3x3 max-pools: without autograd (CPU, NCHW) two 1-D maxima over a -inf padded
+    copy, otherwise ``F.max_pool2d`` itself; the same values, NaN and ties included."""
+    from models.common import max_pool_3x3
+
+    for shape in ((2, 3, 16, 16), (2, 3, 15, 17), (1, 2, 1, 1), (1, 1, 2, 3), (3, 4, 8, 8)):
+        x = torch.relu(torch.randn(shape))  # ReLU's zeros: ties
+        x.view(-1)[::7] = -torch.rand(x.view(-1)[::7].shape)
+        if x.numel() > 20:
+            x.view(-1)[5] = float("nan")
+        expected = F.max_pool2d(x, 3, stride, 1)
+        with torch.no_grad():
+            got = max_pool_3x3(x, stride)
+        assert got.shape == expected.shape and torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+        leaf = x.nan_to_num().requires_grad_()
+        max_pool_3x3(leaf, stride).sum().backward()  # the pool's own backward: one maximum per window
+        expected_grad, = torch.autograd.grad(F.max_pool2d(leaf, 3, stride, 1).sum(), leaf)
+        assert torch.equal(leaf.grad, expected_grad)
+
+
 @pytest.mark.parametrize("stride_block", [True, False])
 def test_option_a_block_adds_its_shortcut_in_place_as_the_padded_sum(stride_block):
     """The option-A block adds its shortcut into a channel slice of BN's output, in place, with no
