@@ -42,48 +42,15 @@ def sample(log_alpha: torch.Tensor, batch_size: int, temperature: float) -> torc
 
     The noise is drawn in one call for all examples and channels, so a network
     with many gated layers still costs one random-number kernel per step. The
-    arithmetic runs as one autograd function (:class:`_Sample`) whose passes
-    work in place, with the same operations in the same order as the plain
-    composition (so the same values and gradients, bit for bit).
+    formula's operations run in place wherever autograd keeps nothing of their
+    input (the logit of the noise, the division, the shift), so three of the
+    seven noise-sized buffers are never allocated; the same operations in the
+    same order give the same values and gradients, bit for bit.
     """
     u = torch.empty((batch_size, *log_alpha.shape), device=log_alpha.device,
                     dtype=log_alpha.dtype).uniform_(EPS, 1.0 - EPS)
-    if torch.is_grad_enabled() and log_alpha.requires_grad:
-        return _Sample.apply(log_alpha, u, temperature)
-    return _sample_from_noise(log_alpha, u, temperature)[1]
-
-
-def _sample_from_noise(log_alpha, u, temperature):
-    """``(s, z)`` from uniform noise ``u``, overwriting ``u`` with ``s``: logit(u) = log u - log(1 - u)."""
-    s = u.logit_().add_(log_alpha).div_(temperature).sigmoid_()
-    return s, _stretch_and_clamp(s)
-
-
-class _Sample(torch.autograd.Function):
-    r"""The training sample as one function: forward as :func:`sample`'s formula, keeping only the
-    sigmoid's output :math:`s`; backward the plain composition's chain rule, op for op:
-    the clamp passes the gradient where :math:`0 \le s(\zeta-\gamma)+\gamma \le 1`, then
-    :math:`\times(\zeta-\gamma)`, the sigmoid's derivative, :math:`/\beta`, and the sum over
-    the examples that broadcasting the logits implies. Not twice differentiable."""
-
-    @staticmethod
-    def forward(ctx, log_alpha, u, temperature):
-        s, z = _sample_from_noise(log_alpha, u, temperature)
-        ctx.save_for_backward(s)
-        ctx.temperature = temperature
-        ctx.shape = log_alpha.shape
-        return z
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_z):
-        s, = ctx.saved_tensors
-        stretched = s * (ZETA - GAMMA) + GAMMA
-        inside = (stretched >= 0.0).logical_and_(stretched <= 1.0)
-        grad = torch.where(inside, grad_z, 0.0).mul_(ZETA - GAMMA)
-        grad = torch.ops.aten.sigmoid_backward.grad_input(grad, s, grad_input=grad)
-        grad = grad.div_(ctx.temperature).sum_to_size(ctx.shape)
-        return grad, None, None
+    s = torch.sigmoid(u.logit_().add(log_alpha).div_(temperature))  # logit(u) = log u - log(1 - u)
+    return (s * (ZETA - GAMMA)).add_(GAMMA).clamp(0.0, 1.0)
 
 
 def deterministic(log_alpha: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ def test_sample_differentiable():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sample_equals_the_plain_composition_bit_for_bit(dtype):
-    """The one-function sample (in-place passes, lean backward) gives the plain formula's gates and
+    """The sample with its in-place passes gives the plain formula's gates and
     logit gradients exactly, with and without autograd."""
     def plain(la, n):
         u = torch.empty((n, *la.shape), dtype=la.dtype).uniform_(hard_concrete.EPS, 1.0 - hard_concrete.EPS)
