@@ -14,7 +14,9 @@ drifting clocks or a busy machine hit both alike); the median of each is
 reported. A round times enough back-to-back forwards to last at least
 ``--min-time`` seconds (many for batch 1 on a GPU, one for big CPU batches).
 On CUDA each batch runs in fp32 and, unless disabled, with channels-last
-memory format, with fp16 autocast (AMP), and with both.
+memory format, with fp16 autocast (AMP), and with both; on the CPU in fp32,
+and with ``--cpu-modes fp32,channels_last`` also with both models and the
+input in channels-last memory format.
 
 The printed table is Markdown: per device, mode and batch, the median time of
 one forward pass, images per second, the measured speed-up (dense time /
@@ -43,6 +45,7 @@ from utils.cli import human  # noqa: E402
 # (channels, classes) of each kind of images a registered network takes.
 KINDS = {"cifar": (3, 10), "mnist": (1, 10), "imagenet": (3, 1000)}
 CUDA_MODES = ("fp32", "channels_last", "amp", "channels_last+amp")
+CPU_MODES = ("fp32", "channels_last")
 
 
 def random_pruned(name: str, keep: float, seed: int):
@@ -127,18 +130,22 @@ def parse(argv=None):
     p.add_argument("--min-time", type=float, default=0.05, help="seconds of back-to-back forwards per round")
     p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all", help="all: CPU, and CUDA if present")
     p.add_argument("--cuda-modes", default=",".join(CUDA_MODES), help=f"subset of {','.join(CUDA_MODES)}")
+    p.add_argument("--cpu-modes", default="fp32", help=f"subset of {','.join(CPU_MODES)} (both models in the same layout)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batches.split(",") if b]
         args.cuda_modes = [m for m in args.cuda_modes.split(",") if m]
+        args.cpu_modes = [m for m in args.cpu_modes.split(",") if m]
     except ValueError:
         p.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
     if not args.batches or min(args.batches) < 1 or args.reps < 1 or args.warmup < 0:
         p.error("--batches must be positive, --reps >= 1, --warmup >= 0")
     if bad := set(args.cuda_modes) - set(CUDA_MODES):
         p.error(f"--cuda-modes: unknown {', '.join(sorted(bad))}")
+    if (bad := set(args.cpu_modes) - set(CPU_MODES)) or not args.cpu_modes:
+        p.error(f"--cpu-modes: unknown {', '.join(sorted(bad))}" if bad else "--cpu-modes: none given")
     if not 0.0 < args.keep <= 1.0:
         p.error("--keep must be in (0, 1]")
     return p, args
@@ -164,7 +171,7 @@ def main(argv=None) -> int:
           f"{args.warmup} warm-up, median\n")
     devices = []
     if args.device in ("all", "cpu"):
-        devices.append((torch.device("cpu"), ["fp32"]))
+        devices.append((torch.device("cpu"), args.cpu_modes))
     if args.device in ("all", "cuda"):
         if torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True

@@ -93,7 +93,10 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="training steps per repetition")
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     device = torch.device(args.device)

@@ -41,12 +41,16 @@ def sample(log_alpha: torch.Tensor, batch_size: int, temperature: float) -> torc
     """Training gates of shape ``(batch_size, *log_alpha.shape)``.
 
     The noise is drawn in one call for all examples and channels, so a network
-    with many gated layers still costs one random-number kernel per step.
+    with many gated layers still costs one random-number kernel per step. The
+    formula's operations run in place wherever autograd keeps nothing of their
+    input (the logit of the noise, the division, the shift), so three of the
+    seven noise-sized buffers are never allocated; the same operations in the
+    same order give the same values and gradients, bit for bit.
     """
     u = torch.empty((batch_size, *log_alpha.shape), device=log_alpha.device,
                     dtype=log_alpha.dtype).uniform_(EPS, 1.0 - EPS)
-    s = torch.sigmoid((torch.logit(u) + log_alpha) / temperature)  # logit(u) = log u - log(1 - u)
-    return _stretch_and_clamp(s)
+    s = torch.sigmoid(u.logit_().add(log_alpha).div_(temperature))  # logit(u) = log u - log(1 - u)
+    return (s * (ZETA - GAMMA)).add_(GAMMA).clamp(0.0, 1.0)
 
 
 def deterministic(log_alpha: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from l0_layers.gates import ChannelGates
@@ -155,6 +156,27 @@ def _backward_through_bn(masked, x, gate, y, weight, mean, invstd, reserve, eps,
         masked.mul_(gate), x, weight, None, None, mean, invstd, True, eps,
         [needs_input_grad[0], needs_input_grad[2], needs_input_grad[3]], reserve)
     return grad_x, grad_z, grad_weight, grad_bias
+
+
+def max_pool_3x3(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """``F.max_pool2d(x, 3, stride, 1)``, the same values bit for bit.
+
+    Where no gradient is wanted (inference, ``no_grad``) of a contiguous NCHW tensor on the CPU it
+    runs as two 1-D maxima, rows then columns, over a ``-inf`` padded copy (``torch.maximum``
+    propagates NaN as the pool does): ATen's NCHW CPU max-pool is a scalar loop that also tracks
+    the indices, about 10x slower than these four vectorised passes, and it took 40% of GoogLeNet's
+    CPU forward (``bench/RESULTS.md``). Otherwise the pool itself, whose backward sends each
+    window's gradient to one maximum where ``torch.maximum``'s would split ties.
+    """
+    if ((torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu" or x.dim() != 4
+            or not x.is_contiguous() or not x.is_floating_point() or torch.compiler.is_compiling()):
+        return F.max_pool2d(x, 3, stride, 1)
+    p = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    height, width = ((n - 1) // stride + 1 for n in x.shape[2:])  # floor((n + 2 - 3) / stride) + 1
+    cols = [p[..., i:i + stride * (width - 1) + 1:stride] for i in range(3)]
+    rows = torch.maximum(torch.maximum(cols[0], cols[1]), cols[2])
+    rows = [rows[:, :, i:i + stride * (height - 1) + 1:stride] for i in range(3)]
+    return torch.maximum(torch.maximum(rows[0], rows[1]), rows[2])
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:

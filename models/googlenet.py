@@ -38,12 +38,11 @@ in ``blocks``.
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from l0_layers import DEFAULT_TEMPERATURE
 
-from .common import GatedNetwork, LayerRecorder, bn_gate_relu, conv_out
+from .common import GatedNetwork, LayerRecorder, bn_gate_relu, conv_out, max_pool_3x3
 
 BLOCK_NAMES = ("a3", "b3", "a4", "b4", "c4", "d4", "e4", "a5", "b5")
 # Per block: n1x1, n3x3red, n3x3, n5x5red, n5x5red2, n5x5, pool planes (HRank's / APIB's filters and
@@ -107,7 +106,7 @@ class Inception(nn.Module):
         return torch.cat([self.b1(x),
                           self.b3(self.b3_reduce(x, z3)),
                           self.b5(self.b5_mid(self.b5_reduce(x, z5), z5_mid)),
-                          self.pool_proj(F.max_pool2d(x, 3, 1, 1))], 1)
+                          self.pool_proj(max_pool_3x3(x))], 1)
 
 
 class GoogLeNet(GatedNetwork):
@@ -156,7 +155,7 @@ class GoogLeNet(GatedNetwork):
         for i, name in enumerate(BLOCK_NAMES):
             x = getattr(self, f"inception_{name}")(x, *z[3 * i:3 * i + 3])
             if i in POOL_AFTER:
-                x = F.max_pool2d(x, 3, 2, 1)
+                x = max_pool_3x3(x, 2)
         return self.linear(self.avgpool(x).flatten(1))
 
     @classmethod

@@ -74,7 +74,15 @@ class BasicBlockA(nn.Module):
     def forward(self, x, z):
         out = bn_gate_relu(self.bn1, self.conv1(x), z)
         out = self.bn2(self.conv2(out))
-        return torch.relu_(out + self.shortcut(x))
+        if out.dtype != x.dtype or self.bn2._forward_hooks or self.bn2._forward_pre_hooks:
+            return torch.relu_(out + self.shortcut(x))  # a type promotion, or a hook that may keep BN's output
+        # The shortcut added in place into BN's fresh output (BN's backward needs its input, not its output):
+        # where the shape changes only the input's channels of ``out``, from the subsampled input, with no
+        # zero-padded copy of it; the zero channels would add exactly 0.
+        if self.stride != 1:
+            x = x[:, :, ::self.stride, ::self.stride]
+        out.narrow(1, self.pad[0], x.shape[1]).add_(x)
+        return torch.relu_(out)
 
 
 class CifarResNetA(GatedNetwork):

@@ -120,6 +120,31 @@ def test_sample_differentiable():
     assert la.grad is not None and torch.isfinite(la.grad).all() and (la.grad > 0).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_equals_the_plain_composition_bit_for_bit(dtype):
+    """The sample with its in-place passes gives the plain formula's gates and
+    logit gradients exactly, with and without autograd."""
+    def plain(la, n):
+        u = torch.empty((n, *la.shape), dtype=la.dtype).uniform_(hard_concrete.EPS, 1.0 - hard_concrete.EPS)
+        s = torch.sigmoid((torch.logit(u) + la) / BETA)
+        return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+    for shape in ((300,), (3, 5)):
+        la = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(2)) * 3
+        la[0] = 60.0  # always 1: no gradient through the clamp
+        grads, outs = [], []
+        for fn in (plain, lambda a, n: hard_concrete.sample(a, n, BETA)):
+            leaf = la.clone().requires_grad_()
+            torch.manual_seed(5)
+            z = fn(leaf, 97)
+            z.backward(torch.linspace(-1, 1, z.numel(), dtype=dtype).view_as(z))
+            outs.append(z.detach())
+            grads.append(leaf.grad)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+        torch.manual_seed(5)
+        assert torch.equal(hard_concrete.sample(la, 97, BETA), outs[0])  # no autograd
+
+
 # ---------------------------------------------------------------- test gate
 
 

@@ -236,6 +236,66 @@ def test_option_a_shortcut_and_heads(name):
         assert seen["inp"].shape[2:] == (16, 16) and torch.equal(seen["out"], torch.cat(parts, 1))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_3x3_is_the_pool_bit_for_bit(stride):
+    """GoogLeNet's 3x3 max-pools: without autograd (CPU, NCHW) two 1-D maxima over a -inf padded
+    copy, otherwise ``F.max_pool2d`` itself; the same values, NaN and ties included."""
+    from models.common import max_pool_3x3
+
+    for shape in ((2, 3, 16, 16), (2, 3, 15, 17), (1, 2, 1, 1), (1, 1, 2, 3), (3, 4, 8, 8)):
+        x = torch.relu(torch.randn(shape))  # ReLU's zeros: ties
+        x.view(-1)[::7] = -torch.rand(x.view(-1)[::7].shape)
+        if x.numel() > 20:
+            x.view(-1)[5] = float("nan")
+        expected = F.max_pool2d(x, 3, stride, 1)
+        with torch.no_grad():
+            got = max_pool_3x3(x, stride)
+        assert got.shape == expected.shape and torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+        leaf = x.nan_to_num().requires_grad_()
+        max_pool_3x3(leaf, stride).sum().backward()  # the pool's own backward: one maximum per window
+        expected_grad, = torch.autograd.grad(F.max_pool2d(leaf, 3, stride, 1).sum(), leaf)
+        assert torch.equal(leaf.grad, expected_grad)
+
+
+@pytest.mark.parametrize("stride_block", [True, False])
+def test_option_a_block_adds_its_shortcut_in_place_as_the_padded_sum(stride_block):
+    """The option-A block adds its shortcut into a channel slice of BN's output, in place, with no
+    zero-padded copy: the same output and gradients, bit for bit, as ``relu(bn2(...) + shortcut(x))``,
+    gated in training and eval, and in the exported model."""
+    from models.common import bn_gate_relu
+
+    def composed(block, x, z):
+        out = block.bn2(block.conv2(bn_gate_relu(block.bn1, block.conv1(x), z)))
+        return torch.relu(out + block.shortcut(x))
+
+    model = tiny("resnet20a", net="hc")
+    block = model.layer2[0] if stride_block else model.layer2[1]
+    assert (block.stride != 1 and any(block.pad)) == stride_block
+    c_in = block.conv1.in_channels
+    for train in (True, False):
+        runs = []
+        for fn in (lambda b, x, z: b(x, z), composed):
+            torch.manual_seed(1)
+            b = copy.deepcopy(block).train(train)
+            x = torch.randn(3, c_in, 8, 8, requires_grad=True)
+            z = torch.rand(3 if train else 1, block.conv1.out_channels, 1, 1, requires_grad=True)
+            out = fn(b, x, z)
+            out.backward(torch.randn_like(out))
+            runs.append((out, x.grad, z.grad, [p.grad for p in b.parameters()], b.bn2.running_mean))
+        (out, *grads), (expected, *expected_grads) = runs
+        assert torch.equal(out, expected)
+        for got, want in zip(grads[:2], expected_grads[:2]):
+            assert torch.equal(got, want)
+        assert all(torch.equal(g, w) for g, w in zip(grads[2], expected_grads[2]))
+        assert torch.equal(grads[3], expected_grads[3])
+    dense = tiny("resnet20a", net="dense").eval()
+    block = dense.layer2[0] if stride_block else dense.layer2[1]
+    x = torch.randn(3, c_in, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(block(x, None), composed(block, x, None))
+
+
 @pytest.mark.parametrize("name", NETWORKS)
 def test_forward_backward_every_gate_kind(name):
     for net, back_dep in (("hc", False), ("dep", False), ("dep", True), ("dense", False)):

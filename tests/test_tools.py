@@ -265,6 +265,17 @@ def test_bench_prints_speed_and_macs_ratio(run_dir, capsys):
     assert f"| {ratio:.2f}x |" in out and str(run_dir / "pruned.pt") in out
 
 
+def test_bench_cpu_channels_last_mode(capsys):
+    bench = load_script("bench/inference.py", "dep_l0_bench_inference")
+    quick = ["--batches", "2", "--reps", "1", "--warmup", "0", "--min-time", "0", "--device", "cpu", "--threads", "1"]
+    capsys.readouterr()
+    assert bench.main(["--model", "lenet300_100", "--keep", "0.5", "--cpu-modes", "fp32,channels_last", *quick]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| fp32 |")
+            or line.startswith("| channels_last |")] == ["fp32", "channels_last"]
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "lenet300_100", "--cpu-modes", "amp", *quick])
+
 # ------------------------------------------------------------------ bench/mode_step.py
 
 def test_mode_bench_times_each_mode_against_its_own_reference(capsys):
