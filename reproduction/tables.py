@@ -12,6 +12,7 @@ A table file (TOML, read by the standard library's ``tomllib``) holds a
     top1 = "best_top1"             # optional: the results.json key the report averages (or "top1")
     published = { top1 = 93.18, base = 93.36, speedup = 2.55, source = "GReg Tab. 2" }   # optional
     authors = "python main.py --method GReg-1 ..."   # optional: the authors' command this row stands for
+    seed_offset = 1000             # optional: the run's --seed is the table's seed plus this
 
 ``{name}`` in an argument is the run directory of row ``name`` with the same
 seed: that row runs first and the path must exist before this one starts
@@ -24,7 +25,10 @@ pruned MACs, or ``macs_kept``, a fraction; ``params_kept`` for parameter
 budgets; ``sparsity``, the fraction of weights removed, for unstructured
 rows), ``top5`` where the paper gives it, and its ``source``. ``authors`` is
 the command line, in the authors' own repository, that the row reproduces;
-``reproduce.py --dry-run`` prints it under the row's command.
+``reproduce.py --dry-run`` prints it under the row's command. ``seed_offset``
+gives a row its own random draws while its runs stay ``seed<k>`` and read the
+runs of seed k: the authors' "same mask, fresh initialisation" runs, whose
+source run has the same mask and, with the same seed, the same start.
 
 Nothing here imports torch: the submitit jobs import this module to run a row.
 """
@@ -42,7 +46,7 @@ TABLES_DIR = REPO_ROOT / "experiments"
 SCRIPTS = ("train_vgg.py", "train_resnet56.py", "train_resnet50.py", "prune.py")
 # Flags reproduce.py sets itself for every run: a row that sets one would fight it.
 RUN_FLAGS = ("--seed", "--out-dir", "--resume")
-ROW_KEYS = {"name", "method", "script", "args", "gpus", "top1", "published", "authors"}
+ROW_KEYS = {"name", "method", "script", "args", "gpus", "top1", "published", "authors", "seed_offset"}
 PUBLISHED_KEYS = {"top1", "top5", "base", "speedup", "macs_kept", "params_kept", "sparsity", "source"}
 TOP1_KEYS = ("best_top1", "top1")
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
@@ -60,6 +64,7 @@ class Row:
     published: dict | None
     needs: tuple[str, ...]  # rows named in placeholders, in order of first use
     authors: str | None = None  # the authors' command line this row stands for
+    seed_offset: int = 0        # added to the table's seed for this row's --seed
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ class Run:
     def argv(self, resume: bool, data_dir: str | None = None) -> list[str]:
         """The script's arguments: the row's, then the seed, the run directory, and the data."""
         argv = [_substitute(arg, self.run_dir.parent.parent, self.seed) for arg in self.row.args]
-        argv += ["--seed", str(self.seed), "--out-dir", str(self.run_dir)]
+        argv += ["--seed", str(self.seed + self.row.seed_offset), "--out-dir", str(self.run_dir)]
         argv += ["--data-dir", data_dir] if data_dir else []
         return argv + (["--resume", "auto"] if resume else [])
 
@@ -193,7 +198,10 @@ def _row(entry, where: str, index: int) -> Row:
     authors = entry.get("authors")
     if authors is not None and (not isinstance(authors, str) or not authors.strip()):
         raise UsageError(f"{what}: authors must be the authors' command line as a string, got {authors!r}")
-    return Row(name, method, script, tuple(args), gpus, top1, published, needs, authors)
+    seed_offset = entry.get("seed_offset", 0)
+    if not isinstance(seed_offset, int) or isinstance(seed_offset, bool) or seed_offset < 0:
+        raise UsageError(f"{what}: seed_offset must be a non-negative integer, got {seed_offset!r}")
+    return Row(name, method, script, tuple(args), gpus, top1, published, needs, authors, seed_offset)
 
 
 def _check_published(published, what: str) -> None:

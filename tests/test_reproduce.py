@@ -167,6 +167,18 @@ def test_dry_run_prints_the_authors_command_under_its_row(tmp_path, monkeypatch,
     assert len(out) == 3 and "--out-dir runs/t/b/" in out[2]
 
 
+def test_a_seed_offset_changes_the_runs_seed_not_its_folder_or_its_dependencies(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    text = (HEAD.replace("[0]", "[0, 1]") + _row("a", TINY_VGG)
+            + _row("b", ["{a}/best.pt", "--method", "l1", "--stage_pr", "[0:0.5]"], "prune.py") + "seed_offset = 1000\n")
+    assert reproduce.main([_table(tmp_path, text), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    b = [line for line in out if "/t/b/" in line]
+    assert [(" --seed 1000 " in b[0]), (" --seed 1001 " in b[1])] == [True, True]
+    assert "runs/t/a/seed0/best.pt" in b[0] and "--out-dir runs/t/b/seed0" in b[0]
+    assert all(" --seed 0 " in line or " --seed 1 " in line for line in out if "--out-dir runs/t/a/" in line)
+
+
 def _published_numbers(text: str) -> set[str]:
     return set(re.findall(r"\d+\.\d+", text))
 
@@ -209,6 +221,8 @@ ERRORS = {
     "cycle": (HEAD + _row("a", ["{b}/best.pt"], "prune.py") + _row("b", ["{a}/best.pt"], "prune.py"), [],
               "cycle: a -> b -> a"),
     "unknown key": (HEAD + _row("a", TINY_VGG) + "gpu = 2\n", [], "row 'a': unknown key 'gpu'"),
+    "seed_offset negative": (HEAD + _row("a", TINY_VGG) + "seed_offset = -1\n", [],
+                             "row 'a': seed_offset must be a non-negative integer, got -1"),
     "authors not a string": (HEAD + _row("a", TINY_VGG) + "authors = 3\n", [],
                              "row 'a': authors must be the authors' command line as a string, got 3"),
     "published top5 not positive": (HEAD + _row("a", TINY_VGG) + 'published = { top1 = 90.0, top5 = -1, source = "x" }\n',
