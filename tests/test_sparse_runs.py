@@ -221,6 +221,8 @@ def test_imp_prunes_on_its_schedule_to_the_density(cubic, dense_checkpoint):
     assert results["lr_ft"] == {"0": 0.0, "1": 0.02, "25": 0.004, "35": 0.0008}
     dense = torch.load(base / "dense" / "best.pt", weights_only=True)
     state = torch.load(base / name / "last.pt", weights_only=True)
+    # The code's pruning job resumes the dense run's optimizer, and with it the dense run's weight decay.
+    assert state["args"]["weight_decay"] == 5e-4
     for layer, density in results["layer_densities"].items():
         n = dense["model"][f"{layer}.weight"].numel()
         active = n
