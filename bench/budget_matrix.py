@@ -135,8 +135,11 @@ def row(entry: dict, dense: dict, args) -> str:
     warmup = args.epochs / 4
     fell = [e for e, top1 in sorted(entry["epochs"].items()) if e > warmup and top1 <= 1.5 * CHANCE]
     chance = (f"epochs {fell[0]}-{fell[-1]} ({len(fell)})" if fell else "no")
-    if budget.get("collapse"):
-        chance += f"; guard: epoch {budget['collapse']['epoch']}"
+    collapse = budget.get("collapse")
+    if collapse:
+        chance += f"; guard: epoch {collapse['epoch']}"
+        if collapse.get("recovered_epoch") is not None:
+            chance += f", recovered by {collapse['recovered_epoch']}"
     base = dense.get(entry["model"])
     versus = f" ({r['best_top1'] - base:+.1f})" if base is not None else ""
     return (f"| {name} | {cost / entry['target']:.3f} | {moved} | {budget.get('settled_by', '?')} | "

@@ -155,6 +155,18 @@ def collapse_message(epoch: int, signs: dict) -> str:
             f"choosing channels; lower --lr_gate or --lr-lagrangian, or lengthen --target-warmup")
 
 
+def recovered(collapse: dict | None) -> bool:
+    """Whether the guard's finding was a dip the run climbed out of (and did not fall back into)."""
+    return collapse is not None and collapse.get("recovered_epoch") is not None
+
+
+def recovery_message(epoch: int, collapse: dict, top1: float) -> str:
+    """The guard's one line when a run it flagged is healthy again in ``epoch`` (1-based)."""
+    return (f"collapse guard, epoch {epoch}: recovered from epoch {collapse['epoch']}'s collapse (top-1 "
+            f"{top1:.2f}%, the open channels' test gates no longer near zero); the result counts as the "
+            f"method's unless it falls back")
+
+
 class BudgetConstraint(nn.Module):
     """The budget controller: the push ratio lambda1, its damped update, and the normalised push."""
 
@@ -447,10 +459,13 @@ class BudgetConstraint(nn.Module):
 
         ``finished``: the penalty phase is over (before, the message says so); ``epochs`` and
         ``fine_tune_epochs``: the run's ``--epoch`` and ``--fine_tune_epoch``; ``collapse``: the
-        collapse guard's first finding (:func:`shrinking_collapse`, with its ``epoch``), if any.
+        collapse guard's first finding (:func:`shrinking_collapse`, with its ``epoch`` and the
+        ``recovered_epoch`` from which the run was healthy again to the end of its penalty phase,
+        or None), if any.
 
         ``converged`` is true only when the cost is within the tolerance, the projection moved at
-        most ``PROJECTION_LIMIT`` of the channels and the guard saw no collapse; ``settled_by``
+        most ``PROJECTION_LIMIT`` of the channels and the guard saw no collapse that lasted (a dip
+        the run recovered from does not count); ``settled_by``
         says who chose the network: ``training``, the ``projection`` (more than that share moved),
         or nobody (``missed``).
         """
@@ -471,7 +486,7 @@ class BudgetConstraint(nn.Module):
         projected = report["projection"] is not None and report["projection"]["share"] > PROJECTION_LIMIT
         report["settled_by"] = ("missed" if not report["within_tolerance"] else
                                 "projection" if projected else "training")
-        report["converged"] = report["settled_by"] == "training" and collapse is None
+        report["converged"] = report["settled_by"] == "training" and (collapse is None or recovered(collapse))
         reached = f"{self.kind} at {achieved:.3f} of dense, target {target:.3f} (within {TOLERANCE:.0%})"
         missed = (f"missed the {self.kind} target by {achieved - target:+.3f} of dense (achieved {achieved:.3f}, "
                   f"target {target:.3f})")
@@ -500,7 +515,10 @@ class BudgetConstraint(nn.Module):
         if finished and projected:
             message = (f"not converged: the projection, not training, chose {report['projection']['share']:.1%} of the "
                        f"channels (more than {PROJECTION_LIMIT:.0%}), so this network is the projection's; {message}")
-        if finished and collapse is not None:
+        if finished and recovered(collapse):
+            message += (f"; the collapse guard fired in epoch {collapse['epoch']} and the run recovered from epoch "
+                        f"{collapse['recovered_epoch']}")
+        elif finished and collapse is not None:
             message += f"; the collapse guard fired in epoch {collapse['epoch']}, so this result is not the method's"
         if finished and cut:
             message += (f"; the network is disconnected: {', '.join(cut)} has no open channel, so everything after "

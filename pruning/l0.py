@@ -12,7 +12,7 @@ weights alone, with no penalty.
 import torch
 from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 
-from .budget import BudgetConstraint, collapse_message, shrinking_collapse
+from .budget import BudgetConstraint, collapse_message, recovery_message, shrinking_collapse
 from .method import PruningMethod
 from .penalty import L0Penalty
 
@@ -49,7 +49,8 @@ class L0Method(PruningMethod):
         self._log_alpha = self._expected = self._kept = self._progress = None
         self._step_epochs = 0.0
         # The collapse guard's state: the best validation top-1 of the penalty phase so far, and
-        # the guard's first finding (with its epoch), kept for results.json.
+        # the guard's first finding (with its epoch, and the epoch the run recovered in, if it did),
+        # kept for results.json.
         self.peak_top1, self.collapse = 0.0, None
 
     def weight_parameters(self) -> list:
@@ -193,6 +194,15 @@ class L0Method(PruningMethod):
                 if self.collapse is None:
                     self.collapse = dict(epoch=epoch + 1, **signs)
                     results.update(self.results())
+                elif self.collapse.get("recovered_epoch") is not None:  # it fell back: not recovered after all
+                    self.collapse["recovered_epoch"] = None
+                    results.update(self.results())
+            elif self.collapse is not None and self.collapse.get("recovered_epoch") is None:
+                # A dip the run climbed out of, its channels chosen again: the guard says so, and the
+                # result counts as the method's unless it falls back before the penalty phase ends.
+                self.collapse["recovered_epoch"] = epoch + 1
+                lines.append(recovery_message(epoch + 1, self.collapse, results["top1"]))
+                results.update(self.results())
         if self.budget is not None and epoch + 1 == self.epochs:
             lines.append(f"budget: {results['budget']['message']}")  # the report results.json has, not a second one
         return "\n".join(lines) or None

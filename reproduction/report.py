@@ -166,14 +166,18 @@ def collect(table: Table, runs_dir: Path, seeds: tuple[int, ...]) -> list[dict]:
 
 def reached_by(results: dict) -> str:
     """Who chose a run's network at its budget, in a few words ('' without a budget): the budget
-    block's ``settled_by`` (gated methods) with the projection's share, or the collapse guard's epoch;
+    block's ``settled_by`` (gated methods) with the projection's share, or the collapse guard's epoch
+    (a dip the run recovered from is named after who settled it);
     a peer's search says ``search`` (or ``missed``)."""
     budget = results.get("budget")
     if not budget:
         return ""
-    if budget.get("collapse"):
-        return f"collapse (epoch {budget['collapse']['epoch']})"
+    collapse = budget.get("collapse")
+    if collapse and collapse.get("recovered_epoch") is None:
+        return f"collapse (epoch {collapse['epoch']})"
     settled = budget.get("settled_by", "training" if budget.get("within_tolerance") else "missed")
+    if collapse:  # a dip the run recovered from
+        settled += f" (dip in epoch {collapse['epoch']}, recovered by {collapse['recovered_epoch']})"
     if settled == "projection":
         return f"projection ({budget['projection']['share']:.0%} of channels)"
     return settled

@@ -183,6 +183,47 @@ def test_collapse_guard_stays_quiet_on_healthy_gates():
     assert "top-1 is at chance (10.00%, chance 10.00%; best so far 15.00%)" in collapse_message(5, signs)
 
 
+def _guarded(model, epochs=10, warmup=2.0):
+    """The L0 method's collapse guard on ``model`` (no optimiser, no budget: only the guard's state)."""
+    from argparse import Namespace
+    from pruning.l0 import L0Method
+    method = L0Method.__new__(L0Method)
+    method.model, method.epochs, method.budget, method.name = model, epochs, None, "l0"
+    method.args = Namespace(target_warmup=warmup, net="hc", back_dep=False, lamba=0.0, reg="l0")
+    method.peak_top1, method.collapse = 0.0, None
+    return method
+
+
+def test_collapse_guard_names_a_recovery_and_a_fall_back():
+    """A dip to chance after the warm-up is named; an epoch healthy again after it records the
+    recovery (the result counts as the method's); falling back before the penalty phase ends
+    takes the recovery away."""
+    method = _guarded(_model("hc"))
+    lines = {}
+    for epoch, top1 in enumerate([30.0, 60.0, 80.0, 10.0, 75.0]):  # 1-based epoch 4 is at chance
+        lines[epoch + 1] = method.epoch_message(epoch, {"top1": top1}) or ""
+    assert lines[4].startswith("collapse guard, epoch 4: top-1 is at chance")
+    assert lines[5].startswith("collapse guard, epoch 5: recovered from epoch 4's collapse (top-1 75.00%")
+    assert method.collapse["epoch"] == 4 and method.collapse["recovered_epoch"] == 5
+    assert method.epoch_message(5, {"top1": 82.0}) is None  # quiet once recovered
+    results = {"top1": 9.0}
+    assert "epoch 7: top-1 is at chance" in method.epoch_message(6, results)
+    assert method.collapse["recovered_epoch"] is None and results["collapse"]["recovered_epoch"] is None
+
+
+def test_a_recovered_dip_still_converges_a_lasting_collapse_does_not():
+    from reproduction.report import reached_by
+    model = _model("hc")
+    budget = BudgetConstraint(model, "macs", 1.0, warmup=0.0)
+    dip = dict(epoch=4, near_zero_share=0.0, top1=10.0, peak_top1=80.0, chance=10.0, at_chance=True)
+    healthy = budget.report(True, 10, 0, dict(dip, recovered_epoch=5))
+    assert healthy["converged"] and "fired in epoch 4 and the run recovered from epoch 5" in healthy["message"]
+    lasting = budget.report(True, 10, 0, dict(dip, recovered_epoch=None))
+    assert not lasting["converged"] and "so this result is not the method's" in lasting["message"]
+    assert reached_by({"budget": healthy}) == "training (dip in epoch 4, recovered by 5)"
+    assert reached_by({"budget": lasting}) == "collapse (epoch 4)"
+
+
 def test_controller_is_damped_and_bounded():
     """A kept cost falling fast enough to meet the target within DAMPING_STEPS steps stops the
     push from growing although the gap is still positive; and the push never exceeds MAX_PUSH."""
@@ -480,7 +521,9 @@ def test_results_json_has_the_budget_block(name, budget_runs):
     assert abs(block["lambda1"]) <= MAX_PUSH
     assert block["settled_by"] == ("missed" if not block["within_tolerance"] else
                                    "projection" if projection and projection["share"] > 0.05 else "training")
-    assert block["converged"] is (block["settled_by"] == "training" and block["collapse"] is None)
+    collapse = block["collapse"]
+    lasting = collapse is not None and collapse.get("recovered_epoch") is None
+    assert block["converged"] is (block["settled_by"] == "training" and not lasting)
     assert block["collapse"] == run.results["collapse"]
     assert block["disconnected"] == run.results["disconnected"] == []
     assert block["within_tolerance"] is (abs(block["achieved"] - block["target"]) <= TOLERANCE)
