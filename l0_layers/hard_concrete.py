@@ -34,7 +34,9 @@ PRUNE_THRESHOLD = math.log(1.0 / 11.0)
 
 
 def _stretch_and_clamp(s: torch.Tensor) -> torch.Tensor:
-    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+    """Stretch to (GAMMA, ZETA) and clamp to [0, 1]; the shift runs in place on the product, which
+    autograd keeps nothing of."""
+    return (s * (ZETA - GAMMA)).add_(GAMMA).clamp(0.0, 1.0)
 
 
 def sample(log_alpha: torch.Tensor, batch_size: int, temperature: float) -> torch.Tensor:
@@ -50,7 +52,7 @@ def sample(log_alpha: torch.Tensor, batch_size: int, temperature: float) -> torc
     u = torch.empty((batch_size, *log_alpha.shape), device=log_alpha.device,
                     dtype=log_alpha.dtype).uniform_(EPS, 1.0 - EPS)
     s = torch.sigmoid(u.logit_().add(log_alpha).div_(temperature))  # logit(u) = log u - log(1 - u)
-    return (s * (ZETA - GAMMA)).add_(GAMMA).clamp(0.0, 1.0)
+    return _stretch_and_clamp(s)
 
 
 def deterministic(log_alpha: torch.Tensor) -> torch.Tensor:
