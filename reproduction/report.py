@@ -176,10 +176,10 @@ def reached_by(results: dict) -> str:
     if collapse and collapse.get("recovered_epoch") is None:
         return f"collapse (epoch {collapse['epoch']})"
     settled = budget.get("settled_by", "training" if budget.get("within_tolerance") else "missed")
+    if settled == "projection":
+        settled = f"projection ({budget['projection']['share']:.0%} of channels)"
     if collapse:  # a dip the run recovered from
         settled += f" (dip in epoch {collapse['epoch']}, recovered by {collapse['recovered_epoch']})"
-    if settled == "projection":
-        return f"projection ({budget['projection']['share']:.0%} of channels)"
     return settled
 
 
